@@ -1,0 +1,120 @@
+//! Creating the socket pair and adopting the worker's end after re-exec.
+//!
+//! The supervisor creates each pair with `SOCK_CLOEXEC | SOCK_NONBLOCK`, so no other child
+//! inherits either end, and starts the worker with its end as standard input: `std`'s
+//! `Command` `dup2`s it onto fd 0 (which clears close-on-exec on fd 0 only) and keeps its
+//! `posix_spawn` fast path, because no `pre_exec` hook is needed.
+//!
+//! In the worker, [`inherited_channel`] checks that fd 0 really is a seqpacket socket,
+//! duplicates it to a close-on-exec descriptor that the worker owns, and points fd 0 at
+//! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
+//!
+//! The one `unsafe` block of coreloop is here: [`Readiness`] registers an owned descriptor
+//! with tokio's reactor (`AsyncFd::register`, unsafe since tokio made raw registration
+//! I/O-safety-aware). The supervisor needs it to wait on listeners whose connections it
+//! accepts with a raw `accept4`, without tokio's per-stream `epoll` registration.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::task::{Context, Poll};
+
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+/// Creates a connected `AF_UNIX` `SOCK_SEQPACKET` pair, both ends non-blocking and
+/// close-on-exec.
+///
+/// # Errors
+///
+/// The `socketpair(2)` error, e.g. `EMFILE`.
+pub fn socketpair_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?)
+}
+
+/// Takes the channel a worker inherited on fd 0.
+///
+/// Checks that fd 0 is a `SOCK_SEQPACKET` socket, duplicates it (close-on-exec) and
+/// replaces fd 0 with `/dev/null`, so the returned descriptor is the only reference this
+/// process holds. Call it once, before any runtime exists.
+///
+/// # Errors
+///
+/// `InvalidInput` when fd 0 is not a seqpacket socket (the process was not started by a
+/// coreloop supervisor); otherwise the error of `fcntl`, `open` or `dup2`.
+pub fn inherited_channel() -> io::Result<OwnedFd> {
+    let stdin = rustix::stdio::stdin();
+    match rustix::net::sockopt::socket_type(stdin) {
+        Ok(SocketType::SEQPACKET) => {}
+        Ok(other) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd 0 is a socket of type {other:?}, not the coreloop channel"),
+            ));
+        }
+        Err(err) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd 0 is not the coreloop channel: {err}"),
+            ));
+        }
+    }
+    let owned = rustix::io::fcntl_dupfd_cloexec(stdin, 3)?;
+    let null = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::stdio::dup2_stdin(&null)?;
+    Ok(owned)
+}
+
+/// An owned descriptor registered with the current tokio reactor for readiness events.
+///
+/// Only shared access to the descriptor is offered, so it stays open, and stays the same
+/// descriptor, for as long as it is registered.
+#[derive(Debug)]
+pub struct Readiness {
+    inner: AsyncFd<OwnedFd>,
+}
+
+impl Readiness {
+    /// Registers `fd` for read and write readiness. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// The reactor's registration error (`epoll_ctl`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime with I/O enabled.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: `AsyncFd::register` requires the descriptor to stay open and to be the
+        // same descriptor for the registration's whole life. The `OwnedFd` moves into the
+        // `AsyncFd`, which keeps it until it is dropped (deregistering first), and this
+        // type never hands out `&mut` access to it nor calls `into_inner`, so nothing can
+        // close or replace it while it is registered.
+        let inner = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { inner })
+    }
+
+    /// Polls for read readiness; clear it through the guard after a `WouldBlock`.
+    ///
+    /// # Errors
+    ///
+    /// An error the reactor reports for the descriptor.
+    pub fn poll_read_ready<'a>(
+        &'a self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<AsyncFdReadyGuard<'a, OwnedFd>>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl AsFd for Readiness {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.get_ref().as_fd()
+    }
+}

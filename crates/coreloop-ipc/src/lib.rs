@@ -1,0 +1,38 @@
+//! The channel between coreloop's supervisor and each of its worker processes.
+//!
+//! Every worker is connected to the supervisor by one `SOCK_SEQPACKET` unix socket pair.
+//! Seqpacket keeps message boundaries and order, so each datagram is exactly one
+//! [`Message`], and an accepted connection's file descriptor rides in the same datagram
+//! as its metadata (`SCM_RIGHTS`). A zero-length read means the other side is gone:
+//! that is the worker's lifeline, and the supervisor's first sign of a dead worker.
+//!
+//! ```text
+//!   supervisor                                  worker N
+//!   ──────────                                  ────────
+//!   Channel ──── Conn{id, listener, peer} + fd ──▶ Channel     (one fd per message)
+//!           ──── Drain{timeout_ms} ─────────────▶
+//!           ◀─── Ready{pid} / Retiring / Failed ─
+//! ```
+//!
+//! Ownership rules, which the types enforce:
+//! - a descriptor is sent as a [`BorrowedFd`](std::os::fd::BorrowedFd) and the sender keeps
+//!   (and later drops) its own [`OwnedFd`](std::os::fd::OwnedFd): the kernel duplicates it
+//!   into the receiver;
+//! - a received descriptor arrives as an `OwnedFd` with close-on-exec already set
+//!   (`MSG_CMSG_CLOEXEC`), and any descriptor that does not belong to a well-formed message
+//!   is closed, never leaked;
+//! - a message whose bytes or control data were truncated (`MSG_TRUNC`, `MSG_CTRUNC`) is a
+//!   [`ChannelError::Truncated`], never a panic.
+//!
+//! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
+//! registers an owned descriptor with tokio's reactor ([`Readiness`]).
+#![deny(unsafe_code)]
+
+mod channel;
+#[allow(unsafe_code)]
+mod fd;
+mod message;
+
+pub use channel::{Channel, ChannelError, TrySendError};
+pub use fd::{Readiness, inherited_channel, socketpair_cloexec};
+pub use message::{MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION, PeerAddr, ProtocolError};

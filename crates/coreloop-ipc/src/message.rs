@@ -1,0 +1,414 @@
+//! The messages that travel over a [`Channel`](crate::Channel), and their byte encoding.
+//!
+//! The encoding is deliberately tiny and fixed: a version byte, a kind byte, then
+//! little-endian fields. Every decode checks the length of every field and rejects trailing
+//! bytes, so a truncated or corrupted datagram is a [`ProtocolError`], never a panic and
+//! never a misread connection. Encoding writes into a caller's stack buffer: the
+//! per-connection path allocates nothing.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// Version of the wire format; the first byte of every message.
+///
+/// Supervisor and workers are always the same executable image (workers are started from
+/// `/proc/self/exe`), so a mismatch means corruption or a foreign peer, and is an error.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest encoded message, in bytes. Receivers use a buffer one byte larger, so that an
+/// oversized datagram is reported as truncated.
+pub const MAX_MESSAGE_LEN: usize = 512;
+
+/// Longest reason carried by [`Message::Failed`]; longer text is cut at a char boundary.
+const MAX_REASON_LEN: usize = MAX_MESSAGE_LEN - 4;
+
+const KIND_CONN: u8 = 1;
+const KIND_DRAIN: u8 = 2;
+const KIND_READY: u8 = 16;
+const KIND_FAILED: u8 = 17;
+const KIND_RETIRING: u8 = 18;
+
+const PEER_UNKNOWN: u8 = 0;
+const PEER_UNIX: u8 = 1;
+const PEER_V4: u8 = 4;
+const PEER_V6: u8 = 6;
+
+/// The address of the client of an accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerAddr {
+    /// A TCP client.
+    Inet(SocketAddr),
+    /// A client of a unix-socket listener (such clients are almost always unnamed).
+    Unix,
+    /// The kernel did not report an address.
+    Unknown,
+}
+
+/// One datagram on the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Supervisor → worker: an accepted connection. Carries exactly one descriptor.
+    Conn {
+        /// Connection id, unique within one supervisor's lifetime; used in logs.
+        id: u64,
+        /// Index of the listener (in `bind` order) that accepted it.
+        listener: u16,
+        /// The client's address, as `accept` reported it.
+        peer: PeerAddr,
+    },
+    /// Supervisor → worker: take no more connections, finish the ones in hand, exit.
+    /// Nothing follows this message on the channel.
+    Drain {
+        /// How long the supervisor waits before it kills the worker.
+        timeout_ms: u32,
+    },
+    /// Worker → supervisor: the handler factory ran; the worker takes connections now.
+    Ready {
+        /// The worker's process id.
+        pid: u32,
+    },
+    /// Worker → supervisor: the worker could not start; it exits after sending this.
+    Failed {
+        /// Human-readable cause (cut to fit one message).
+        reason: String,
+    },
+    /// Worker → supervisor: the worker was asked to stop (a signal reached it directly)
+    /// and wants a [`Message::Drain`].
+    Retiring,
+}
+
+/// A message that could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The datagram was empty.
+    #[error("empty message")]
+    Empty,
+    /// The version byte was not [`PROTOCOL_VERSION`].
+    #[error("protocol version {found}, expected {PROTOCOL_VERSION}")]
+    Version {
+        /// The version byte received.
+        found: u8,
+    },
+    /// The kind byte names no message.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// A field ran past the end of the datagram.
+    #[error("message truncated: {kind} needs more than {len} bytes")]
+    Short {
+        /// Which message was being decoded.
+        kind: &'static str,
+        /// How many bytes the datagram had.
+        len: usize,
+    },
+    /// Bytes were left over after the last field.
+    #[error("{extra} trailing bytes after {kind}")]
+    Trailing {
+        /// Which message was decoded.
+        kind: &'static str,
+        /// How many bytes were left.
+        extra: usize,
+    },
+    /// The peer address tag is unknown.
+    #[error("unknown peer address tag {0}")]
+    PeerTag(u8),
+    /// The output buffer is smaller than the encoded message.
+    #[error("buffer of {0} bytes is too small for the message")]
+    BufferTooSmall(usize),
+}
+
+impl Message {
+    /// How many descriptors must accompany this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Message::Conn { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    /// Short name of the message kind, for logs and errors.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Message::Conn { .. } => "Conn",
+            Message::Drain { .. } => "Drain",
+            Message::Ready { .. } => "Ready",
+            Message::Failed { .. } => "Failed",
+            Message::Retiring => "Retiring",
+        }
+    }
+
+    /// Encodes the message into `buf` and returns the number of bytes written.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::BufferTooSmall`] if `buf` cannot hold the message; a buffer of
+    /// [`MAX_MESSAGE_LEN`] bytes always can.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coreloop_ipc::{Message, MAX_MESSAGE_LEN};
+    ///
+    /// let mut buf = [0u8; MAX_MESSAGE_LEN];
+    /// let len = Message::Ready { pid: 42 }.encode(&mut buf)?;
+    /// assert_eq!(Message::decode(&buf[..len])?, Message::Ready { pid: 42 });
+    /// # Ok::<(), coreloop_ipc::ProtocolError>(())
+    /// ```
+    pub fn encode(&self, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+        let mut w = Writer { buf, pos: 0 };
+        w.put(&[PROTOCOL_VERSION])?;
+        match self {
+            Message::Conn { id, listener, peer } => {
+                w.put(&[KIND_CONN])?;
+                w.put(&id.to_le_bytes())?;
+                w.put(&listener.to_le_bytes())?;
+                match peer {
+                    PeerAddr::Unknown => w.put(&[PEER_UNKNOWN])?,
+                    PeerAddr::Unix => w.put(&[PEER_UNIX])?,
+                    PeerAddr::Inet(SocketAddr::V4(v4)) => {
+                        w.put(&[PEER_V4])?;
+                        w.put(&v4.ip().octets())?;
+                        w.put(&v4.port().to_le_bytes())?;
+                    }
+                    PeerAddr::Inet(SocketAddr::V6(v6)) => {
+                        w.put(&[PEER_V6])?;
+                        w.put(&v6.ip().octets())?;
+                        w.put(&v6.port().to_le_bytes())?;
+                        w.put(&v6.flowinfo().to_le_bytes())?;
+                        w.put(&v6.scope_id().to_le_bytes())?;
+                    }
+                }
+            }
+            Message::Drain { timeout_ms } => {
+                w.put(&[KIND_DRAIN])?;
+                w.put(&timeout_ms.to_le_bytes())?;
+            }
+            Message::Ready { pid } => {
+                w.put(&[KIND_READY])?;
+                w.put(&pid.to_le_bytes())?;
+            }
+            Message::Failed { reason } => {
+                let mut cut = reason.len().min(MAX_REASON_LEN);
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                w.put(&[KIND_FAILED])?;
+                // `cut` <= MAX_REASON_LEN < u16::MAX.
+                w.put(&(cut as u16).to_le_bytes())?;
+                w.put(&reason.as_bytes()[..cut])?;
+            }
+            Message::Retiring => w.put(&[KIND_RETIRING])?,
+        }
+        Ok(w.pos)
+    }
+
+    /// Decodes one message from the exact bytes of one datagram.
+    ///
+    /// # Errors
+    ///
+    /// A [`ProtocolError`] for an empty, foreign-version, unknown, short or over-long message.
+    pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
+        let (&version, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version { found: version });
+        }
+        let (&kind, body) = rest.split_first().ok_or(ProtocolError::Short {
+            kind: "header",
+            len: bytes.len(),
+        })?;
+        let name = match kind {
+            KIND_CONN => "Conn",
+            KIND_DRAIN => "Drain",
+            KIND_READY => "Ready",
+            KIND_FAILED => "Failed",
+            KIND_RETIRING => "Retiring",
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        let mut r = Reader {
+            bytes: body,
+            kind: name,
+            len: bytes.len(),
+        };
+        let msg = match kind {
+            KIND_CONN => {
+                let id = u64::from_le_bytes(r.take()?);
+                let listener = u16::from_le_bytes(r.take()?);
+                let [tag] = r.take()?;
+                let peer = match tag {
+                    PEER_UNKNOWN => PeerAddr::Unknown,
+                    PEER_UNIX => PeerAddr::Unix,
+                    PEER_V4 => {
+                        let ip = Ipv4Addr::from(r.take::<4>()?);
+                        let port = u16::from_le_bytes(r.take()?);
+                        PeerAddr::Inet(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+                    }
+                    PEER_V6 => {
+                        let ip = Ipv6Addr::from(r.take::<16>()?);
+                        let port = u16::from_le_bytes(r.take()?);
+                        let flow = u32::from_le_bytes(r.take()?);
+                        let scope = u32::from_le_bytes(r.take()?);
+                        PeerAddr::Inet(SocketAddr::V6(SocketAddrV6::new(ip, port, flow, scope)))
+                    }
+                    other => return Err(ProtocolError::PeerTag(other)),
+                };
+                Message::Conn { id, listener, peer }
+            }
+            KIND_DRAIN => Message::Drain {
+                timeout_ms: u32::from_le_bytes(r.take()?),
+            },
+            KIND_READY => Message::Ready {
+                pid: u32::from_le_bytes(r.take()?),
+            },
+            KIND_FAILED => {
+                let len = usize::from(u16::from_le_bytes(r.take()?));
+                let text = r.take_slice(len)?;
+                Message::Failed {
+                    reason: String::from_utf8_lossy(text).into_owned(),
+                }
+            }
+            _ => Message::Retiring,
+        };
+        if !r.bytes.is_empty() {
+            return Err(ProtocolError::Trailing {
+                kind: name,
+                extra: r.bytes.len(),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        let end = self.pos + bytes.len();
+        let dst = self
+            .buf
+            .get_mut(self.pos..end)
+            .ok_or(ProtocolError::BufferTooSmall(end))?;
+        dst.copy_from_slice(bytes);
+        self.pos = end;
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    kind: &'static str,
+    len: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take_slice(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.bytes.len() < n {
+            return Err(ProtocolError::Short {
+                kind: self.kind,
+                len: self.len,
+            });
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take_slice(N)?);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn peer() -> impl Strategy<Value = PeerAddr> {
+        prop_oneof![
+            Just(PeerAddr::Unknown),
+            Just(PeerAddr::Unix),
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| PeerAddr::Inet(SocketAddr::V4(
+                SocketAddrV4::new(ip.into(), port)
+            ))),
+            (any::<[u8; 16]>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
+                |(ip, port, flow, scope)| PeerAddr::Inet(SocketAddr::V6(SocketAddrV6::new(
+                    ip.into(),
+                    port,
+                    flow,
+                    scope
+                )))
+            ),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u64>(), any::<u16>(), peer()).prop_map(|(id, listener, peer)| Message::Conn {
+                id,
+                listener,
+                peer
+            }),
+            any::<u32>().prop_map(|timeout_ms| Message::Drain { timeout_ms }),
+            any::<u32>().prop_map(|pid| Message::Ready { pid }),
+            ".{0,100}".prop_map(|reason| Message::Failed { reason }),
+            Just(Message::Retiring),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in message()) {
+            let mut buf = [0u8; MAX_MESSAGE_LEN];
+            let len = msg.encode(&mut buf).unwrap();
+            prop_assert_eq!(Message::decode(&buf[..len]).unwrap(), msg);
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(msg in message()) {
+            let mut buf = [0u8; MAX_MESSAGE_LEN];
+            let len = msg.encode(&mut buf).unwrap();
+            for cut in 0..len {
+                prop_assert!(Message::decode(&buf[..cut]).is_err(), "cut at {cut} of {len} decoded");
+            }
+        }
+
+        #[test]
+        fn trailing_bytes_are_an_error(msg in message(), extra in 1usize..8) {
+            let mut buf = [0u8; MAX_MESSAGE_LEN];
+            let len = msg.encode(&mut buf).unwrap();
+            let is_trailing = matches!(
+                Message::decode(&buf[..len + extra]),
+                Err(ProtocolError::Trailing { .. })
+            );
+            prop_assert!(is_trailing);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Message::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn long_reason_is_cut_at_a_char_boundary() {
+        let reason = "é".repeat(MAX_MESSAGE_LEN);
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let len = Message::Failed { reason }.encode(&mut buf).unwrap();
+        let Message::Failed { reason } = Message::decode(&buf[..len]).unwrap() else {
+            panic!("wrong kind");
+        };
+        assert!(!reason.is_empty() && reason.len() <= MAX_REASON_LEN);
+        assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn foreign_version_is_rejected() {
+        assert_eq!(
+            Message::decode(&[9, KIND_READY, 0, 0, 0, 0]),
+            Err(ProtocolError::Version { found: 9 })
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! [`ServerBuilder`] and [`Server`]: configuration, consumed by value, then `run()`.
+//!
+//! # The re-exec contract
+//!
+//! Workers are started by executing the running program again (`/proc/self/exe`, with the
+//! same arguments), never by `fork()`. So `main()` runs once in the supervisor and once in
+//! every worker, and both must reach [`Server::run`] with the same configuration. Keep
+//! everything before `run()` deterministic and free of side effects: parse arguments and
+//! build the server, but open no files, sockets or connections there. Per-worker resources
+//! belong in the handler factory, which runs inside the worker. `bind` only records
+//! addresses; sockets are created by the supervisor inside `run()`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{BoxError, Error};
+use crate::handler::{Handler, WorkerId};
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListenSpec {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenSpec::Tcp(addr) => addr.fmt(f),
+            ListenSpec::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Everything `run()` needs besides the handler factory.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) listeners: Vec<ListenSpec>,
+    pub(crate) workers: usize,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) backlog: u32,
+    pub(crate) max_restarts: usize,
+    pub(crate) restart_period: Duration,
+}
+
+/// Configures a [`Server`]. Create it with [`Server::builder`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use coreloop::{Conn, Server};
+/// use tokio::io::AsyncWriteExt;
+///
+/// async fn hello(mut conn: Conn) -> std::io::Result<()> {
+///     conn.stream_mut().write_all(b"hello\n").await
+/// }
+///
+/// fn main() -> Result<(), coreloop::Error> {
+///     Server::builder()
+///         .bind("127.0.0.1:8080")?
+///         .workers(4)
+///         .shutdown_timeout(Duration::from_secs(10))
+///         .serve(|_worker| hello)
+///         .run()
+/// }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a ServerBuilder does nothing until `.serve(..).run()`"]
+pub struct ServerBuilder {
+    config: Config,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        Self {
+            config: Config {
+                listeners: Vec::new(),
+                workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                shutdown_timeout: Duration::from_secs(30),
+                tcp_nodelay: true,
+                backlog: 1024,
+                max_restarts: 20,
+                restart_period: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+impl ServerBuilder {
+    /// Adds TCP listeners, one per address `addr` resolves to (IPv4 and IPv6 alike; an IPv6
+    /// socket is bound `IPV6_V6ONLY`). Call it again for more addresses.
+    ///
+    /// Nothing is bound here: the supervisor binds in [`Server::run`], which reports a port
+    /// in use as [`Error::Bind`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Address`] when `addr` does not parse or resolve.
+    pub fn bind<A: ToSocketAddrs + std::fmt::Debug>(mut self, addr: A) -> Result<Self, Error> {
+        let resolved = addr.to_socket_addrs().map_err(|source| Error::Address {
+            addr: format!("{addr:?}"),
+            source,
+        })?;
+        let mut any = false;
+        for spec in resolved.map(ListenSpec::Tcp) {
+            any = true;
+            if !self.config.listeners.contains(&spec) {
+                self.config.listeners.push(spec);
+            }
+        }
+        if !any {
+            return Err(Error::Address {
+                addr: format!("{addr:?}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "resolved to no address",
+                ),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Adds a unix-socket listener at `path`. A stale socket file left by a dead server is
+    /// replaced; a path where a live server listens, or that is not a socket, is an
+    /// [`Error::Bind`] at `run()`. The file is removed when the server stops.
+    pub fn bind_unix(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.listeners.push(ListenSpec::Unix(path.into()));
+        self
+    }
+
+    /// Number of worker processes. Default: the number of CPUs this process may run on.
+    /// `0` is rejected by `run()` with [`Error::Config`].
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// How long a draining worker may take to finish its connections before it is killed.
+    /// Default: 30 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Set `TCP_NODELAY` on accepted TCP connections. Default: `true`.
+    pub fn tcp_nodelay(mut self, on: bool) -> Self {
+        self.config.tcp_nodelay = on;
+        self
+    }
+
+    /// Length of each listener's accept queue. Default: 1024 (the kernel caps it at
+    /// `net.core.somaxconn`).
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.config.backlog = backlog;
+        self
+    }
+
+    /// Crash-loop limit: when workers are restarted more than `max` times within `period`,
+    /// the server stops and `run()` returns [`Error::CrashLoop`]. Default: 20 within 60 s.
+    pub fn restart_limit(mut self, max: usize, period: Duration) -> Self {
+        self.config.max_restarts = max;
+        self.config.restart_period = period;
+        self
+    }
+
+    /// Finishes the configuration with a handler factory, called once in each worker
+    /// process to build that worker's handler.
+    ///
+    /// The factory runs inside the worker's runtime (so it may `spawn_local`), and what it
+    /// returns need not be `Send`: per-worker `Rc` state is fine. It runs again in every
+    /// replacement worker.
+    pub fn serve<F, H>(self, factory: F) -> Server<H>
+    where
+        F: Fn(WorkerId) -> H + 'static,
+        H: Handler,
+    {
+        self.try_serve(move |id| Ok::<_, std::convert::Infallible>(factory(id)))
+    }
+
+    /// Like [`serve`](Self::serve), with a factory that can fail. A worker whose factory
+    /// fails while the server boots stops the server: `run()` returns
+    /// [`Error::WorkerStart`] with the factory's error.
+    pub fn try_serve<F, H, E>(self, factory: F) -> Server<H>
+    where
+        F: Fn(WorkerId) -> Result<H, E> + 'static,
+        H: Handler,
+        E: Into<BoxError>,
+    {
+        Server {
+            config: self.config,
+            factory: Box::new(move |id| factory(id).map_err(Into::into)),
+        }
+    }
+}
+
+/// A configured server. [`run`](Server::run) it.
+#[must_use = "a Server does nothing until `.run()`"]
+pub struct Server<H> {
+    pub(crate) config: Config,
+    pub(crate) factory: Box<dyn Fn(WorkerId) -> Result<H, BoxError>>,
+}
+
+impl<H> std::fmt::Debug for Server<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server<()> {
+    /// Starts configuring a server.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Runs the server until it is stopped; blocks the calling thread.
+    ///
+    /// In the supervisor (the process you started), this binds the listeners, starts the
+    /// workers, accepts and dispatches connections, restarts workers that die, and on
+    /// SIGTERM or SIGINT drains the workers within the shutdown timeout and returns
+    /// `Ok(())`. In a worker process (the same program, re-executed by the supervisor), it
+    /// serves connections and **never returns**: the process exits when the worker is
+    /// done, with status 0, or 1 if the worker could not start.
+    ///
+    /// # Errors
+    ///
+    /// In the supervisor: [`Error::Config`], [`Error::Bind`], [`Error::Runtime`],
+    /// [`Error::NestedRuntime`], [`Error::Signal`], [`Error::SpawnWorker`],
+    /// [`Error::WorkerStart`] and [`Error::CrashLoop`]. Nothing is left running when it
+    /// returns an error.
+    pub fn run(self) -> Result<(), Error> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::NestedRuntime);
+        }
+        match crate::role::current() {
+            crate::role::Role::Worker(id) => crate::worker::run(self, id),
+            crate::role::Role::Supervisor => crate::supervisor::run(self.config),
+        }
+    }
+}

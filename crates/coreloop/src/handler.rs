@@ -1,0 +1,219 @@
+//! What user code sees: the [`Handler`] trait, the [`Conn`] it receives, and the
+//! [`Stream`] inside it.
+//!
+//! A handler is built once per worker process by the factory given to
+//! [`ServerBuilder::serve`](crate::ServerBuilder::serve), then called once per connection
+//! on that worker's single-threaded runtime. Nothing here requires `Send`: per-worker state
+//! may live in `Rc` and `RefCell`, exactly as in a `LocalSet`.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::error::BoxError;
+use crate::shutdown::ShutdownSignal;
+
+pub use coreloop_ipc::PeerAddr;
+
+/// Identifies one worker slot: `0..workers`. A replacement worker keeps its slot's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub(crate) usize);
+
+impl WorkerId {
+    /// The slot number.
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Serves one connection. Implemented for every `Fn(Conn) -> impl Future<Output =
+/// Result<(), E>>`, so an `async fn handle(conn: Conn) -> io::Result<()>` is a handler.
+///
+/// An error returned by a handler is logged with the connection's span and closes that
+/// connection only; a panicking handler is logged the same way. The worker keeps serving.
+///
+/// # Examples
+///
+/// ```
+/// use coreloop::{Conn, Handler};
+/// use tokio::io::AsyncWriteExt;
+///
+/// async fn hello(mut conn: Conn) -> std::io::Result<()> {
+///     conn.stream_mut().write_all(b"hello\n").await
+/// }
+///
+/// fn assert_handler(_: impl Handler) {}
+/// assert_handler(hello);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a coreloop handler",
+    note = "a handler is `async fn(Conn) -> Result<(), E>`, or a closure returning such a future, where `E` converts into `Box<dyn Error + Send + Sync>`"
+)]
+pub trait Handler: 'static {
+    /// The error a connection may end with.
+    type Error: Into<BoxError>;
+    /// The future that serves one connection; it need not be `Send`.
+    type Future: Future<Output = Result<(), Self::Error>> + 'static;
+
+    /// Starts serving `conn`.
+    fn call(&self, conn: Conn) -> Self::Future;
+}
+
+impl<F, Fut, E> Handler for F
+where
+    F: Fn(Conn) -> Fut + 'static,
+    Fut: Future<Output = Result<(), E>> + 'static,
+    E: Into<BoxError>,
+{
+    type Error = E;
+    type Future = Fut;
+
+    fn call(&self, conn: Conn) -> Fut {
+        self(conn)
+    }
+}
+
+/// An accepted connection as a worker receives it.
+#[derive(Debug)]
+pub struct Conn {
+    pub(crate) stream: Stream,
+    pub(crate) peer: PeerAddr,
+    pub(crate) id: u64,
+    pub(crate) listener: usize,
+    pub(crate) worker: WorkerId,
+    pub(crate) shutdown: ShutdownSignal,
+}
+
+impl Conn {
+    /// The connection's stream.
+    pub fn stream_mut(&mut self) -> &mut Stream {
+        &mut self.stream
+    }
+
+    /// Takes the stream, e.g. to hand it to hyper. Keep a [`Conn::shutdown`] clone first
+    /// if the handler needs it.
+    pub fn into_stream(self) -> Stream {
+        self.stream
+    }
+
+    /// The client's address, as the acceptor's `accept` reported it (no system call).
+    pub fn peer_addr(&self) -> PeerAddr {
+        self.peer
+    }
+
+    /// The local address the client connected to.
+    ///
+    /// # Errors
+    ///
+    /// The `getsockname(2)` error.
+    pub fn local_addr(&self) -> io::Result<LocalAddr> {
+        match &self.stream {
+            Stream::Tcp(tcp) => tcp.local_addr().map(LocalAddr::Inet),
+            Stream::Unix(unix) => unix.local_addr().map(LocalAddr::Unix),
+        }
+    }
+
+    /// Index of the listener, in `bind` order, that accepted the connection.
+    pub fn listener(&self) -> usize {
+        self.listener
+    }
+
+    /// The connection's id, unique for the life of the supervisor (it appears in logs).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The id of the worker serving this connection.
+    pub fn worker_id(&self) -> WorkerId {
+        self.worker
+    }
+
+    /// The worker's shutdown signal: triggered when the worker starts draining.
+    pub fn shutdown(&self) -> ShutdownSignal {
+        self.shutdown.clone()
+    }
+}
+
+/// The local end of a connection.
+#[derive(Debug, Clone)]
+pub enum LocalAddr {
+    /// A TCP listener's address.
+    Inet(std::net::SocketAddr),
+    /// A unix-socket listener's address.
+    Unix(tokio::net::unix::SocketAddr),
+}
+
+/// A connection's stream: TCP or unix. Implements [`AsyncRead`] and [`AsyncWrite`], so a
+/// handler can serve both kinds without caring which it got.
+#[derive(Debug)]
+pub enum Stream {
+    /// From a TCP listener.
+    Tcp(TcpStream),
+    /// From a unix-socket listener.
+    Unix(UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}

@@ -1,0 +1,71 @@
+//! coreloop: serve TCP and unix-socket traffic from many single-threaded worker processes.
+//!
+//! One supervisor process owns the listening sockets, accepts connections, and passes each
+//! accepted socket (`SCM_RIGHTS` over a `SOCK_SEQPACKET` pair) to one of N worker
+//! processes. Each worker runs its own `current_thread` tokio runtime, so every core gets
+//! an independent event loop, handlers need not be `Send`, and a crash stays inside one
+//! process: the supervisor reaps and replaces it.
+//!
+//! ```text
+//!                 ┌──────────── supervisor ────────────┐
+//!   clients ──▶   │ listeners ─▶ accept4 ─▶ dispatch   │
+//!                 └──────┬──────────┬──────────┬───────┘
+//!             seqpacket  │ fd+meta  │          │
+//!                 ┌──────▼───┐ ┌────▼─────┐ ┌──▼───────┐
+//!                 │ worker 0 │ │ worker 1 │ │ worker N │  current_thread + LocalSet
+//!                 └──────────┘ └──────────┘ └──────────┘
+//! ```
+//!
+//! # Example
+//!
+//! ```no_run
+//! use coreloop::{Conn, Server};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! async fn echo(mut conn: Conn) -> std::io::Result<()> {
+//!     let mut buf = [0u8; 4096];
+//!     loop {
+//!         let n = conn.stream_mut().read(&mut buf).await?;
+//!         if n == 0 || conn.shutdown().is_triggered() {
+//!             return Ok(());
+//!         }
+//!         conn.stream_mut().write_all(&buf[..n]).await?;
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), coreloop::Error> {
+//!     Server::builder().bind("127.0.0.1:7000")?.workers(2).serve(|_worker| echo).run()
+//! }
+//! ```
+//!
+//! # Workers re-run `main()`
+//!
+//! Workers are the same executable started again by the supervisor (never `fork()`ed from a
+//! process that has a runtime). So `main()` runs in every worker up to [`Server::run`]:
+//! keep everything before `run()` free of side effects. See [`ServerBuilder`].
+//!
+//! # Signals
+//!
+//! SIGTERM and SIGINT drain gracefully: stop accepting, trigger every connection's
+//! [`ShutdownSignal`], wait up to the shutdown timeout, kill what is left, return `Ok`.
+//! A second SIGINT, or SIGQUIT, stops at once. See `docs/operating.md`.
+//!
+//! # Logging
+//!
+//! The library logs through [`tracing`] with spans `supervisor`, `worker{worker.id,
+//! worker.pid}` and `conn{conn.id, peer.addr}`; it never installs a subscriber.
+#![forbid(unsafe_code)]
+
+mod builder;
+mod error;
+mod handler;
+mod listener;
+mod role;
+mod shutdown;
+mod supervisor;
+mod worker;
+
+pub use builder::{Server, ServerBuilder};
+pub use error::{BoxError, Error};
+pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
+pub use shutdown::ShutdownSignal;

@@ -1,0 +1,207 @@
+//! Listening sockets: created by the supervisor before its runtime starts, accepted from
+//! with a raw non-blocking `accept4`.
+//!
+//! Accepted sockets are never registered with the supervisor's reactor: they are only
+//! passed on, so `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)` on the listener's readiness is
+//! the whole cost (no `epoll_ctl` add and delete per connection, as a tokio `TcpStream`
+//! would cost). `SOCK_NONBLOCK` lives on the open file description, which the worker
+//! shares, so the worker can hand the socket straight to tokio.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use coreloop_ipc::PeerAddr;
+use coreloop_ipc::Readiness;
+use rustix::net::SocketFlags;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, warn};
+
+use crate::builder::{Config, ListenSpec};
+use crate::error::Error;
+
+/// A bound, listening socket that the supervisor owns.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) spec: ListenSpec,
+    pub(crate) fd: OwnedFd,
+    /// For unix listeners: the file to remove when the server stops, with the identity
+    /// (device, inode) of the socket file we created, so we never remove someone else's.
+    unix_file: Option<(PathBuf, u64, u64)>,
+}
+
+/// Binds every configured listener; on any failure, the ones already bound are closed
+/// (and their socket files removed) before the error is returned.
+pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
+    let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for spec in &config.listeners {
+        let result = match spec {
+            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog).map(|fd| Bound {
+                spec: spec.clone(),
+                fd,
+                unix_file: None,
+            }),
+            ListenSpec::Unix(path) => bind_unix(path, backlog).map(|(fd, dev, ino)| Bound {
+                spec: spec.clone(),
+                fd,
+                unix_file: Some((path.clone(), dev, ino)),
+            }),
+        };
+        match result {
+            Ok(listener) => bound.push(listener),
+            Err(source) => {
+                return Err(Error::Bind {
+                    addr: spec.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(bound)
+}
+
+fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    // socket2 creates the socket with SOCK_CLOEXEC.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn bind_unix(path: &Path, backlog: i32) -> io::Result<(OwnedFd, u64, u64)> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another server is listening on this socket",
+                ));
+            }
+            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                debug!(path = %path.display(), "removing stale socket file");
+                std::fs::remove_file(path)?;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    let meta = std::fs::metadata(path)?;
+    Ok((socket.into(), meta.dev(), meta.ino()))
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some((path, dev, ino)) = &self.unix_file {
+            let ours = std::fs::symlink_metadata(path)
+                .is_ok_and(|meta| meta.dev() == *dev && meta.ino() == *ino);
+            if ours {
+                if let Err(err) = std::fs::remove_file(path) {
+                    warn!(path = %path.display(), error = %err, "cannot remove socket file");
+                }
+            }
+        }
+    }
+}
+
+/// A listener registered with the supervisor's reactor for readiness only.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    pub(crate) bound: Bound,
+    pub(crate) ready: Readiness,
+}
+
+impl Listener {
+    pub(crate) fn new(bound: Bound) -> io::Result<Self> {
+        let fd = bound.fd.try_clone()?;
+        Ok(Self {
+            ready: Readiness::new(fd)?,
+            bound,
+        })
+    }
+}
+
+/// One `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`.
+pub(crate) fn accept(listener: &impl AsFd) -> io::Result<(OwnedFd, PeerAddr)> {
+    let (fd, addr) =
+        rustix::net::acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let peer = match addr {
+        Some(addr) => match SocketAddr::try_from(addr) {
+            Ok(inet) => PeerAddr::Inet(inet),
+            Err(_) => PeerAddr::Unix,
+        },
+        None => PeerAddr::Unknown,
+    };
+    Ok((fd, peer))
+}
+
+/// How to react to an `accept` error.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AcceptError {
+    /// Nothing more to accept now.
+    WouldBlock,
+    /// That one connection failed (reset or aborted before we took it); go on.
+    Connection,
+    /// A resource is exhausted (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) or the error is
+    /// unknown: back off before trying again, or the readiness loop would spin.
+    Resource,
+}
+
+pub(crate) fn classify(err: &io::Error) -> AcceptError {
+    use rustix::io::Errno;
+    if err.kind() == io::ErrorKind::WouldBlock {
+        return AcceptError::WouldBlock;
+    }
+    match err.raw_os_error().map(Errno::from_raw_os_error) {
+        Some(
+            Errno::CONNABORTED
+            | Errno::CONNRESET
+            | Errno::PROTO
+            | Errno::PERM
+            | Errno::INTR
+            | Errno::TIMEDOUT
+            | Errno::NETDOWN
+            | Errno::NETUNREACH
+            | Errno::HOSTDOWN
+            | Errno::HOSTUNREACH
+            | Errno::NOPROTOOPT
+            | Errno::OPNOTSUPP,
+        ) => AcceptError::Connection,
+        _ => AcceptError::Resource,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exhaustion_backs_off_and_resets_do_not() {
+        for (errno, expected) in [
+            (rustix::io::Errno::MFILE, AcceptError::Resource),
+            (rustix::io::Errno::NFILE, AcceptError::Resource),
+            (rustix::io::Errno::NOBUFS, AcceptError::Resource),
+            (rustix::io::Errno::NOMEM, AcceptError::Resource),
+            (rustix::io::Errno::CONNABORTED, AcceptError::Connection),
+            (rustix::io::Errno::AGAIN, AcceptError::WouldBlock),
+        ] {
+            assert_eq!(classify(&io::Error::from(errno)), expected, "{errno:?}");
+        }
+    }
+}

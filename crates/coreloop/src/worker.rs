@@ -1,0 +1,308 @@
+//! The worker process: one `current_thread` runtime serving the connections its channel
+//! delivers.
+//!
+//! Life of a worker:
+//! 1. adopt the channel inherited on fd 0, before any runtime or thread exists;
+//! 2. build a `current_thread` runtime and a `LocalSet`, run the handler factory, and tell
+//!    the supervisor `Ready` (or `Failed` with the factory's error, then exit 1);
+//! 3. for every `Conn` message, wrap the descriptor in a tokio stream and `spawn_local`
+//!    the handler, counting live connections with an RAII guard;
+//! 4. on `Drain` (or when the channel closes because the supervisor died, or when a
+//!    SIGTERM/SIGINT reaches the worker directly and the supervisor answers `Retiring`
+//!    with `Drain`), trigger the [`ShutdownSignal`], wait for the live count to reach zero
+//!    or the deadline, and exit 0.
+//!
+//! A worker never decides on its own to stop taking connections while the supervisor is
+//! alive: it asks (`Retiring`) and keeps reading until `Drain`, which the supervisor sends
+//! last. That ordering is what lets the supervisor know no descriptor is left in flight.
+
+use std::cell::Cell;
+use std::os::fd::OwnedFd;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use coreloop_ipc::{Channel, ChannelError, Message, PeerAddr};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::builder::{ListenSpec, Server};
+use crate::error::{BoxError, Error};
+use crate::handler::{Conn, Handler, Stream, WorkerId};
+use crate::shutdown::ShutdownSignal;
+
+/// How long a worker whose supervisor vanished keeps serving in-flight requests. Nobody
+/// supervises it any more, so it must not linger: a supervisor killed with SIGKILL leaves
+/// no worker behind for longer than this.
+const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+
+/// Entry point in a worker process. Never returns.
+pub(crate) fn run<H: Handler>(server: Server<H>, id: usize) -> Result<(), Error> {
+    let channel = coreloop_ipc::inherited_channel().map_err(Error::WorkerChannel)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    let id = WorkerId(id);
+    let span = tracing::info_span!("worker", worker.id = id.0, worker.pid = std::process::id());
+    let code = local.block_on(&runtime, serve(server, id, channel).instrument(span));
+    // Dropping the LocalSet cancels the handlers still running after the deadline, which
+    // closes their connections.
+    drop(local);
+    drop(runtime);
+    std::process::exit(code)
+}
+
+/// Live connections of this worker, and a way to wait until there are none.
+#[derive(Default)]
+struct Tracker {
+    live: Cell<usize>,
+    idle: Notify,
+}
+
+struct TrackerGuard(Rc<Tracker>);
+
+impl Tracker {
+    fn enter(self: &Rc<Self>) -> TrackerGuard {
+        self.live.set(self.live.get() + 1);
+        TrackerGuard(Rc::clone(self))
+    }
+
+    async fn wait_idle(&self) {
+        while self.live.get() > 0 {
+            self.idle.notified().await;
+        }
+    }
+}
+
+impl Drop for TrackerGuard {
+    fn drop(&mut self) {
+        let live = self.0.live.get() - 1;
+        self.0.live.set(live);
+        if live == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+enum End {
+    Drain(Duration),
+    Orphaned,
+}
+
+async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) -> i32 {
+    let channel = match Channel::from_fd(channel) {
+        Ok(channel) => channel,
+        Err(err) => {
+            error!(error = %err, "cannot register the channel");
+            return 1;
+        }
+    };
+    let handler = match (server.factory)(id) {
+        Ok(handler) => Rc::new(handler),
+        Err(err) => {
+            error!(error = %err, "handler factory failed");
+            let reason = err.to_string();
+            if let Err(err) = channel.send(&Message::Failed { reason }, None).await {
+                debug!(error = %err, "cannot report the failure");
+            }
+            return 1;
+        }
+    };
+    let (mut sigterm, mut sigint) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(err), _) | (_, Err(err)) => {
+            error!(error = %err, "cannot install signal handlers");
+            return 1;
+        }
+    };
+    let pid = std::process::id();
+    if let Err(err) = channel.send(&Message::Ready { pid }, None).await {
+        error!(error = %err, "cannot report ready");
+        return 1;
+    }
+    debug!("worker ready");
+
+    let kinds: Rc<[bool]> = server
+        .config
+        .listeners
+        .iter()
+        .map(|spec| matches!(spec, ListenSpec::Unix(_)))
+        .collect();
+    let tracker = Rc::new(Tracker::default());
+    let shutdown = ShutdownSignal::new();
+    let nodelay = server.config.tcp_nodelay;
+    let mut retiring = false;
+
+    let end = loop {
+        tokio::select! {
+            received = channel.recv() => match received {
+                Ok(Some((Message::Conn { id: conn_id, listener, peer }, Some(fd)))) => {
+                    let is_unix = kinds.get(usize::from(listener)).copied().unwrap_or(false);
+                    let conn = match into_stream(fd, is_unix, nodelay) {
+                        Ok(stream) => Conn {
+                            stream,
+                            peer,
+                            id: conn_id,
+                            listener: usize::from(listener),
+                            worker: id,
+                            shutdown: shutdown.clone(),
+                        },
+                        Err(err) => {
+                            warn!(conn.id = conn_id, error = %err, "cannot adopt connection");
+                            continue;
+                        }
+                    };
+                    let guard = tracker.enter();
+                    let fut = handler.call(conn);
+                    let span = conn_span(conn_id, &peer);
+                    tokio::task::spawn_local(
+                        async move {
+                            match (CatchUnwind { inner: fut }).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(err)) => log_handler_error(err.into()),
+                                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
+                            }
+                            drop(guard);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Ok(Some((Message::Drain { timeout_ms }, _))) => {
+                    break End::Drain(Duration::from_millis(u64::from(timeout_ms)));
+                }
+                Ok(Some((other, _))) => warn!(message = other.kind_name(), "unexpected message"),
+                Ok(None) => break End::Orphaned,
+                Err(ChannelError::Io(err)) => {
+                    error!(error = %err, "channel failed");
+                    break End::Orphaned;
+                }
+                Err(err) => error!(error = %err, "bad message from the supervisor; a connection may have been lost"),
+            },
+            _ = sigterm.recv(), if !retiring => {
+                retiring = true;
+                retire(&channel).await;
+            }
+            _ = sigint.recv(), if !retiring => {
+                retiring = true;
+                retire(&channel).await;
+            }
+        }
+    };
+
+    let grace = match end {
+        End::Drain(timeout) => {
+            info!(live = tracker.live.get(), ?timeout, "draining");
+            timeout
+        }
+        End::Orphaned => {
+            warn!(
+                live = tracker.live.get(),
+                "supervisor gone; finishing in-flight work and exiting"
+            );
+            ORPHAN_GRACE.min(server.config.shutdown_timeout)
+        }
+    };
+    shutdown.trigger();
+    if tokio::time::timeout(grace, tracker.wait_idle())
+        .await
+        .is_err()
+    {
+        warn!(
+            live = tracker.live.get(),
+            "drain deadline passed; closing remaining connections"
+        );
+    }
+    debug!("worker exiting");
+    0
+}
+
+async fn retire(channel: &Channel) {
+    info!("stop signal received; asking the supervisor to drain this worker");
+    if let Err(err) = channel.send(&Message::Retiring, None).await {
+        debug!(error = %err, "cannot send Retiring");
+    }
+}
+
+fn conn_span(conn_id: u64, peer: &PeerAddr) -> tracing::Span {
+    match peer {
+        PeerAddr::Inet(addr) => tracing::debug_span!("conn", conn.id = conn_id, peer.addr = %addr),
+        PeerAddr::Unix => tracing::debug_span!("conn", conn.id = conn_id, peer.addr = "unix"),
+        PeerAddr::Unknown => tracing::debug_span!("conn", conn.id = conn_id),
+    }
+}
+
+fn into_stream(fd: OwnedFd, is_unix: bool, nodelay: bool) -> std::io::Result<Stream> {
+    // The acceptor accepted with SOCK_NONBLOCK, and O_NONBLOCK belongs to the open file
+    // description that SCM_RIGHTS shared with us, as tokio's `from_std` requires.
+    if is_unix {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        Ok(Stream::Unix(tokio::net::UnixStream::from_std(std)?))
+    } else {
+        let std = std::net::TcpStream::from(fd);
+        if nodelay {
+            std.set_nodelay(true)?;
+        }
+        match tokio::net::TcpStream::from_std(std) {
+            Ok(tcp) => Ok(Stream::Tcp(tcp)),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Client I/O failures (resets, early EOF) are routine on a public server: debug level.
+fn log_handler_error(err: BoxError) {
+    let routine = err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    });
+    if routine {
+        debug!(error = %err, "connection ended with an error");
+    } else {
+        warn!(error = %err, "handler failed");
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text
+    } else {
+        "non-string panic payload"
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls a future inside `catch_unwind`, so that a panicking handler is logged and its
+    /// connection closed without taking the worker down.
+    struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
