@@ -139,6 +139,8 @@ struct Shared {
     fatal: RefCell<Option<Error>>,
     restarts: RefCell<VecDeque<Instant>>,
     rng: Cell<u64>,
+    /// The supervisor's span: parent of every watcher's span, whichever task spawns it.
+    span: tracing::Span,
 }
 
 async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Error> {
@@ -164,6 +166,7 @@ async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Er
         fatal: RefCell::new(None),
         restarts: RefCell::new(VecDeque::new()),
         rng: Cell::new(seed()),
+        span: tracing::Span::current(),
     });
 
     for id in 0..shared.config.workers {
@@ -440,7 +443,7 @@ fn spawn_worker(shared: &Rc<Shared>, id: usize) -> Result<(), Error> {
         started: Instant::now(),
     });
     debug!(worker.id = id, worker.pid = pid, "worker spawned");
-    let span = tracing::info_span!("watch", worker.id = id, worker.pid = pid);
+    let span = tracing::info_span!(parent: &shared.span, "watch", worker.id = id, worker.pid = pid);
     tokio::task::spawn_local(watch(Rc::clone(shared), id, pid, child, channel).instrument(span));
     Ok(())
 }
