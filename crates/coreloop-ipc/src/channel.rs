@@ -8,15 +8,24 @@
 //! descriptors its kind requires, and a non-blocking [`Channel::try_send`] so that a
 //! dispatcher can skip a worker whose queue is full instead of waiting on it.
 //!
+//! Sending calls `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` through rustix directly instead of
+//! going through the runtime's cached readiness: a freshly registered socket has no
+//! readiness yet, and a dispatcher must learn "full" from the kernel, not from a cache. On
+//! `EAGAIN` the cached write readiness is cleared, so waiting in
+//! [`Channel::poll_send_ready`] sleeps until the kernel reports room.
+//!
 //! `passfd` was evaluated for this job and rejected: its tokio futures lose the wakeup once
 //! a call would block, which on a busy channel hangs the connection path.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tokio::io::Interest;
 use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
+use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 
 use crate::message::{MAX_MESSAGE_LEN, Message, ProtocolError};
 
@@ -116,28 +125,63 @@ impl Channel {
     ///
     /// [`ChannelError::FdCount`] when `fd` does not match the kind; [`ChannelError::Io`]
     /// when the socket call fails.
-    pub async fn send(
-        &self,
-        msg: &Message,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ChannelError> {
-        std::future::poll_fn(|cx| self.poll_send(cx, msg, fd)).await
+    pub async fn send(&self, msg: &Message, fd: Option<BorrowedFd<'_>>) -> Result<(), ChannelError> {
+        loop {
+            match self.try_send(msg, fd) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full) => std::future::poll_fn(|cx| self.poll_send_ready(cx)).await?,
+                Err(TrySendError::Failed(err)) => return Err(err),
+            }
+        }
     }
 
     /// Sends `msg` if the peer's queue has room, without waiting.
     ///
     /// # Errors
     ///
-    /// [`TrySendError::Full`] when it would have to wait; otherwise as [`Channel::send`].
+    /// [`TrySendError::Full`] when the kernel has no room (`EAGAIN`); otherwise as
+    /// [`Channel::send`].
     pub fn try_send(&self, msg: &Message, fd: Option<BorrowedFd<'_>>) -> Result<(), TrySendError> {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.poll_send(&mut cx, msg, fd) {
-            Poll::Ready(result) => Ok(result?),
-            Poll::Pending => Err(TrySendError::Full),
+        let expected = msg.fd_count();
+        let got = usize::from(fd.is_some());
+        if expected != got {
+            return Err(ChannelError::FdCount {
+                kind: msg.kind_name(),
+                expected,
+                got,
+            }
+            .into());
+        }
+        let mut bytes = [0u8; MAX_MESSAGE_LEN];
+        let len = msg.encode(&mut bytes).map_err(ChannelError::from)?;
+        let fds: [BorrowedFd<'_>; 1];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if let Some(fd) = fd {
+            fds = [fd];
+            // Cannot fail: the buffer is sized for exactly one descriptor.
+            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(ChannelError::Io(io::Error::other("control buffer too small")).into());
+            }
+        }
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL | SendFlags::EOR;
+        match rustix::net::sendmsg(&self.sock, &[IoSlice::new(&bytes[..len])], &mut control, flags) {
+            Ok(_) => Ok(()),
+            Err(rustix::io::Errno::AGAIN) => {
+                // The kernel said "full": drop the runtime's cached write readiness, so that
+                // `poll_send_ready` waits for the kernel's next report instead of spinning.
+                let _ = self
+                    .sock
+                    .as_async_fd()
+                    .try_io(Interest::WRITABLE, |_| Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                Err(TrySendError::Full)
+            }
+            Err(err) => Err(ChannelError::Io(err.into()).into()),
         }
     }
 
-    /// Polls until the socket may accept another message (its queue has room).
+    /// Polls until the kernel reports room in the peer's queue. After a
+    /// [`TrySendError::Full`], this waits for the next report.
     ///
     /// Only the most recent task to call this is woken.
     ///
@@ -145,42 +189,7 @@ impl Channel {
     ///
     /// When the reactor reports an error for the socket.
     pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.sock
-            .as_async_fd()
-            .poll_write_ready(cx)
-            .map_ok(|_guard| ())
-    }
-
-    fn poll_send(
-        &self,
-        cx: &mut Context<'_>,
-        msg: &Message,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Poll<Result<(), ChannelError>> {
-        let expected = msg.fd_count();
-        let got = usize::from(fd.is_some());
-        if expected != got {
-            return Poll::Ready(Err(ChannelError::FdCount {
-                kind: msg.kind_name(),
-                expected,
-                got,
-            }));
-        }
-        let mut bytes = [0u8; MAX_MESSAGE_LEN];
-        let len = msg.encode(&mut bytes)?;
-        let mut control = ControlBuf([0; CONTROL_LEN]);
-        let mut writer = AncillaryMessageWriter::new(&mut control.0);
-        if let Some(fd) = fd {
-            // Cannot fail: CONTROL_LEN holds far more than one descriptor.
-            if writer.add_fds([fd]).is_err() {
-                return Poll::Ready(Err(ChannelError::Io(io::Error::other(
-                    "control buffer too small for one descriptor",
-                ))));
-            }
-        }
-        self.sock
-            .poll_send_vectored_with_ancillary(cx, &[IoSlice::new(&bytes[..len])], &mut writer)
-            .map(|result| result.map(|_| ()).map_err(ChannelError::Io))
+        self.sock.as_async_fd().poll_write_ready(cx).map_ok(|_guard| ())
     }
 
     /// Receives the next message and its descriptor, if its kind carries one.

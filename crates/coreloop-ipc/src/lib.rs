@@ -27,6 +27,7 @@
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
 //! registers an owned descriptor with tokio's reactor ([`Readiness`]).
 #![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod channel;
 #[allow(unsafe_code)]

@@ -55,6 +55,7 @@
 //! The library logs through [`tracing`] with spans `supervisor`, `worker{worker.id,
 //! worker.pid}` and `conn{conn.id, peer.addr}`; it never installs a subscriber.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod builder;
 mod error;

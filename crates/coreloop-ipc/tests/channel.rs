@@ -1,0 +1,119 @@
+//! Channel behaviour over a real socket pair: descriptors travel and stay close-on-exec,
+//! a closed peer reads as `None`, a full queue is `Full` rather than a hang, and bad
+//! datagrams are errors that leave the channel usable.
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use coreloop_ipc::{Channel, ChannelError, Message, PeerAddr, TrySendError, socketpair_cloexec};
+use tokio_seqpacket::UnixSeqpacket;
+use tokio_seqpacket::ancillary::AncillaryMessageWriter;
+
+fn pair() -> (Channel, Channel) {
+    let (a, b) = socketpair_cloexec().unwrap();
+    (Channel::from_fd(a).unwrap(), Channel::from_fd(b).unwrap())
+}
+
+fn raw_pair() -> (UnixSeqpacket, Channel) {
+    let (a, b) = socketpair_cloexec().unwrap();
+    (UnixSeqpacket::try_from(a).unwrap(), Channel::from_fd(b).unwrap())
+}
+
+fn is_cloexec(fd: &OwnedFd) -> bool {
+    rustix::io::fcntl_getfd(fd).unwrap().contains(rustix::io::FdFlags::CLOEXEC)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_and_its_descriptor_arrive_together() {
+    let (sup, worker) = pair();
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    let peer = PeerAddr::Inet("[::1]:4242".parse().unwrap());
+    let msg = Message::Conn { id: 9, listener: 3, peer };
+    sup.send(&msg, Some(writer.as_fd())).await.unwrap();
+    drop(writer); // the supervisor closes its copy once sent
+
+    let (got, fd) = worker.recv().await.unwrap().unwrap();
+    assert_eq!(got, msg);
+    let fd = fd.expect("Conn carries a descriptor");
+    assert!(is_cloexec(&fd), "received descriptors must be close-on-exec");
+    let mut sent = std::fs::File::from(fd);
+    sent.write_all(b"through the channel").unwrap();
+    drop(sent);
+    let mut text = String::new();
+    std::fs::File::from(reader).read_to_string(&mut text).unwrap();
+    assert_eq!(text, "through the channel");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn closed_peer_reads_as_none() {
+    let (sup, worker) = pair();
+    sup.send(&Message::Drain { timeout_ms: 5 }, None).await.unwrap();
+    drop(sup);
+    assert_eq!(worker.recv().await.unwrap().unwrap().0, Message::Drain { timeout_ms: 5 });
+    assert!(worker.recv().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_queue_is_reported_not_waited_on() {
+    let (sup, worker) = pair();
+    let mut sent = 0usize;
+    loop {
+        match sup.try_send(&Message::Ready { pid: 1 }, None) {
+            Ok(()) => sent += 1,
+            Err(TrySendError::Full) => break,
+            Err(err) => panic!("unexpected error {err}"),
+        }
+        assert!(sent < 1_000_000, "queue never filled");
+    }
+    assert!(sent > 0);
+    // Once the peer reads, the sender is woken and may send again (the kernel reports a
+    // unix socket writable only once most of its buffer is free, so read them all).
+    for _ in 0..sent {
+        worker.recv().await.unwrap().unwrap();
+    }
+    std::future::poll_fn(|cx| sup.poll_send_ready(cx)).await.unwrap();
+    sup.try_send(&Message::Ready { pid: 2 }, None).unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_without_its_descriptor_is_refused() {
+    let (sup, _worker) = pair();
+    let msg = Message::Conn { id: 1, listener: 0, peer: PeerAddr::Unknown };
+    let err = sup.send(&msg, None).await.unwrap_err();
+    assert!(matches!(err, ChannelError::FdCount { expected: 1, got: 0, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_oversized_datagram_is_truncated_and_the_channel_survives() {
+    let (raw, worker) = raw_pair();
+    raw.send(&[1u8; 4096]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let len = Message::Ready { pid: 5 }.encode(&mut buf).unwrap();
+    raw.send(&buf[..len]).await.unwrap();
+
+    let err = worker.recv().await.unwrap_err();
+    assert!(matches!(err, ChannelError::Truncated { data: true, .. }), "{err}");
+    assert_eq!(worker.recv().await.unwrap().unwrap().0, Message::Ready { pid: 5 });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn garbage_is_a_protocol_error() {
+    let (raw, worker) = raw_pair();
+    raw.send(&[7, 1, 2, 3]).await.unwrap();
+    let err = worker.recv().await.unwrap_err();
+    assert!(matches!(err, ChannelError::Protocol(_)), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stray_descriptor_is_an_error() {
+    let (raw, worker) = raw_pair();
+    let (_reader, writer) = rustix::pipe::pipe().unwrap();
+    let mut buf = [0u8; 64];
+    let len = Message::Ready { pid: 5 }.encode(&mut buf).unwrap();
+    let mut control = [0u8; 64];
+    let mut anc = AncillaryMessageWriter::new(&mut control);
+    anc.add_fds([writer.as_fd()]).map_err(|_| "add_fds").unwrap();
+    raw.send_vectored_with_ancillary(&[IoSlice::new(&buf[..len])], &mut anc).await.unwrap();
+    let err = worker.recv().await.unwrap_err();
+    assert!(matches!(err, ChannelError::FdCount { expected: 0, got: 1, .. }), "{err}");
+}
