@@ -35,7 +35,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7000".into());
-    Server::builder().bind(addr.as_str())?.workers(2).serve(|_worker| echo).run()?;
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7000".into());
+    Server::builder()
+        .bind(addr.as_str())?
+        .workers(2)
+        .serve(|_worker| echo)
+        .run()?;
     Ok(())
 }

@@ -52,6 +52,27 @@ struct Args {
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, value_name = "SECS", default_value_t = 75)]
     idle_timeout: u64,
+    /// Seconds without a report from a worker's event loop before it is killed and replaced.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    heartbeat_timeout: f64,
+    /// Crash-loop limit: more restarts than this within --restart-period stops the server.
+    #[arg(long, default_value_t = 20)]
+    max_restarts: usize,
+    /// Crash-loop window, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    restart_period: u64,
+    /// Most connections one worker holds at once.
+    #[arg(long, default_value_t = 25_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections_per_worker: u64,
+    /// Replace a worker gracefully after this many connections (0: never).
+    #[arg(long, default_value_t = 0)]
+    recycle_after: u64,
+    /// Random extra connections (0..=N) added to --recycle-after per worker.
+    #[arg(long, default_value_t = 0)]
+    recycle_jitter: u64,
+    /// Replace a worker gracefully when its resident memory passes this many MiB (0: never).
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    recycle_rss_mib: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -76,8 +97,22 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
 
-    let mut builder =
-        Server::builder().shutdown_timeout(Duration::from_secs(args.shutdown_timeout));
+    if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
+        anyhow::bail!("--heartbeat-timeout must be a positive number of seconds");
+    }
+    let mut builder = Server::builder()
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat_timeout))
+        .restart_limit(args.max_restarts, Duration::from_secs(args.restart_period))
+        .max_connections_per_worker(
+            usize::try_from(args.max_connections_per_worker).unwrap_or(usize::MAX),
+        );
+    if args.recycle_after > 0 {
+        builder = builder.recycle_after(args.recycle_after, args.recycle_jitter);
+    }
+    if args.recycle_rss_mib > 0 {
+        builder = builder.recycle_above_rss(args.recycle_rss_mib * 1024 * 1024);
+    }
     if let Some(workers) = args.workers {
         builder = builder.workers(usize::from(workers));
     }

@@ -31,6 +31,9 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// Longest `/sleep` or `/burn`, milliseconds.
     pub(crate) max_delay_ms: u64,
+    /// Once the worker drains, how long an idle keep-alive connection still waits for a
+    /// request that may already be on its way.
+    pub(crate) drain_linger: Duration,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_delay_ms: 60_000,
+            drain_linger: Duration::from_millis(250),
         }
     }
 }
@@ -67,6 +71,7 @@ where
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut served = 0u64;
+    let mut request_started: Option<Instant> = None;
     loop {
         // Answer every complete request already buffered.
         let mut close = false;
@@ -95,6 +100,7 @@ where
                     answer(&mut out, &req, who, limits, keep).await;
                     buf.drain(..consumed);
                     served += 1;
+                    request_started = None;
                     if !keep {
                         close = true;
                         break;
@@ -110,37 +116,41 @@ where
             let _ = stream.shutdown().await;
             return Ok(());
         }
-        // Read more. An idle connection waits up to the idle timeout, and is closed at once
-        // when the worker drains, unless it has not had its first request yet: a client
-        // that connected before the drain began is served, not dropped.
-        let started = Instant::now();
+        // Read more. The head of a request must arrive within the header timeout, counted
+        // from its first byte (a client trickling bytes cannot hold the connection). An
+        // idle connection waits up to the idle timeout; once the worker drains, it lingers
+        // only briefly for a request already on its way (answered with `Connection:
+        // close`), so clients under continuous load see no reset. A connection that has
+        // not had its first request yet is served: it was accepted before the drain.
         let mid_request = !buf.is_empty();
-        let deadline = if mid_request || served == 0 {
-            limits.header_timeout
-        } else {
-            limits.idle_timeout
+        if !mid_request {
+            request_started = None;
+        }
+        let idle = served > 0 && !mid_request;
+        let deadline = match request_started {
+            Some(started) => started + limits.header_timeout,
+            None if served == 0 => Instant::now() + limits.header_timeout,
+            None if shutdown.is_triggered() => Instant::now() + limits.drain_linger,
+            None => Instant::now() + limits.idle_timeout,
         };
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
-        let read = async {
-            tokio::time::timeout(
-                deadline.saturating_sub(started.elapsed()),
-                stream.read_buf(&mut buf),
-            )
-            .await
-        };
-        let result = if served > 0 && !mid_request {
+        let read = tokio::time::timeout_at(deadline.into(), stream.read_buf(&mut buf));
+        let result = if idle && !shutdown.is_triggered() {
             tokio::select! {
                 result = read => result,
-                () = shutdown.triggered() => return Ok(()),
+                // Re-enter the loop: the next read lingers for `drain_linger` only.
+                () = shutdown.triggered() => continue,
             }
         } else {
             read.await
         };
         match result {
             Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                request_started.get_or_insert_with(Instant::now);
+            }
             Ok(Err(err)) => return Err(err),
             Err(_elapsed) if mid_request => {
                 respond(&mut out, 408, "text/plain", b"Request Timeout", true, false);

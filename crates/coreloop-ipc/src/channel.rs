@@ -22,7 +22,10 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use tokio::io::Interest;
 use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
@@ -125,11 +128,17 @@ impl Channel {
     ///
     /// [`ChannelError::FdCount`] when `fd` does not match the kind; [`ChannelError::Io`]
     /// when the socket call fails.
-    pub async fn send(&self, msg: &Message, fd: Option<BorrowedFd<'_>>) -> Result<(), ChannelError> {
+    pub async fn send(
+        &self,
+        msg: &Message,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), ChannelError> {
         loop {
             match self.try_send(msg, fd) {
                 Ok(()) => return Ok(()),
-                Err(TrySendError::Full) => std::future::poll_fn(|cx| self.poll_send_ready(cx)).await?,
+                Err(TrySendError::Full) => {
+                    std::future::poll_fn(|cx| self.poll_send_ready(cx)).await?
+                }
                 Err(TrySendError::Failed(err)) => return Err(err),
             }
         }
@@ -165,15 +174,19 @@ impl Channel {
             }
         }
         let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL | SendFlags::EOR;
-        match rustix::net::sendmsg(&self.sock, &[IoSlice::new(&bytes[..len])], &mut control, flags) {
+        match rustix::net::sendmsg(
+            &self.sock,
+            &[IoSlice::new(&bytes[..len])],
+            &mut control,
+            flags,
+        ) {
             Ok(_) => Ok(()),
             Err(rustix::io::Errno::AGAIN) => {
                 // The kernel said "full": drop the runtime's cached write readiness, so that
                 // `poll_send_ready` waits for the kernel's next report instead of spinning.
-                let _ = self
-                    .sock
-                    .as_async_fd()
-                    .try_io(Interest::WRITABLE, |_| Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                let _ = self.sock.as_async_fd().try_io(Interest::WRITABLE, |_| {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
                 Err(TrySendError::Full)
             }
             Err(err) => Err(ChannelError::Io(err.into()).into()),
@@ -189,7 +202,10 @@ impl Channel {
     ///
     /// When the reactor reports an error for the socket.
     pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.sock.as_async_fd().poll_write_ready(cx).map_ok(|_guard| ())
+        self.sock
+            .as_async_fd()
+            .poll_write_ready(cx)
+            .map_ok(|_guard| ())
     }
 
     /// Receives the next message and its descriptor, if its kind carries one.
@@ -210,38 +226,99 @@ impl Channel {
             .sock
             .recv_vectored_with_ancillary(&mut [IoSliceMut::new(&mut bytes)], &mut control.0)
             .await?;
-        let mut fd = None;
-        let mut got = 0usize;
+        let mut fds = Received::default();
         for message in ancillary.into_messages() {
-            if let OwnedAncillaryMessage::FileDescriptors(fds) = message {
-                for received in fds {
-                    got += 1;
-                    // Keep the first; any extra is dropped (closed) here.
-                    if fd.is_none() {
-                        fd = Some(received);
-                    }
-                }
+            if let OwnedAncillaryMessage::FileDescriptors(received) = message {
+                received.for_each(|fd| fds.push(fd));
             }
         }
-        if info.truncated() || info.ancillary_truncated() {
-            return Err(ChannelError::Truncated {
-                data: info.truncated(),
-                control: info.ancillary_truncated(),
-            });
-        }
-        if info.bytes_read() == 0 && got == 0 {
-            return Ok(None);
-        }
-        let msg = Message::decode(&bytes[..info.bytes_read()])?;
-        if msg.fd_count() != got {
-            return Err(ChannelError::FdCount {
-                kind: msg.kind_name(),
-                expected: msg.fd_count(),
-                got,
-            });
-        }
-        Ok(Some((msg, fd)))
+        check_received(
+            &bytes[..info.bytes_read()],
+            fds,
+            info.truncated(),
+            info.ancillary_truncated(),
+        )
     }
+
+    /// Receives a message already queued, without waiting: `Ok(None)` when the queue is
+    /// empty (or the peer closed). Used to take back what a dead worker never read.
+    ///
+    /// # Errors
+    ///
+    /// As [`Channel::recv`].
+    pub fn try_recv(&self) -> Result<Option<(Message, Option<OwnedFd>)>, ChannelError> {
+        let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
+        let result = rustix::net::recvmsg(
+            &self.sock,
+            &mut [IoSliceMut::new(&mut bytes)],
+            &mut control,
+            flags,
+        );
+        let msg = match result {
+            Ok(msg) => msg,
+            Err(rustix::io::Errno::AGAIN) => return Ok(None),
+            Err(err) => return Err(ChannelError::Io(err.into())),
+        };
+        let mut fds = Received::default();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = message {
+                received.for_each(|fd| fds.push(fd));
+            }
+        }
+        check_received(
+            &bytes[..msg.bytes.min(bytes.len())],
+            fds,
+            msg.flags.contains(ReturnFlags::TRUNC),
+            msg.flags.contains(ReturnFlags::CTRUNC),
+        )
+    }
+}
+
+/// The descriptors of one datagram: the first is kept, any extra is closed at once, and
+/// all are counted. No allocation on the per-connection path.
+#[derive(Default)]
+struct Received {
+    first: Option<OwnedFd>,
+    count: usize,
+}
+
+impl Received {
+    fn push(&mut self, fd: OwnedFd) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(fd);
+        }
+    }
+}
+
+/// Validates one received datagram; the descriptors of a bad one are closed on return.
+fn check_received(
+    bytes: &[u8],
+    fds: Received,
+    truncated: bool,
+    control_truncated: bool,
+) -> Result<Option<(Message, Option<OwnedFd>)>, ChannelError> {
+    if truncated || control_truncated {
+        return Err(ChannelError::Truncated {
+            data: truncated,
+            control: control_truncated,
+        });
+    }
+    if bytes.is_empty() && fds.count == 0 {
+        return Ok(None);
+    }
+    let msg = Message::decode(bytes)?;
+    if msg.fd_count() != fds.count {
+        return Err(ChannelError::FdCount {
+            kind: msg.kind_name(),
+            expected: msg.fd_count(),
+            got: fds.count,
+        });
+    }
+    Ok(Some((msg, fds.first)))
 }
 
 impl AsFd for Channel {

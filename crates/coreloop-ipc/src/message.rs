@@ -26,6 +26,7 @@ const KIND_DRAIN: u8 = 2;
 const KIND_READY: u8 = 16;
 const KIND_FAILED: u8 = 17;
 const KIND_RETIRING: u8 = 18;
+const KIND_STATUS: u8 = 19;
 
 const PEER_UNKNOWN: u8 = 0;
 const PEER_UNIX: u8 = 1;
@@ -74,6 +75,16 @@ pub enum Message {
     /// Worker → supervisor: the worker was asked to stop (a signal reached it directly)
     /// and wants a [`Message::Drain`].
     Retiring,
+    /// Worker → supervisor: sent from inside the worker's event loop, periodically (the
+    /// heartbeat) and soon after connections close (the load report).
+    Status {
+        /// Connections the worker is serving now.
+        live: u32,
+        /// Connections the worker has finished since it started.
+        closed: u64,
+        /// Resident set size of the worker, in KiB (0 when unknown).
+        rss_kib: u64,
+    },
 }
 
 /// A message that could not be encoded or decoded.
@@ -133,6 +144,7 @@ impl Message {
             Message::Ready { .. } => "Ready",
             Message::Failed { .. } => "Failed",
             Message::Retiring => "Retiring",
+            Message::Status { .. } => "Status",
         }
     }
 
@@ -197,6 +209,16 @@ impl Message {
                 w.put(&reason.as_bytes()[..cut])?;
             }
             Message::Retiring => w.put(&[KIND_RETIRING])?,
+            Message::Status {
+                live,
+                closed,
+                rss_kib,
+            } => {
+                w.put(&[KIND_STATUS])?;
+                w.put(&live.to_le_bytes())?;
+                w.put(&closed.to_le_bytes())?;
+                w.put(&rss_kib.to_le_bytes())?;
+            }
         }
         Ok(w.pos)
     }
@@ -221,6 +243,7 @@ impl Message {
             KIND_READY => "Ready",
             KIND_FAILED => "Failed",
             KIND_RETIRING => "Retiring",
+            KIND_STATUS => "Status",
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         let mut r = Reader {
@@ -265,6 +288,11 @@ impl Message {
                     reason: String::from_utf8_lossy(text).into_owned(),
                 }
             }
+            KIND_STATUS => Message::Status {
+                live: u32::from_le_bytes(r.take()?),
+                closed: u64::from_le_bytes(r.take()?),
+                rss_kib: u64::from_le_bytes(r.take()?),
+            },
             _ => Message::Retiring,
         };
         if !r.bytes.is_empty() {
@@ -355,6 +383,13 @@ mod tests {
             any::<u32>().prop_map(|pid| Message::Ready { pid }),
             ".{0,100}".prop_map(|reason| Message::Failed { reason }),
             Just(Message::Retiring),
+            (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(live, closed, rss_kib)| {
+                Message::Status {
+                    live,
+                    closed,
+                    rss_kib,
+                }
+            }),
         ]
     }
 

@@ -16,11 +16,16 @@ fn pair() -> (Channel, Channel) {
 
 fn raw_pair() -> (UnixSeqpacket, Channel) {
     let (a, b) = socketpair_cloexec().unwrap();
-    (UnixSeqpacket::try_from(a).unwrap(), Channel::from_fd(b).unwrap())
+    (
+        UnixSeqpacket::try_from(a).unwrap(),
+        Channel::from_fd(b).unwrap(),
+    )
 }
 
 fn is_cloexec(fd: &OwnedFd) -> bool {
-    rustix::io::fcntl_getfd(fd).unwrap().contains(rustix::io::FdFlags::CLOEXEC)
+    rustix::io::fcntl_getfd(fd)
+        .unwrap()
+        .contains(rustix::io::FdFlags::CLOEXEC)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -28,28 +33,42 @@ async fn a_connection_and_its_descriptor_arrive_together() {
     let (sup, worker) = pair();
     let (reader, writer) = rustix::pipe::pipe().unwrap();
     let peer = PeerAddr::Inet("[::1]:4242".parse().unwrap());
-    let msg = Message::Conn { id: 9, listener: 3, peer };
+    let msg = Message::Conn {
+        id: 9,
+        listener: 3,
+        peer,
+    };
     sup.send(&msg, Some(writer.as_fd())).await.unwrap();
     drop(writer); // the supervisor closes its copy once sent
 
     let (got, fd) = worker.recv().await.unwrap().unwrap();
     assert_eq!(got, msg);
     let fd = fd.expect("Conn carries a descriptor");
-    assert!(is_cloexec(&fd), "received descriptors must be close-on-exec");
+    assert!(
+        is_cloexec(&fd),
+        "received descriptors must be close-on-exec"
+    );
     let mut sent = std::fs::File::from(fd);
     sent.write_all(b"through the channel").unwrap();
     drop(sent);
     let mut text = String::new();
-    std::fs::File::from(reader).read_to_string(&mut text).unwrap();
+    std::fs::File::from(reader)
+        .read_to_string(&mut text)
+        .unwrap();
     assert_eq!(text, "through the channel");
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn closed_peer_reads_as_none() {
     let (sup, worker) = pair();
-    sup.send(&Message::Drain { timeout_ms: 5 }, None).await.unwrap();
+    sup.send(&Message::Drain { timeout_ms: 5 }, None)
+        .await
+        .unwrap();
     drop(sup);
-    assert_eq!(worker.recv().await.unwrap().unwrap().0, Message::Drain { timeout_ms: 5 });
+    assert_eq!(
+        worker.recv().await.unwrap().unwrap().0,
+        Message::Drain { timeout_ms: 5 }
+    );
     assert!(worker.recv().await.unwrap().is_none());
 }
 
@@ -71,16 +90,32 @@ async fn a_full_queue_is_reported_not_waited_on() {
     for _ in 0..sent {
         worker.recv().await.unwrap().unwrap();
     }
-    std::future::poll_fn(|cx| sup.poll_send_ready(cx)).await.unwrap();
+    std::future::poll_fn(|cx| sup.poll_send_ready(cx))
+        .await
+        .unwrap();
     sup.try_send(&Message::Ready { pid: 2 }, None).unwrap();
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_message_without_its_descriptor_is_refused() {
     let (sup, _worker) = pair();
-    let msg = Message::Conn { id: 1, listener: 0, peer: PeerAddr::Unknown };
+    let msg = Message::Conn {
+        id: 1,
+        listener: 0,
+        peer: PeerAddr::Unknown,
+    };
     let err = sup.send(&msg, None).await.unwrap_err();
-    assert!(matches!(err, ChannelError::FdCount { expected: 1, got: 0, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ChannelError::FdCount {
+                expected: 1,
+                got: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -92,8 +127,14 @@ async fn an_oversized_datagram_is_truncated_and_the_channel_survives() {
     raw.send(&buf[..len]).await.unwrap();
 
     let err = worker.recv().await.unwrap_err();
-    assert!(matches!(err, ChannelError::Truncated { data: true, .. }), "{err}");
-    assert_eq!(worker.recv().await.unwrap().unwrap().0, Message::Ready { pid: 5 });
+    assert!(
+        matches!(err, ChannelError::Truncated { data: true, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        worker.recv().await.unwrap().unwrap().0,
+        Message::Ready { pid: 5 }
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -112,8 +153,22 @@ async fn a_stray_descriptor_is_an_error() {
     let len = Message::Ready { pid: 5 }.encode(&mut buf).unwrap();
     let mut control = [0u8; 64];
     let mut anc = AncillaryMessageWriter::new(&mut control);
-    anc.add_fds([writer.as_fd()]).map_err(|_| "add_fds").unwrap();
-    raw.send_vectored_with_ancillary(&[IoSlice::new(&buf[..len])], &mut anc).await.unwrap();
+    anc.add_fds([writer.as_fd()])
+        .map_err(|_| "add_fds")
+        .unwrap();
+    raw.send_vectored_with_ancillary(&[IoSlice::new(&buf[..len])], &mut anc)
+        .await
+        .unwrap();
     let err = worker.recv().await.unwrap_err();
-    assert!(matches!(err, ChannelError::FdCount { expected: 0, got: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ChannelError::FdCount {
+                expected: 0,
+                got: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -25,8 +25,12 @@ async fn stray_and_extra_descriptors_are_closed() {
         let len = Message::Retiring.encode(&mut buf).unwrap();
         let mut control = [0u8; 64];
         let mut anc = AncillaryMessageWriter::new(&mut control);
-        anc.add_fds([writer.as_fd(), reader.as_fd()]).map_err(|_| "add_fds").unwrap();
-        raw.send_vectored_with_ancillary(&[IoSlice::new(&buf[..len])], &mut anc).await.unwrap();
+        anc.add_fds([writer.as_fd(), reader.as_fd()])
+            .map_err(|_| "add_fds")
+            .unwrap();
+        raw.send_vectored_with_ancillary(&[IoSlice::new(&buf[..len])], &mut anc)
+            .await
+            .unwrap();
         drop((reader, writer));
         assert!(worker.recv().await.is_err());
     }

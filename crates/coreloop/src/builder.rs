@@ -43,6 +43,18 @@ pub(crate) struct Config {
     pub(crate) backlog: u32,
     pub(crate) max_restarts: usize,
     pub(crate) restart_period: Duration,
+    pub(crate) heartbeat_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) recycle_after: Option<(u64, u64)>,
+    pub(crate) recycle_rss_kib: Option<u64>,
+    pub(crate) max_concurrent_recycles: usize,
+}
+
+impl Config {
+    /// How often a worker reports from inside its event loop.
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        (self.heartbeat_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
 }
 
 /// Configures a [`Server`]. Create it with [`Server::builder`].
@@ -84,6 +96,11 @@ impl Default for ServerBuilder {
                 backlog: 1024,
                 max_restarts: 20,
                 restart_period: Duration::from_secs(60),
+                heartbeat_timeout: Duration::from_secs(10),
+                max_connections: 25_000,
+                recycle_after: None,
+                recycle_rss_kib: None,
+                max_concurrent_recycles: 1,
             },
         }
     }
@@ -166,6 +183,45 @@ impl ServerBuilder {
         self
     }
 
+    /// Hang detection: a worker whose event loop has not reported for this long is killed
+    /// and replaced. A worker stops receiving new connections as soon as two reports are
+    /// late. Workers report every `timeout / 10` (between 20 ms and 1 s). Default: 10 s.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.config.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Most connections one worker holds at once. A worker at its cap gets no new
+    /// connections; when every worker is at its cap the supervisor stops accepting (clients
+    /// wait in the kernel's backlog) until one frees up. The cap is also kept below the
+    /// worker's `RLIMIT_NOFILE`, so a worker is never sent a descriptor it cannot
+    /// install. Default: 25,000.
+    pub fn max_connections_per_worker(mut self, max: usize) -> Self {
+        self.config.max_connections = max;
+        self
+    }
+
+    /// Recycling: replace a worker gracefully after it has been handed `connections`
+    /// connections, plus a random `0..=jitter` so that workers do not all recycle at once.
+    /// The replacement is ready before the old worker stops taking connections. Default: off.
+    pub fn recycle_after(mut self, connections: u64, jitter: u64) -> Self {
+        self.config.recycle_after = Some((connections.max(1), jitter));
+        self
+    }
+
+    /// Recycling: replace a worker gracefully once its resident set passes `bytes`.
+    /// Default: off.
+    pub fn recycle_above_rss(mut self, bytes: u64) -> Self {
+        self.config.recycle_rss_kib = Some(bytes / 1024);
+        self
+    }
+
+    /// How many workers may be recycling at the same time. Default: 1.
+    pub fn max_concurrent_recycles(mut self, n: usize) -> Self {
+        self.config.max_concurrent_recycles = n.max(1);
+        self
+    }
+
     /// Finishes the configuration with a handler factory, called once in each worker
     /// process to build that worker's handler.
     ///
@@ -189,9 +245,12 @@ impl ServerBuilder {
         H: Handler,
         E: Into<BoxError>,
     {
+        let (commands, inbox) = tokio::sync::mpsc::unbounded_channel();
         Server {
             config: self.config,
             factory: Box::new(move |id| factory(id).map_err(Into::into)),
+            commands,
+            inbox,
         }
     }
 }
@@ -201,6 +260,8 @@ impl ServerBuilder {
 pub struct Server<H> {
     pub(crate) config: Config,
     pub(crate) factory: Box<dyn Fn(WorkerId) -> Result<H, BoxError>>,
+    commands: tokio::sync::mpsc::UnboundedSender<Command>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<Command>,
 }
 
 impl<H> std::fmt::Debug for Server<H> {
@@ -215,6 +276,33 @@ impl Server<()> {
     /// Starts configuring a server.
     pub fn builder() -> ServerBuilder {
         ServerBuilder::default()
+    }
+}
+
+impl<H> Server<H> {
+    /// A handle to control the running server from another thread of the supervisor
+    /// process: stop, reload, scale. Take it before calling [`run`](Self::run).
+    ///
+    /// In a worker process the handle is inert: its methods return `false`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use coreloop::{Conn, Server};
+    /// # async fn hello(_: Conn) -> std::io::Result<()> { Ok(()) }
+    /// let server = Server::builder().bind("127.0.0.1:8080")?.serve(|_| hello);
+    /// let handle = server.handle();
+    /// std::thread::spawn(move || {
+    ///     // ... later, e.g. on a deploy hook:
+    ///     handle.reload();
+    /// });
+    /// server.run()?;
+    /// # Ok::<(), coreloop::Error>(())
+    /// ```
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            commands: self.commands.clone(),
+        }
     }
 }
 
@@ -240,7 +328,54 @@ impl<H: Handler> Server<H> {
         }
         match crate::role::current() {
             crate::role::Role::Worker(id) => crate::worker::run(self, id),
-            crate::role::Role::Supervisor => crate::supervisor::run(self.config),
+            crate::role::Role::Supervisor => crate::supervisor::run(self.config, self.inbox),
         }
+    }
+}
+
+/// What a [`ServerHandle`] asks of the supervisor; signals map onto the same commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Drain and stop (`graceful`), or kill the workers and stop at once.
+    Stop { graceful: bool },
+    /// Rolling replacement of every worker.
+    Reload,
+    /// One more worker.
+    AddWorker,
+    /// One worker fewer (never below one).
+    RemoveWorker,
+}
+
+/// Controls a running server from any thread of the supervisor process, like the signals
+/// do (SIGTERM, SIGHUP, SIGTTIN, SIGTTOU). Cheap to clone.
+///
+/// Each method returns whether the command reached a running supervisor; the supervisor
+/// acts on it asynchronously and logs what it does.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    commands: tokio::sync::mpsc::UnboundedSender<Command>,
+}
+
+impl ServerHandle {
+    /// Stops the server: with `graceful`, as SIGTERM does (drain within the shutdown
+    /// timeout); without, as SIGQUIT does (kill the workers now). `run()` then returns.
+    pub fn stop(&self, graceful: bool) -> bool {
+        self.commands.send(Command::Stop { graceful }).is_ok()
+    }
+
+    /// Replaces every worker, one at a time, each replacement ready before its
+    /// predecessor stops taking connections (as SIGHUP does).
+    pub fn reload(&self) -> bool {
+        self.commands.send(Command::Reload).is_ok()
+    }
+
+    /// Adds one worker (as SIGTTIN does).
+    pub fn add_worker(&self) -> bool {
+        self.commands.send(Command::AddWorker).is_ok()
+    }
+
+    /// Drains and removes one worker, never the last (as SIGTTOU does).
+    pub fn remove_worker(&self) -> bool {
+        self.commands.send(Command::RemoveWorker).is_ok()
     }
 }

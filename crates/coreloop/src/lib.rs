@@ -66,7 +66,7 @@ mod shutdown;
 mod supervisor;
 mod worker;
 
-pub use builder::{Server, ServerBuilder};
+pub use builder::{Server, ServerBuilder, ServerHandle};
 pub use error::{BoxError, Error};
 pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
 pub use shutdown::ShutdownSignal;

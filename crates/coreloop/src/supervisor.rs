@@ -1,25 +1,38 @@
 //! The supervisor: owns the listeners, accepts, dispatches descriptors to workers, and
-//! keeps the pool of worker processes alive.
+//! keeps the pool of worker processes healthy.
 //!
-//! Everything runs on one `current_thread` runtime, so the pool state is a `RefCell`
-//! that is never borrowed across an `.await`. The tasks are:
+//! Everything runs on one `current_thread` runtime, so the pool is a `RefCell` that is
+//! never borrowed across an `.await`. The tasks are:
 //!
-//! - **accept**: waits until some worker is ready and some listener is readable, then
-//!   accepts in bursts with raw `accept4` and hands each socket to [`Shared::dispatch`].
-//!   Accept errors from exhausted resources (`EMFILE`, …) are logged once per episode and
-//!   retried after a growing pause, never in a spin.
-//! - **one watcher per worker**: reads the worker's channel (`Ready`, `Failed`,
-//!   `Retiring`) and reaps the process (`tokio::process`, so no zombies); when a worker
-//!   exits outside a shutdown, it schedules a replacement with backoff and checks the
-//!   crash-loop limit.
-//! - **the main task**: boots the pool, then waits for a stop signal or a fatal error and
-//!   drains.
+//! - **accept** ([`accept_loop`]): waits until some worker can take a connection and some
+//!   listener is readable, then accepts in bursts with raw `accept4` and hands each socket
+//!   to [`Shared::dispatch`]. Accept errors from exhausted resources (`EMFILE`, …) are
+//!   logged once per episode and retried after a growing pause, never in a spin.
+//! - **one watcher per worker** ([`watch`]): reads the worker's channel (`Ready`, `Failed`,
+//!   `Retiring`, `Status`), reaps the process (`tokio::process`: no zombies), takes back the
+//!   connections a dead worker never read, and starts a replacement with backoff, within
+//!   the crash-loop limit.
+//! - **the health check** ([`health_loop`]): stops dispatching to a worker whose reports
+//!   are late, kills one whose event loop has been blocked past the heartbeat timeout, and
+//!   starts recycling workers that have served their share or grown too large.
+//! - **the main task** ([`supervise`]): boots the pool, then turns signals and
+//!   [`ServerHandle`](crate::ServerHandle) commands into drains, reloads and scaling.
 //!
-//! Dispatch is round-robin over ready workers, using a non-blocking send: a worker whose
-//! queue is full is skipped rather than waited on, and when every worker is full the
-//! accept loop waits (the kernel's backlog holds new clients) until one has room.
-//! The supervisor's copy of a descriptor is closed as soon as the send succeeds; a
-//! connection is only ever dropped undelivered when the server is stopping.
+//! # Nothing accepted is lost to a worker's death
+//!
+//! The supervisor keeps a duplicate of the worker's end of every channel. Descriptors
+//! queued to a worker live in that socket's receive queue, which outlives the worker's
+//! process as long as the supervisor holds the duplicate: when a worker dies, the
+//! supervisor reads its queue out (`Channel::try_recv`) and dispatches those connections
+//! to live workers. No acknowledgement per connection is needed, so this costs nothing on
+//! the hot path.
+//!
+//! # Dispatch
+//!
+//! Round-robin over workers that are ready, not stalled, and below their connection cap,
+//! using a non-blocking send: a worker whose queue is full is skipped rather than waited
+//! on. When no worker can take a connection the accept loop waits and the kernel's backlog
+//! holds new clients. The supervisor's copy of a descriptor is closed once it is queued.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -34,9 +47,10 @@ use coreloop_ipc::{Channel, Message, PeerAddr, TrySendError};
 use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::builder::Config;
+use crate::builder::{Command, Config};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
 
@@ -54,9 +68,13 @@ const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// Extra time the supervisor gives a draining worker beyond the shutdown timeout (the
 /// worker enforces the timeout itself) before it sends SIGKILL.
 const KILL_MARGIN: Duration = Duration::from_millis(500);
+/// How long a replacement (reload, recycle, scale-up) may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Descriptors a worker keeps free for its own use below `RLIMIT_NOFILE`.
+const FD_RESERVE: u64 = 64;
 
 /// Entry point in the supervisor process.
-pub(crate) fn run(config: Config) -> Result<(), Error> {
+pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Result<(), Error> {
     if config.workers == 0 {
         return Err(Error::Config(
             "the number of workers must be at least 1".into(),
@@ -70,7 +88,7 @@ pub(crate) fn run(config: Config) -> Result<(), Error> {
     if config.listeners.len() > usize::from(u16::MAX) {
         return Err(Error::Config("too many listeners".into()));
     }
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
     let bound = listener::bind_all(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,28 +96,35 @@ pub(crate) fn run(config: Config) -> Result<(), Error> {
         .map_err(Error::Runtime)?;
     let local = tokio::task::LocalSet::new();
     let span = tracing::info_span!("supervisor", pid = std::process::id());
-    let result = local.block_on(&runtime, supervise(config, bound).instrument(span));
+    let result = local.block_on(
+        &runtime,
+        supervise(config, bound, commands, nofile).instrument(span),
+    );
     // Dropping the LocalSet drops every `Child` still held (kill_on_drop): on an error
     // path nothing is left running.
     drop(local);
     result
 }
 
-/// `RLIMIT_NOFILE` soft limit raised to the hard limit: every connection in flight costs
-/// the supervisor a descriptor, and every live one costs a worker one.
-fn raise_nofile_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
+/// Raises the `RLIMIT_NOFILE` soft limit to the hard limit (workers inherit it) and
+/// returns the limit in force.
+fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
+        let raised = Rlimit {
             current: limit.maximum,
             maximum: limit.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => info!(from = ?limit.current, to = ?limit.maximum, "raised RLIMIT_NOFILE"),
+            Ok(()) => {
+                info!(from = ?limit.current, to = ?limit.maximum, "raised RLIMIT_NOFILE");
+                return limit.maximum.unwrap_or(u64::MAX);
+            }
             Err(err) => warn!(error = %err, "cannot raise RLIMIT_NOFILE"),
         }
     }
+    limit.current.unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,45 +133,82 @@ enum State {
     Starting,
     /// Takes connections.
     Ready,
-    /// Sent `Drain`, or its channel failed: takes nothing more.
+    /// Sent `Drain` (or asked to retire, or its channel failed): takes nothing more.
     Draining,
 }
 
 struct Worker {
+    slot: usize,
     pid: u32,
     channel: Rc<Channel>,
     state: State,
     started: Instant,
+    /// Connections handed to it, and the count it last reported finished.
+    sent: u64,
+    closed: u64,
+    rss_kib: u64,
+    last_report: Instant,
+    /// Reports are late: no new connections until they resume.
+    stalled: bool,
+    /// A replacement is being started for it (reload or recycle).
+    replacing: bool,
+    /// Recycle once `sent` reaches this.
+    recycle_at: Option<u64>,
 }
 
-#[derive(Default)]
-struct Slot {
-    worker: Option<Worker>,
-    /// Consecutive failed starts or short lives, for the restart backoff.
-    failures: u32,
+impl Worker {
+    fn can_take(&self, cap: u64) -> bool {
+        self.state == State::Ready && !self.stalled && self.sent - self.closed.min(self.sent) < cap
+    }
 }
+
+/// A condition that ends the server with an error.
+type Fatal = RefCell<Option<Error>>;
 
 struct Shared {
     config: Config,
-    slots: RefCell<Vec<Slot>>,
-    /// Signalled on every change of any worker's state.
+    workers: RefCell<Vec<Worker>>,
+    /// Number of worker slots wanted (changed by scaling).
+    target: Cell<usize>,
+    /// Consecutive short-lived failures per slot, for the restart backoff.
+    failures: RefCell<Vec<u32>>,
+    /// Per-worker connection cap: the configured one, kept below `RLIMIT_NOFILE`.
+    cap: u64,
+    /// Signalled on every change that may matter to a waiting task.
     changed: Notify,
     next_conn_id: Cell<u64>,
     next_worker: Cell<usize>,
     stopping: Cell<bool>,
     booted: Cell<bool>,
-    /// A fatal condition (boot failure, crash loop) for the main task to act on.
-    fatal: RefCell<Option<Error>>,
+    reloading: Cell<bool>,
+    fatal: Fatal,
     restarts: RefCell<VecDeque<Instant>>,
     rng: Cell<u64>,
     /// The supervisor's span: parent of every watcher's span, whichever task spawns it.
     span: tracing::Span,
 }
 
-async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Error> {
+/// Why the main loop ended.
+enum Outcome {
+    Graceful,
+    Immediate,
+    Failed(Error),
+}
+
+async fn supervise(
+    config: Config,
+    bound: Vec<listener::Bound>,
+    mut commands: UnboundedReceiver<Command>,
+    nofile: u64,
+) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let mut sigquit = signal(SignalKind::quit()).map_err(Error::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
+    let mut sigttin = signal(SignalKind::from_raw(rustix::process::Signal::TTIN.as_raw()))
+        .map_err(Error::Signal)?;
+    let mut sigttou = signal(SignalKind::from_raw(rustix::process::Signal::TTOU.as_raw()))
+        .map_err(Error::Signal)?;
 
     let mut listeners = Vec::with_capacity(bound.len());
     for bound in bound {
@@ -155,27 +217,34 @@ async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Er
         listeners.push(listener);
     }
 
+    let cap = (config.max_connections as u64)
+        .min(nofile.saturating_sub(FD_RESERVE))
+        .max(1);
     let shared = Rc::new(Shared {
-        slots: RefCell::new((0..config.workers).map(|_| Slot::default()).collect()),
+        target: Cell::new(config.workers),
+        failures: RefCell::new(vec![0; config.workers]),
         config,
+        workers: RefCell::new(Vec::new()),
+        cap,
         changed: Notify::new(),
         next_conn_id: Cell::new(0),
         next_worker: Cell::new(0),
         stopping: Cell::new(false),
         booted: Cell::new(false),
+        reloading: Cell::new(false),
         fatal: RefCell::new(None),
         restarts: RefCell::new(VecDeque::new()),
         rng: Cell::new(seed()),
         span: tracing::Span::current(),
     });
 
-    for id in 0..shared.config.workers {
-        if let Err(err) = spawn_worker(&shared, id) {
+    for slot in 0..shared.config.workers {
+        if let Err(err) = spawn_worker(&shared, slot) {
             shared.stop_now().await;
             return Err(err);
         }
     }
-    // Boot: every worker ready, or the first failure.
+    // Boot: every worker ready, or the first failure halts the server.
     loop {
         let changed = shared.changed.notified();
         if let Some(err) = shared.take_fatal() {
@@ -183,8 +252,7 @@ async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Er
             shared.stop_now().await;
             return Err(err);
         }
-        let ready = shared.count(State::Ready);
-        if ready == shared.config.workers {
+        if shared.count(|w| w.state == State::Ready) == shared.config.workers {
             break;
         }
         tokio::select! {
@@ -196,46 +264,62 @@ async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Er
     }
     shared.booted.set(true);
     let addrs: Vec<String> = listeners.iter().map(|l| l.bound.spec.to_string()).collect();
-    info!(workers = shared.config.workers, listeners = ?addrs, "serving");
+    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
 
     let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
+    let health =
+        tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
 
-    // Run until a stop signal or a fatal error.
     let outcome = loop {
         let changed = shared.changed.notified();
         if let Some(err) = shared.take_fatal() {
-            break Err(err);
+            break Outcome::Failed(err);
         }
-        tokio::select! {
-            () = changed => {}
-            _ = sigterm.recv() => { info!(signal = "SIGTERM", "graceful shutdown"); break Ok(true); }
-            _ = sigint.recv() => { info!(signal = "SIGINT", "graceful shutdown"); break Ok(true); }
-            _ = sigquit.recv() => { info!(signal = "SIGQUIT", "immediate shutdown"); break Ok(false); }
+        let command = tokio::select! {
+            () = changed => continue,
+            _ = sigterm.recv() => { info!(signal = "SIGTERM", "graceful shutdown"); Command::Stop { graceful: true } }
+            _ = sigint.recv() => { info!(signal = "SIGINT", "graceful shutdown"); Command::Stop { graceful: true } }
+            _ = sigquit.recv() => { info!(signal = "SIGQUIT", "immediate shutdown"); Command::Stop { graceful: false } }
+            _ = sighup.recv() => { info!(signal = "SIGHUP", "reload"); Command::Reload }
+            _ = sigttin.recv() => { info!(signal = "SIGTTIN", "add a worker"); Command::AddWorker }
+            _ = sigttou.recv() => { info!(signal = "SIGTTOU", "remove a worker"); Command::RemoveWorker }
+            Some(command) = commands.recv() => { info!(?command, "command from the server handle"); command }
+        };
+        match command {
+            Command::Stop { graceful: true } => break Outcome::Graceful,
+            Command::Stop { graceful: false } => break Outcome::Immediate,
+            Command::Reload => start_reload(&shared),
+            Command::AddWorker => scale_up(&shared),
+            Command::RemoveWorker => scale_down(&shared).await,
         }
     };
 
     shared.stopping.set(true);
     shared.changed.notify_waiters();
-    // Stop accepting: closing the listeners (and removing unix socket files).
+    health.abort();
+    // Stop accepting: the accept task owns the listeners; aborting it closes them (and
+    // removes unix socket files).
     accept.abort();
     let _ = accept.await;
 
     match outcome {
-        Ok(true) => {
-            let drained = shared.drain();
+        Outcome::Graceful => {
+            let drained = shared.drain_all();
             tokio::select! {
                 () = drained => {}
                 _ = sigint.recv() => { warn!("second SIGINT: stopping now"); shared.stop_now().await; }
                 _ = sigquit.recv() => { warn!("SIGQUIT: stopping now"); shared.stop_now().await; }
+                Some(Command::Stop { graceful: false }) = commands.recv() => { shared.stop_now().await; }
             }
             info!("stopped");
             Ok(())
         }
-        Ok(false) => {
+        Outcome::Immediate => {
             shared.stop_now().await;
+            info!("stopped");
             Ok(())
         }
-        Err(err) => {
+        Outcome::Failed(err) => {
             error!(error = %err, "stopping");
             shared.stop_now().await;
             Err(err)
@@ -244,27 +328,24 @@ async fn supervise(config: Config, bound: Vec<listener::Bound>) -> Result<(), Er
 }
 
 impl Shared {
-    fn count(&self, state: State) -> usize {
-        self.slots
-            .borrow()
-            .iter()
-            .filter(|slot| slot.worker.as_ref().is_some_and(|w| w.state == state))
-            .count()
+    fn count(&self, pred: impl Fn(&Worker) -> bool) -> usize {
+        self.workers.borrow().iter().filter(|w| pred(w)).count()
     }
 
-    fn live_workers(&self) -> usize {
-        self.slots
-            .borrow()
-            .iter()
-            .filter(|slot| slot.worker.is_some())
-            .count()
+    fn with_worker<R>(&self, pid: u32, f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
+        self.workers
+            .borrow_mut()
+            .iter_mut()
+            .find(|w| w.pid == pid)
+            .map(f)
     }
 
-    fn set_state(&self, id: usize, state: State) {
-        if let Some(worker) = self.slots.borrow_mut()[id].worker.as_mut() {
-            worker.state = state;
-        }
-        self.changed.notify_waiters();
+    /// Whether `slot` has a worker that is starting or serving (not draining).
+    fn slot_covered(&self, slot: usize) -> bool {
+        self.workers
+            .borrow()
+            .iter()
+            .any(|w| w.slot == slot && w.state != State::Draining)
     }
 
     fn take_fatal(&self) -> Option<Error> {
@@ -290,12 +371,26 @@ impl Shared {
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Hands `fd` to a ready worker. Returns once a worker's queue took it, or when the
-    /// server is stopping (then the connection is closed undelivered).
+    fn recycle_threshold(&self) -> Option<u64> {
+        self.config.recycle_after.map(|(base, jitter)| {
+            let extra = (self.random_unit() * (jitter as f64 + 1.0)) as u64;
+            base + extra.min(jitter)
+        })
+    }
+
+    fn timeout_ms(&self) -> u32 {
+        u32::try_from(self.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// Hands a new connection to a worker. Returns once a worker's queue took it, or when
+    /// the server is stopping (then the connection is closed undelivered).
     async fn dispatch(&self, fd: OwnedFd, listener: u16, peer: PeerAddr) {
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let msg = Message::Conn { id, listener, peer };
+        self.deliver(Message::Conn { id, listener, peer }, fd).await;
+    }
+
+    async fn deliver(&self, msg: Message, fd: OwnedFd) {
         loop {
             let mut changed = pin!(self.changed.notified());
             changed.as_mut().enable();
@@ -303,20 +398,18 @@ impl Shared {
                 return;
             }
             if self.stopping.get() {
-                debug!(conn.id = id, "stopping; closing undelivered connection");
+                debug!(message = ?msg, "stopping; closing undelivered connection");
                 return;
             }
-            // Every ready worker is full (or none is ready): wait for room or a change.
+            // No worker can take it now: wait for room in a queue or any change.
             std::future::poll_fn(|cx| {
                 if changed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
                 }
-                let slots = self.slots.borrow();
-                for slot in slots.iter() {
-                    if let Some(worker) = slot.worker.as_ref().filter(|w| w.state == State::Ready) {
-                        if worker.channel.poll_send_ready(cx).is_ready() {
-                            return Poll::Ready(());
-                        }
+                let workers = self.workers.borrow();
+                for worker in workers.iter().filter(|w| w.can_take(self.cap)) {
+                    if worker.channel.poll_send_ready(cx).is_ready() {
+                        return Poll::Ready(());
                     }
                 }
                 Poll::Pending
@@ -325,59 +418,73 @@ impl Shared {
         }
     }
 
-    /// One round-robin pass over the ready workers with non-blocking sends.
+    /// One round-robin pass over the workers that can take a connection.
     fn try_dispatch(&self, msg: &Message, fd: &OwnedFd) -> bool {
-        let n = self.config.workers;
+        let n = self.workers.borrow().len();
         let start = self.next_worker.get();
         for k in 0..n {
             let idx = (start + k) % n;
-            let channel = match self.slots.borrow()[idx].worker.as_ref() {
-                Some(worker) if worker.state == State::Ready => Rc::clone(&worker.channel),
+            let (channel, pid, slot) = match self.workers.borrow().get(idx) {
+                Some(w) if w.can_take(self.cap) => (Rc::clone(&w.channel), w.pid, w.slot),
                 _ => continue,
             };
             match channel.try_send(msg, Some(fd.as_fd())) {
                 Ok(()) => {
                     self.next_worker.set(idx + 1);
+                    if let Some(worker) = self.workers.borrow_mut().get_mut(idx) {
+                        worker.sent += 1;
+                    }
                     return true;
                 }
                 Err(TrySendError::Full) => {}
                 Err(TrySendError::Failed(err)) => {
-                    warn!(worker.id = idx, error = %err, "cannot send to worker; skipping it");
-                    self.set_state(idx, State::Draining);
+                    warn!(worker.id = slot, worker.pid = pid, error = %err, "cannot send to worker; skipping it");
+                    self.with_worker(pid, |w| w.state = State::Draining);
+                    self.changed.notify_waiters();
                 }
             }
         }
         false
     }
 
-    /// Graceful drain: `Drain` to every worker, wait for all to exit, SIGKILL stragglers
-    /// after the shutdown timeout.
-    async fn drain(&self) {
-        let timeout = self.config.shutdown_timeout;
-        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let channels: Vec<(usize, Rc<Channel>)> = self
-            .slots
-            .borrow()
-            .iter()
-            .enumerate()
-            .filter_map(|(id, slot)| slot.worker.as_ref().map(|w| (id, Rc::clone(&w.channel))))
-            .collect();
-        let deadline = tokio::time::Instant::now() + timeout + KILL_MARGIN;
-        for (id, channel) in channels {
-            self.set_state(id, State::Draining);
-            let drain = Message::Drain { timeout_ms };
-            match tokio::time::timeout_at(deadline, channel.send(&drain, None)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => debug!(worker.id = id, error = %err, "cannot send Drain"),
-                Err(_) => warn!(worker.id = id, "worker does not read its channel"),
-            }
+    /// Sends `Drain` to one worker; it takes nothing more and exits when done.
+    async fn drain_worker(&self, pid: u32) {
+        let Some(channel) = self.with_worker(pid, |w| {
+            w.state = State::Draining;
+            Rc::clone(&w.channel)
+        }) else {
+            return;
+        };
+        self.changed.notify_waiters();
+        let drain = Message::Drain {
+            timeout_ms: self.timeout_ms(),
+        };
+        let deadline = self.config.shutdown_timeout + KILL_MARGIN;
+        match tokio::time::timeout(deadline, channel.send(&drain, None)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(worker.pid = pid, error = %err, "cannot send Drain"),
+            Err(_) => warn!(worker.pid = pid, "worker does not read its channel"),
         }
-        if tokio::time::timeout_at(deadline, self.all_exited())
-            .await
-            .is_err()
-        {
+    }
+
+    /// Graceful stop: `Drain` to every worker, wait for all to exit, SIGKILL stragglers
+    /// after the shutdown timeout.
+    async fn drain_all(&self) {
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout + KILL_MARGIN;
+        let pids: Vec<u32> = self.workers.borrow().iter().map(|w| w.pid).collect();
+        let drains = pids
+            .into_iter()
+            .map(|pid| async move { self.drain_worker(pid).await });
+        let all = async {
+            for drain in drains {
+                // Sends are quick unless a worker's queue is full; bounded by the deadline.
+                drain.await;
+            }
+            self.all_exited().await;
+        };
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
             warn!(
-                live = self.live_workers(),
+                live = self.workers.borrow().len(),
                 "shutdown timeout passed; killing remaining workers"
             );
             self.stop_now().await;
@@ -387,7 +494,7 @@ impl Shared {
     async fn all_exited(&self) {
         loop {
             let changed = self.changed.notified();
-            if self.live_workers() == 0 {
+            if self.workers.borrow().is_empty() {
                 return;
             }
             changed.await;
@@ -397,16 +504,19 @@ impl Shared {
     /// SIGKILL every worker and wait until all are reaped.
     async fn stop_now(&self) {
         self.stopping.set(true);
-        for slot in self.slots.borrow().iter() {
-            if let Some(worker) = &slot.worker {
-                // The watcher reaps only after removing the worker from its slot, so this
-                // pid cannot have been reused.
-                if let Some(pid) = Pid::from_raw(worker.pid as i32) {
-                    let _ = rustix::process::kill_process(pid, Signal::KILL);
-                }
-            }
+        for worker in self.workers.borrow().iter() {
+            kill(worker.pid);
         }
         self.all_exited().await;
+    }
+}
+
+/// SIGKILL to a worker the supervisor has not reaped yet (a watcher removes a worker from
+/// the pool before it reaps it, and nobody else reaps our children, so the pid cannot
+/// have been reused).
+fn kill(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
 }
 
@@ -417,79 +527,74 @@ fn seed() -> u64 {
     (nanos ^ u64::from(std::process::id()).rotate_left(32)) | 1
 }
 
-/// Starts the worker for slot `id` and its watcher task.
-fn spawn_worker(shared: &Rc<Shared>, id: usize) -> Result<(), Error> {
-    let spawn_err = |source| Error::SpawnWorker { id, source };
+/// Starts a worker for `slot` and its watcher task; returns its pid.
+fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
+    let spawn_err = |source| Error::SpawnWorker { id: slot, source };
     let (ours, theirs) = coreloop_ipc::socketpair_cloexec().map_err(spawn_err)?;
+    // Our duplicate of the worker's end keeps its receive queue alive after the worker
+    // dies, so that the connections it never read can be taken back.
+    let queue = theirs.try_clone().map_err(spawn_err)?;
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "coreloop-worker".into());
     let mut command = tokio::process::Command::new("/proc/self/exe");
     command
         .arg0(arg0)
         .args(args)
-        .env(crate::role::ENV_WORKER_ID, id.to_string())
+        .env(crate::role::ENV_WORKER_ID, slot.to_string())
         .stdin(Stdio::from(theirs))
         .kill_on_drop(true);
     let child = command.spawn().map_err(spawn_err)?;
-    // `command` holds the worker's end until dropped; the worker must be its only owner
-    // so that the supervisor sees EOF when the worker dies.
+    // `command` holds the worker's end (as stdin) until dropped.
     drop(command);
     let pid = child.id().unwrap_or(0);
     let channel = Rc::new(Channel::from_fd(ours).map_err(spawn_err)?);
-    shared.slots.borrow_mut()[id].worker = Some(Worker {
+    let queue = Channel::from_fd(queue).map_err(spawn_err)?;
+    let recycle_at = shared.recycle_threshold();
+    shared.workers.borrow_mut().push(Worker {
+        slot,
         pid,
         channel: Rc::clone(&channel),
         state: State::Starting,
         started: Instant::now(),
+        sent: 0,
+        closed: 0,
+        rss_kib: 0,
+        last_report: Instant::now(),
+        stalled: false,
+        replacing: false,
+        recycle_at,
     });
-    debug!(worker.id = id, worker.pid = pid, "worker spawned");
-    let span = tracing::info_span!(parent: &shared.span, "watch", worker.id = id, worker.pid = pid);
-    tokio::task::spawn_local(watch(Rc::clone(shared), id, pid, child, channel).instrument(span));
-    Ok(())
+    shared.changed.notify_waiters();
+    debug!(worker.id = slot, worker.pid = pid, "worker spawned");
+    let span =
+        tracing::info_span!(parent: &shared.span, "watch", worker.id = slot, worker.pid = pid);
+    tokio::task::spawn_local(
+        watch(Rc::clone(shared), slot, pid, child, channel, queue).instrument(span),
+    );
+    Ok(pid)
 }
 
 /// Follows one worker from spawn to reaping, then decides on its replacement.
 async fn watch(
     shared: Rc<Shared>,
-    id: usize,
+    slot: usize,
     pid: u32,
     mut child: tokio::process::Child,
     channel: Rc<Channel>,
+    queue: Channel,
 ) {
-    let mut channel_open = true;
     let mut failure: Option<String> = None;
-    let mut retired = false;
+    let mut channel_ok = true;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            received = channel.recv(), if channel_open => match received {
-                Ok(Some((Message::Ready { .. }, _))) => {
-                    info!(worker.id = id, worker.pid = pid, "worker ready");
-                    shared.set_state(id, State::Ready);
-                }
-                Ok(Some((Message::Failed { reason }, _))) => {
-                    error!(worker.id = id, worker.pid = pid, reason = %reason, "worker failed to start");
-                    failure = Some(reason);
-                }
-                Ok(Some((Message::Retiring, _))) => {
-                    info!(worker.id = id, worker.pid = pid, "worker asks to retire; draining it");
-                    retired = true;
-                    shared.set_state(id, State::Draining);
-                    let timeout_ms = u32::try_from(shared.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX);
-                    if let Err(err) = channel.send(&Message::Drain { timeout_ms }, None).await {
-                        debug!(error = %err, "cannot send Drain");
-                    }
-                }
-                Ok(Some((other, _))) => warn!(message = other.kind_name(), "unexpected message from worker"),
-                Ok(None) => {
-                    channel_open = false;
-                    shared.set_state(id, State::Draining);
-                }
+            received = channel.recv(), if channel_ok => match received {
+                Ok(Some((msg, _))) => on_message(&shared, slot, pid, &channel, msg, &mut failure).await,
+                Ok(None) => channel_ok = false,
                 Err(err) => {
                     warn!(error = %err, "bad message from worker");
                     if matches!(err, coreloop_ipc::ChannelError::Io(_)) {
-                        channel_open = false;
-                        shared.set_state(id, State::Draining);
+                        channel_ok = false;
                     }
                 }
             },
@@ -502,16 +607,40 @@ async fn watch(
             None
         }
     };
-    let (started, was_ready) = {
-        let mut slots = shared.slots.borrow_mut();
-        let worker = slots[id].worker.take();
-        (
-            worker.as_ref().map_or_else(Instant::now, |w| w.started),
-            worker.is_some_and(|w| w.state != State::Starting),
-        )
+    // What the worker said just before it exited (a start failure) may still be queued.
+    while let Ok(Some((msg, _))) = channel.try_recv() {
+        if let Message::Failed { reason } = msg {
+            error!(worker.id = slot, worker.pid = pid, reason = %reason, "worker failed to start");
+            failure = Some(reason);
+        }
+    }
+    let removed = {
+        let mut workers = shared.workers.borrow_mut();
+        let index = workers.iter().position(|w| w.pid == pid);
+        index.map(|index| workers.remove(index))
     };
     shared.changed.notify_waiters();
+    let Some(worker) = removed else { return };
     let described = describe(status);
+
+    // Take back what the worker never read and give it to live workers.
+    let mut recovered = 0usize;
+    loop {
+        match queue.try_recv() {
+            Ok(Some((msg @ Message::Conn { .. }, Some(fd)))) => {
+                recovered += 1;
+                let shared = Rc::clone(&shared);
+                tokio::task::spawn_local(async move { shared.deliver(msg, fd).await });
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(err) => warn!(error = %err, "bad message in a dead worker's queue"),
+        }
+    }
+    if recovered > 0 {
+        info!(recovered, "re-dispatched connections the worker never took");
+    }
+    drop(queue);
 
     if shared.stopping.get() {
         debug!(status = %described, "worker exited");
@@ -519,60 +648,146 @@ async fn watch(
     }
     if !shared.booted.get() {
         let reason = failure.unwrap_or_else(|| format!("exited ({described}) before it was ready"));
-        shared.fail(Error::WorkerStart { id, reason });
+        shared.fail(Error::WorkerStart { id: slot, reason });
         return;
     }
-    let uptime = started.elapsed();
-    let clean = retired && status.is_some_and(|s| s.success());
-    if clean {
-        info!(status = %described, "retired worker exited; replacing it");
+    let expected = worker.state == State::Draining && status.is_some_and(|s| s.success());
+    let uptime = worker.started.elapsed();
+    if expected {
+        info!(status = %described, "worker exited after draining");
     } else {
-        warn!(status = %described, uptime_ms = uptime.as_millis() as u64, was_ready, "worker died; replacing it");
+        warn!(status = %described, uptime_ms = uptime.as_millis() as u64, reason = failure.as_deref().unwrap_or(""), "worker died");
     }
-    let delay = {
-        let mut slots = shared.slots.borrow_mut();
-        let slot = &mut slots[id];
-        if clean || uptime >= STABLE_UPTIME {
-            slot.failures = 0;
-            Duration::ZERO
-        } else {
-            slot.failures = slot.failures.saturating_add(1);
-            let exp = RESTART_BACKOFF_MIN.saturating_mul(1 << slot.failures.min(16));
-            let capped = exp.min(RESTART_BACKOFF_MAX);
-            capped.mul_f64(0.5 + shared.random_unit())
-        }
-    };
-    if !clean {
-        let now = Instant::now();
-        let mut restarts = shared.restarts.borrow_mut();
-        restarts.push_back(now);
-        while restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > shared.config.restart_period)
-        {
-            restarts.pop_front();
-        }
-        if restarts.len() > shared.config.max_restarts {
-            let count = restarts.len();
-            drop(restarts);
-            shared.fail(Error::CrashLoop {
-                restarts: count,
-                period: shared.config.restart_period,
-            });
+    if slot >= shared.target.get() || shared.slot_covered(slot) {
+        return;
+    }
+    let delay = if expected {
+        Duration::ZERO
+    } else {
+        if let Err(err) = count_restart(&shared) {
+            shared.fail(err);
             return;
         }
-    }
+        let mut failures = shared.failures.borrow_mut();
+        let Some(count) = failures.get_mut(slot) else {
+            return;
+        };
+        if uptime >= STABLE_UPTIME {
+            *count = 0;
+            Duration::ZERO
+        } else {
+            *count = count.saturating_add(1);
+            let exp = RESTART_BACKOFF_MIN.saturating_mul(1 << (*count).min(16));
+            exp.min(RESTART_BACKOFF_MAX)
+                .mul_f64(0.5 + shared.random_unit())
+        }
+    };
     if !delay.is_zero() {
-        debug!(delay_ms = delay.as_millis() as u64, "restart backoff");
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "restarting after backoff"
+        );
         tokio::time::sleep(delay).await;
     }
-    if shared.stopping.get() {
+    if shared.stopping.get() || slot >= shared.target.get() || shared.slot_covered(slot) {
         return;
     }
-    if let Err(err) = spawn_worker(&shared, id) {
+    if let Err(err) = spawn_worker(&shared, slot) {
         error!(error = %err, "cannot start replacement worker");
         shared.fail(err);
     }
+}
+
+async fn on_message(
+    shared: &Rc<Shared>,
+    slot: usize,
+    pid: u32,
+    channel: &Channel,
+    msg: Message,
+    failure: &mut Option<String>,
+) {
+    match msg {
+        Message::Ready { .. } => {
+            info!(worker.id = slot, worker.pid = pid, "worker ready");
+            shared.with_worker(pid, |w| {
+                if w.state == State::Starting {
+                    w.state = State::Ready;
+                    w.last_report = Instant::now();
+                }
+            });
+            shared.changed.notify_waiters();
+        }
+        Message::Status {
+            live,
+            closed,
+            rss_kib,
+        } => {
+            let resumed = shared
+                .with_worker(pid, |w| {
+                    w.closed = closed;
+                    w.rss_kib = rss_kib;
+                    w.last_report = Instant::now();
+                    std::mem::replace(&mut w.stalled, false)
+                })
+                .unwrap_or(false);
+            if resumed {
+                info!(
+                    worker.id = slot,
+                    worker.pid = pid,
+                    live,
+                    "worker reports again; dispatching to it"
+                );
+            }
+            shared.changed.notify_waiters();
+        }
+        Message::Failed { reason } => {
+            error!(worker.id = slot, worker.pid = pid, reason = %reason, "worker failed to start");
+            *failure = Some(reason);
+        }
+        Message::Retiring => {
+            info!(
+                worker.id = slot,
+                worker.pid = pid,
+                "worker asks to retire; draining it"
+            );
+            let timeout_ms = shared.timeout_ms();
+            shared.with_worker(pid, |w| w.state = State::Draining);
+            shared.changed.notify_waiters();
+            if let Err(err) = channel.send(&Message::Drain { timeout_ms }, None).await {
+                debug!(error = %err, "cannot send Drain");
+            }
+            if !shared.stopping.get() && slot < shared.target.get() && !shared.slot_covered(slot) {
+                if let Err(err) = spawn_worker(shared, slot) {
+                    error!(error = %err, "cannot start replacement worker");
+                }
+            }
+        }
+        other => warn!(
+            message = other.kind_name(),
+            "unexpected message from worker"
+        ),
+    }
+}
+
+/// Records one unexpected restart; errors when the crash-loop limit is passed.
+fn count_restart(shared: &Shared) -> Result<(), Error> {
+    let now = Instant::now();
+    let period = shared.config.restart_period;
+    let mut restarts = shared.restarts.borrow_mut();
+    restarts.push_back(now);
+    while restarts
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > period)
+    {
+        restarts.pop_front();
+    }
+    if restarts.len() > shared.config.max_restarts {
+        return Err(Error::CrashLoop {
+            restarts: restarts.len(),
+            period,
+        });
+    }
+    Ok(())
 }
 
 fn describe(status: Option<ExitStatus>) -> String {
@@ -587,7 +802,214 @@ fn describe(status: Option<ExitStatus>) -> String {
     }
 }
 
-/// Accepts from every listener while a worker is ready and hands the sockets out.
+/// Starts a replacement for the worker `old`, waits until it is ready, then drains `old`.
+/// Returns whether the replacement became ready.
+async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
+    let Some(slot) = shared.with_worker(old, |w| {
+        w.replacing = true;
+        w.slot
+    }) else {
+        return true;
+    };
+    let new = match spawn_worker(shared, slot) {
+        Ok(pid) => pid,
+        Err(err) => {
+            error!(error = %err, "cannot start a replacement");
+            shared.with_worker(old, |w| w.replacing = false);
+            return false;
+        }
+    };
+    let ready = tokio::time::timeout(READY_TIMEOUT, async {
+        loop {
+            let changed = shared.changed.notified();
+            match shared.with_worker(new, |w| w.state) {
+                Some(State::Ready) => return true,
+                None | Some(State::Draining) => return false,
+                Some(State::Starting) => {}
+            }
+            if shared.stopping.get() {
+                return false;
+            }
+            changed.await;
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if !ready {
+        error!(
+            worker.id = slot,
+            old.pid = old,
+            new.pid = new,
+            why,
+            "replacement did not become ready; keeping the old worker"
+        );
+        if shared.with_worker(new, |w| w.state).is_some() {
+            kill(new);
+        }
+        shared.with_worker(old, |w| w.replacing = false);
+        return false;
+    }
+    info!(
+        worker.id = slot,
+        old.pid = old,
+        new.pid = new,
+        why,
+        "replacement ready; draining the old worker"
+    );
+    shared.drain_worker(old).await;
+    true
+}
+
+/// SIGHUP: rolling replacement of every worker, one at a time.
+fn start_reload(shared: &Rc<Shared>) {
+    if shared.reloading.replace(true) {
+        warn!("a reload is already in progress; ignoring this one");
+        return;
+    }
+    let shared = Rc::clone(shared);
+    let span = shared.span.clone();
+    tokio::task::spawn_local(
+        async move {
+            let old: Vec<u32> = shared
+                .workers
+                .borrow()
+                .iter()
+                .filter(|w| w.state != State::Draining && !w.replacing)
+                .map(|w| w.pid)
+                .collect();
+            let mut replaced = 0usize;
+            for pid in &old {
+                if shared.stopping.get() {
+                    break;
+                }
+                if !replace(&shared, *pid, "reload").await {
+                    error!(replaced, "reload aborted");
+                    shared.reloading.set(false);
+                    return;
+                }
+                replaced += 1;
+            }
+            info!(replaced, "reload complete");
+            shared.reloading.set(false);
+        }
+        .instrument(span),
+    );
+}
+
+/// SIGTTIN: one more slot.
+fn scale_up(shared: &Rc<Shared>) {
+    let slot = shared.target.get();
+    shared.target.set(slot + 1);
+    {
+        let mut failures = shared.failures.borrow_mut();
+        if failures.len() <= slot {
+            failures.resize(slot + 1, 0);
+        }
+    }
+    match spawn_worker(shared, slot) {
+        Ok(_) => info!(workers = slot + 1, "scaled up"),
+        Err(err) => {
+            error!(error = %err, "cannot add a worker");
+            shared.target.set(slot);
+        }
+    }
+}
+
+/// SIGTTOU: one slot fewer; its workers drain.
+async fn scale_down(shared: &Rc<Shared>) {
+    let target = shared.target.get();
+    if target <= 1 {
+        warn!("cannot remove the last worker");
+        return;
+    }
+    let slot = target - 1;
+    shared.target.set(slot);
+    let pids: Vec<u32> = shared
+        .workers
+        .borrow()
+        .iter()
+        .filter(|w| w.slot == slot && w.state != State::Draining)
+        .map(|w| w.pid)
+        .collect();
+    for pid in pids {
+        shared.drain_worker(pid).await;
+    }
+    info!(workers = slot, "scaled down");
+}
+
+/// Hang detection and recycling, every half heartbeat interval.
+async fn health_loop(shared: Rc<Shared>) {
+    let interval = shared.config.heartbeat_interval();
+    let stall_after = interval * 3;
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut to_kill = Vec::new();
+        let mut to_recycle = Vec::new();
+        let recycling = shared.count(|w| w.replacing);
+        {
+            let mut workers = shared.workers.borrow_mut();
+            for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
+                let silent = now.duration_since(w.last_report);
+                if silent > shared.config.heartbeat_timeout {
+                    error!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        blocked_ms = silent.as_millis() as u64,
+                        "worker event loop blocked past the heartbeat timeout; killing it"
+                    );
+                    w.state = State::Draining;
+                    to_kill.push(w.pid);
+                } else if silent > stall_after && !w.stalled {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        silent_ms = silent.as_millis() as u64,
+                        "worker reports are late; no new connections for it"
+                    );
+                    w.stalled = true;
+                }
+                if !w.replacing && w.slot < shared.target.get() {
+                    let by_count = w.recycle_at.is_some_and(|at| w.sent >= at);
+                    let by_rss = shared
+                        .config
+                        .recycle_rss_kib
+                        .is_some_and(|max| w.rss_kib > max);
+                    if by_count || by_rss {
+                        to_recycle.push((w.pid, if by_count { "connection count" } else { "rss" }));
+                    }
+                }
+            }
+        }
+        for pid in to_kill {
+            kill(pid);
+        }
+        shared.changed.notify_waiters();
+        let room = shared
+            .config
+            .max_concurrent_recycles
+            .saturating_sub(recycling);
+        for (pid, why) in to_recycle.into_iter().take(room) {
+            if shared.reloading.get() {
+                break;
+            }
+            shared.with_worker(pid, |w| w.replacing = true);
+            let shared = Rc::clone(&shared);
+            let span = shared.span.clone();
+            tokio::task::spawn_local(
+                async move {
+                    info!(worker.pid = pid, why, "recycling worker");
+                    replace(&shared, pid, why).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Accepts from every listener while some worker can take a connection.
 async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut failing_since: Option<(Instant, u64)> = None;
@@ -596,13 +1018,13 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
         // the kernel's backlog.
         loop {
             let changed = shared.changed.notified();
-            if shared.count(State::Ready) > 0 {
+            if shared.count(|w| w.can_take(shared.cap)) > 0 {
                 break;
             }
             changed.await;
         }
         // Wait for any listener to be readable.
-        let (index, mut guard) = std::future::poll_fn(|cx| {
+        let ready = std::future::poll_fn(|cx| {
             for (index, listener) in listeners.iter().enumerate() {
                 if let Poll::Ready(result) = listener.ready.poll_read_ready(cx) {
                     return Poll::Ready(result.map(|guard| (index, guard)));
@@ -610,12 +1032,15 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
             }
             Poll::Pending
         })
-        .await
-        .unwrap_or_else(|err| {
-            // The reactor failed for this descriptor; nothing better to do than report.
-            error!(error = %err, "listener readiness failed");
-            std::process::abort()
-        });
+        .await;
+        let (index, mut guard) = match ready {
+            Ok(ready) => ready,
+            Err(err) => {
+                error!(error = %err, "listener readiness failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                continue;
+            }
+        };
         let listener = &listeners[index];
         let mut exhausted = false;
         for _ in 0..ACCEPT_BURST {

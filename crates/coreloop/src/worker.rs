@@ -57,11 +57,18 @@ pub(crate) fn run<H: Handler>(server: Server<H>, id: usize) -> Result<(), Error>
     std::process::exit(code)
 }
 
+/// After a connection closes, how long the worker waits for more closes before it reports
+/// its load: one report per burst of closes rather than one per connection.
+const REPORT_COALESCE: Duration = Duration::from_millis(2);
+
 /// Live connections of this worker, and a way to wait until there are none.
 #[derive(Default)]
 struct Tracker {
     live: Cell<usize>,
+    closed: Cell<u64>,
     idle: Notify,
+    /// Signalled when a connection closes, for the load report.
+    closing: Notify,
 }
 
 struct TrackerGuard(Rc<Tracker>);
@@ -83,6 +90,8 @@ impl Drop for TrackerGuard {
     fn drop(&mut self) {
         let live = self.0.live.get() - 1;
         self.0.live.set(live);
+        self.0.closed.set(self.0.closed.get() + 1);
+        self.0.closing.notify_one();
         if live == 0 {
             self.0.idle.notify_waiters();
         }
@@ -137,6 +146,12 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
         .map(|spec| matches!(spec, ListenSpec::Unix(_)))
         .collect();
     let tracker = Rc::new(Tracker::default());
+    let channel = Rc::new(channel);
+    tokio::task::spawn_local(report(
+        Rc::clone(&channel),
+        Rc::clone(&tracker),
+        server.config.heartbeat_interval(),
+    ));
     let shutdown = ShutdownSignal::new();
     let nodelay = server.config.tcp_nodelay;
     let mut retiring = false;
@@ -222,6 +237,45 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
     }
     debug!("worker exiting");
     0
+}
+
+/// Heartbeat and load report, sent from inside the event loop: a loop blocked by a handler
+/// stops reporting, which is how the supervisor detects it. Reports every `interval`, and
+/// shortly after connections close so the supervisor's view of the load stays fresh.
+async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval: Duration) {
+    let mut rss_kib = resident_kib();
+    let mut next_rss = tokio::time::Instant::now() + interval;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next_rss) => {
+                rss_kib = resident_kib();
+                next_rss = tokio::time::Instant::now() + interval;
+            }
+            () = tracker.closing.notified() => tokio::time::sleep(REPORT_COALESCE).await,
+        }
+        let status = Message::Status {
+            live: u32::try_from(tracker.live.get()).unwrap_or(u32::MAX),
+            closed: tracker.closed.get(),
+            rss_kib,
+        };
+        if let Err(err) = channel.send(&status, None).await {
+            debug!(error = %err, "cannot report status");
+            return;
+        }
+    }
+}
+
+/// Resident set size from `/proc/self/statm`, in KiB; 0 if unreadable.
+fn resident_kib() -> u64 {
+    let page_kib = rustix::param::page_size() as u64 / 1024;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|text| {
+            text.split_whitespace()
+                .nth(1)
+                .and_then(|pages| pages.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * page_kib)
 }
 
 async fn retire(channel: &Channel) {
