@@ -96,8 +96,7 @@ where
                         // The body has not fully arrived yet.
                         break;
                     }
-                    let keep = req.keep_alive && !shutdown.is_triggered();
-                    answer(&mut out, &req, who, limits, keep).await;
+                    let keep = answer(&mut out, &req, who, limits, shutdown).await;
                     buf.drain(..consumed);
                     served += 1;
                     request_started = None;
@@ -312,7 +311,17 @@ fn chunked_len(body: &[u8], max: u64) -> Result<Option<usize>, u16> {
     }
 }
 
-async fn answer(out: &mut Vec<u8>, req: &Request, who: &Identity, limits: &Limits, keep: bool) {
+/// Appends the response to `req`; returns whether the connection stays open. Keep-alive is
+/// decided when the response is written, after any wait, so a drain that began during a
+/// slow request already shows in that request's `Connection: close`.
+async fn answer(
+    out: &mut Vec<u8>,
+    req: &Request,
+    who: &Identity,
+    limits: &Limits,
+    shutdown: &ShutdownSignal,
+) -> bool {
+    let keep = || req.keep_alive && !shutdown.is_triggered();
     let head_only = req.method == Method::Head;
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let known = matches!(path, "/" | "/whoami" | "/sleep" | "/burn");
@@ -322,22 +331,22 @@ async fn answer(out: &mut Vec<u8>, req: &Request, who: &Identity, limits: &Limit
             405,
             "text/plain",
             b"Method Not Allowed",
-            !keep,
+            !keep(),
             head_only,
         );
-        return;
+        return keep();
     }
     match path {
-        "/" => respond(out, 200, "text/plain", b"Hello, world!", !keep, head_only),
+        "/" => respond(out, 200, "text/plain", b"Hello, world!", !keep(), head_only),
         "/whoami" => {
             let body = format!("worker={} pid={}", who.worker, who.pid);
-            respond(out, 200, "text/plain", body.as_bytes(), !keep, head_only);
+            respond(out, 200, "text/plain", body.as_bytes(), !keep(), head_only);
         }
         "/sleep" | "/burn" => {
             let Some(ms) = query_ms(query).filter(|ms| *ms <= limits.max_delay_ms) else {
                 let msg = format!("expected ?ms=N with N <= {}", limits.max_delay_ms);
-                respond(out, 400, "text/plain", msg.as_bytes(), !keep, head_only);
-                return;
+                respond(out, 400, "text/plain", msg.as_bytes(), !keep(), head_only);
+                return keep();
             };
             let wait = Duration::from_millis(ms);
             if path == "/sleep" {
@@ -351,10 +360,11 @@ async fn answer(out: &mut Vec<u8>, req: &Request, who: &Identity, limits: &Limit
                 }
             }
             let body = format!("{path} {ms}ms");
-            respond(out, 200, "text/plain", body.as_bytes(), !keep, head_only);
+            respond(out, 200, "text/plain", body.as_bytes(), !keep(), head_only);
         }
-        _ => respond(out, 404, "text/plain", b"Not Found", !keep, head_only),
+        _ => respond(out, 404, "text/plain", b"Not Found", !keep(), head_only),
     }
+    keep()
 }
 
 fn query_ms(query: &str) -> Option<u64> {

@@ -1,1 +1,1075 @@
+//! Black-box test harness for coreloop: runs the real demo binary (`examples/http`) and
+//! looks at it only from the outside, through sockets, signals, its log lines on stderr
+//! and `/proc`.
+//!
+//! - [`http_binary`] finds `target/<profile>/examples/http` next to the running test
+//!   binary and brings it up to date with `cargo build --workspace --example http` (once
+//!   per test process; a no-op when nothing changed).
+//! - [`Server`] starts the demo, captures its stderr line by line (echoed to the test's
+//!   stderr), and lets a test block on a log line with [`Server::wait_for_log`] (a
+//!   `Condvar`, no polling). TCP ports are drawn at random outside the kernel's ephemeral
+//!   range; a port that turns out to be taken is detected from the server's own
+//!   `cannot listen on …` error, and another one is tried. Dropping a [`Server`] kills the
+//!   supervisor and every worker it was seen to start, by PID (through pidfds, so a
+//!   recycled PID is never hit), never by name.
+//! - Process helpers read `/proc` ([`proc_stat`], [`children_of`], [`is_alive`],
+//!   [`fd_count`]) and wait for a process to exit with a pidfd and `poll`
+//!   ([`wait_for_exit`]).
+//! - A minimal blocking HTTP/1.1 client ([`get`], [`send_raw`], [`read_response`],
+//!   [`parse_responses`]) with read and write timeouts everywhere.
+//!
+//! Everything that waits takes a bounded timeout.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal};
+
+/// Read and write timeout of every client socket the helpers create.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Server::start`] waits for the `serving` line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment variable that, when set, names the demo binary to test and disables the
+/// automatic `cargo build`.
+pub const BINARY_ENV: &str = "CORELOOP_HTTP_BIN";
+
+/// How many random ports [`Server::start`] tries before giving up.
+const PORT_ATTEMPTS: usize = 16;
+
+// ---------------------------------------------------------------------------------------
+// The binary under test
+// ---------------------------------------------------------------------------------------
+
+/// Path of the demo HTTP binary, built if needed.
+///
+/// The test binary runs from `target/<profile>/deps/`, so the example lives at
+/// `target/<profile>/examples/http`. The first call in a process runs
+/// `cargo build --workspace --locked --example http` for that profile (`$CARGO` if set,
+/// else `cargo`), which builds a missing binary and rebuilds a stale one, and is a no-op
+/// otherwise; cargo's own lock serializes concurrent test processes. `--workspace` gives
+/// the same feature unification as `cargo nextest run --workspace`, so both produce the
+/// same artifact and neither rebuilds after the other. If [`BINARY_ENV`] is set, that
+/// path is used as is and nothing is built.
+///
+/// # Errors
+///
+/// When the layout is not cargo's, or the build fails (cargo's output is included).
+pub fn http_binary() -> Result<PathBuf> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| locate_or_build().map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(|msg| anyhow!(msg))
+}
+
+fn locate_or_build() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(BINARY_ENV) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("{BINARY_ENV}={} does not name a file", path.display());
+        }
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let deps = exe
+        .parent()
+        .filter(|dir| dir.file_name().is_some_and(|name| name == "deps"))
+        .with_context(|| {
+            format!(
+                "{} is not in a cargo `deps` directory; set {BINARY_ENV}",
+                exe.display()
+            )
+        })?;
+    let profile_dir = deps.parent().context("the deps directory has no parent")?;
+    let binary = profile_dir.join("examples").join("http");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .context("profile directory name")?;
+    let parent = profile_dir
+        .parent()
+        .context("the profile directory has no parent")?;
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--workspace",
+        "--locked",
+        "--example",
+        "http",
+    ]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            command.arg("--release");
+        }
+        other => {
+            command.args(["--profile", other]);
+        }
+    }
+    // target/<profile> or, when cross-compiling, target/<triple>/<profile>.
+    if parent.join("CACHEDIR.TAG").exists() {
+        command.arg("--target-dir").arg(parent);
+    } else if let (Some(target_dir), Some(triple)) = (parent.parent(), parent.file_name()) {
+        command
+            .arg("--target-dir")
+            .arg(target_dir)
+            .arg("--target")
+            .arg(triple);
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cargo:?} to build the http example"))?;
+    if !output.status.success() {
+        bail!(
+            "`{cargo:?} build --workspace --locked --example http` failed ({}); the \
+             integration tests need that binary at {}.\n{}",
+            output.status,
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    if !binary.is_file() {
+        bail!(
+            "cargo built the http example but {} does not exist",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+// ---------------------------------------------------------------------------------------
+// Ports and unique names
+// ---------------------------------------------------------------------------------------
+
+/// A random number, different on every call (std's randomly keyed SipHash over a counter,
+/// the time and the PID: no extra dependency, good enough to spread test ports).
+pub fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut hasher);
+    std::process::id().hash(&mut hasher);
+    std::time::SystemTime::now().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(str::parse::<u16>);
+            match (parts.next(), parts.next()) {
+                (Some(Ok(low)), Some(Ok(high))) => Some((low, high)),
+                _ => None,
+            }
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A random TCP port outside the ephemeral range, so that no client socket (this test's
+/// or another's) is bound to it by `connect`. It is not reserved: the caller must cope
+/// with "address in use" (see [`Server::start`]).
+pub fn random_port() -> u16 {
+    let (low, high) = ephemeral_port_range();
+    // Prefer [10000, low) (the usual case), else above the range, else anything >= 1024.
+    let (start, end) = if low > 11_000 {
+        (10_000u32, u32::from(low))
+    } else if high < 64_000 {
+        (u32::from(high) + 1, 65_536)
+    } else {
+        (1024, 65_536)
+    };
+    let span = u64::from(end - start);
+    let port = u64::from(start) + random_u64() % span;
+    u16::try_from(port).unwrap_or(10_000)
+}
+
+/// A path for a unix socket that no other test uses:
+/// `/tmp/coreloop-it-<tag>-<pid>-<random>.sock`.
+pub fn unique_socket_path(tag: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/tmp/coreloop-it-{tag}-{}-{:x}.sock",
+        std::process::id(),
+        random_u64() & 0xffff_ffff
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Log capture
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct LogState {
+    lines: Vec<String>,
+    /// The stderr pipe reached EOF: the supervisor and every worker closed it.
+    closed: bool,
+    /// Every worker PID seen in a `worker spawned` or `worker ready` line, with a pidfd
+    /// opened as soon as the line was read, so the process can be killed later without
+    /// any risk of hitting a recycled PID.
+    workers: BTreeMap<u32, Option<OwnedFd>>,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    state: Mutex<LogState>,
+    changed: Condvar,
+}
+
+impl Log {
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The value of field `key` in a tracing `fmt` line: the last `key=value` whose key starts
+/// at a word boundary (event fields come after the span fields), up to whitespace or `}`.
+/// Quotes are kept (`signal="SIGTERM"`).
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("{key}=");
+    line.rmatch_indices(&pattern)
+        .find(|(index, _)| *index == 0 || matches!(line.as_bytes()[index - 1], b' ' | b'{'))
+        .map(|(index, _)| {
+            let rest = &line[index + pattern.len()..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '}')
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+}
+
+/// A supervisor's `worker ready worker.id=N worker.pid=P` line, parsed.
+pub fn parse_worker_ready(line: &str) -> Option<(usize, u32)> {
+    if !line.contains(" worker ready worker.id=") {
+        return None;
+    }
+    let id = log_field(line, "worker.id")?.parse().ok()?;
+    let pid = log_field(line, "worker.pid")?.parse().ok()?;
+    Some((id, pid))
+}
+
+fn read_log(stderr: ChildStderr, log: Arc<Log>, label: String) {
+    let mut reader = BufReader::new(stderr);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&raw)
+            .trim_end_matches(['\r', '\n'])
+            .to_owned();
+        eprintln!("[{label}] {line}");
+        let worker = (line.contains(" worker spawned ") || line.contains(" worker ready "))
+            .then(|| log_field(&line, "worker.pid").and_then(|pid| pid.parse::<u32>().ok()))
+            .flatten();
+        let mut state = log.lock();
+        if let Some(pid) = worker {
+            state.workers.entry(pid).or_insert_with(|| open_pidfd(pid));
+        }
+        state.lines.push(line);
+        drop(state);
+        log.changed.notify_all();
+    }
+    log.lock().closed = true;
+    log.changed.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------
+// The server under test
+// ---------------------------------------------------------------------------------------
+
+/// How to start the demo server with [`Server::start`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    workers: u16,
+    tcp: bool,
+    unix: Option<PathBuf>,
+    args: Vec<String>,
+    rust_log: String,
+}
+
+impl ServerConfig {
+    /// `workers` worker processes, one TCP listener on a random `127.0.0.1` port,
+    /// `RUST_LOG=debug`.
+    pub fn new(workers: u16) -> Self {
+        Self {
+            workers,
+            tcp: true,
+            unix: None,
+            args: Vec::new(),
+            rust_log: "debug".into(),
+        }
+    }
+
+    /// Also listen on a unix socket at `path` (`--bind unix:PATH`).
+    pub fn unix(mut self, path: impl Into<PathBuf>) -> Self {
+        self.unix = Some(path.into());
+        self
+    }
+
+    /// No TCP listener (use with [`unix`](Self::unix)).
+    pub fn without_tcp(mut self) -> Self {
+        self.tcp = false;
+        self
+    }
+
+    /// Extra command-line arguments for the demo.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The `RUST_LOG` filter (default `debug`).
+    pub fn rust_log(mut self, filter: &str) -> Self {
+        self.rust_log = filter.into();
+        self
+    }
+}
+
+/// A running demo server: the supervisor process this test started, its captured stderr,
+/// and every worker it was seen to start.
+///
+/// Dropping it SIGKILLs the supervisor (our child, so its PID cannot have been reused
+/// before we reap it) and every recorded worker (through pidfds opened when their log
+/// lines arrived), and waits for them to exit.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pid: u32,
+    pidfd: OwnedFd,
+    exit: Option<ExitStatus>,
+    port: Option<u16>,
+    unix: Option<PathBuf>,
+    log: Arc<Log>,
+}
+
+impl Server {
+    /// Starts the demo as configured and waits (up to [`STARTUP_TIMEOUT`]) for the
+    /// supervisor's `serving` line. A random port that is already taken is detected from
+    /// the server's `cannot listen on` error and replaced by another.
+    ///
+    /// # Errors
+    ///
+    /// When the binary is unavailable, or the server exits or stays silent instead of
+    /// serving (its log is in the message).
+    pub fn start(config: ServerConfig) -> Result<Self> {
+        for _ in 0..PORT_ATTEMPTS {
+            let port = config.tcp.then(random_port);
+            let mut args = vec!["--workers".to_owned(), config.workers.to_string()];
+            if let Some(port) = port {
+                args.extend(["--bind".to_owned(), format!("127.0.0.1:{port}")]);
+            }
+            if let Some(path) = &config.unix {
+                args.extend(["--bind".to_owned(), format!("unix:{}", path.display())]);
+            }
+            args.extend(config.args.iter().cloned());
+            let mut server = Self::spawn(&args, &config.rust_log)?;
+            server.port = port;
+            server.unix.clone_from(&config.unix);
+            if server
+                .wait_for_log(|line| line.contains(" serving workers="), STARTUP_TIMEOUT)
+                .is_some()
+            {
+                return Ok(server);
+            }
+            let status = server.wait_exit(Duration::from_secs(5));
+            let text = server.log_text();
+            let taken = port.is_some_and(|port| {
+                text.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+                    && text.contains("in use")
+            });
+            if taken {
+                continue;
+            }
+            bail!("the server did not start (args {args:?}, exit {status:?}); its log:\n{text}");
+        }
+        bail!("no free port found after {PORT_ATTEMPTS} attempts")
+    }
+
+    /// Spawns the demo with exactly `args` and `RUST_LOG=rust_log`, without waiting for
+    /// anything. For tests of startup failures.
+    ///
+    /// # Errors
+    ///
+    /// When the binary is unavailable or cannot be spawned.
+    pub fn spawn<S: AsRef<str>>(args: &[S], rust_log: &str) -> Result<Self> {
+        let binary = http_binary()?;
+        let mut child = Command::new(&binary)
+            .args(args.iter().map(AsRef::as_ref))
+            .env("RUST_LOG", rust_log)
+            .env_remove("CORELOOP_WORKER_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let pid = child.id();
+        let Some(pidfd) = open_pidfd(pid) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("pidfd_open({pid}) failed for the server we just started");
+        };
+        let log = Arc::new(Log::default());
+        let Some(stderr) = child.stderr.take() else {
+            bail!("the child's stderr was not captured");
+        };
+        let reader_log = Arc::clone(&log);
+        std::thread::Builder::new()
+            .name(format!("http-{pid}-stderr"))
+            .spawn(move || read_log(stderr, reader_log, format!("http {pid}")))
+            .context("cannot start the log reader thread")?;
+        Ok(Self {
+            child,
+            pid,
+            pidfd,
+            exit: None,
+            port: None,
+            unix: None,
+            log,
+        })
+    }
+
+    /// PID of the supervisor.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The TCP port the server listens on.
+    ///
+    /// # Panics
+    ///
+    /// If it was started without a TCP listener.
+    pub fn port(&self) -> u16 {
+        self.port
+            .unwrap_or_else(|| panic!("this server has no TCP listener"))
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port()))
+    }
+
+    /// The unix socket path, if any.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_deref()
+    }
+
+    /// Every log line received so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lock().lines.clone()
+    }
+
+    /// The log so far as one string.
+    pub fn log_text(&self) -> String {
+        self.log.lock().lines.join("\n")
+    }
+
+    /// Number of log lines received so far: a mark for [`wait_for_log_since`].
+    ///
+    /// [`wait_for_log_since`]: Self::wait_for_log_since
+    pub fn log_mark(&self) -> usize {
+        self.log.lock().lines.len()
+    }
+
+    /// Blocks until some log line (from the start) satisfies `pred`, and returns it;
+    /// `None` after `timeout`, or once stderr is closed without a match.
+    pub fn wait_for_log(
+        &self,
+        pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        self.wait_for_log_since(0, pred, timeout)
+    }
+
+    /// Like [`wait_for_log`](Self::wait_for_log), considering only lines from index `mark`
+    /// on (see [`log_mark`](Self::log_mark)).
+    pub fn wait_for_log_since(
+        &self,
+        mark: usize,
+        mut pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut next = mark;
+        let mut state = self.log.lock();
+        loop {
+            if let Some(line) = state.lines.iter().skip(next).find(|line| pred(line)) {
+                return Some(line.clone());
+            }
+            next = state.lines.len().max(mark);
+            if state.closed {
+                return None;
+            }
+            let remaining = deadline.checked_duration_since(Instant::now())?;
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, remaining)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Blocks until `n` log lines from `mark` on satisfy `pred`; returns them, or `None`
+    /// after `timeout`.
+    pub fn wait_for_logs_since(
+        &self,
+        mark: usize,
+        n: usize,
+        mut pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.log.lock();
+        loop {
+            let found: Vec<String> = state
+                .lines
+                .iter()
+                .skip(mark)
+                .filter(|line| pred(line))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return Some(found);
+            }
+            if state.closed {
+                return None;
+            }
+            let remaining = deadline.checked_duration_since(Instant::now())?;
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, remaining)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The current worker of each slot: `worker.id -> worker.pid` from the latest
+    /// supervisor `worker ready` line of each id.
+    pub fn worker_pids(&self) -> BTreeMap<usize, u32> {
+        self.log
+            .lock()
+            .lines
+            .iter()
+            .filter_map(|line| parse_worker_ready(line))
+            .collect()
+    }
+
+    /// Every worker PID this server's log mentioned so far (spawned or ready).
+    pub fn all_worker_pids(&self) -> BTreeSet<u32> {
+        self.log.lock().workers.keys().copied().collect()
+    }
+
+    /// Sends `signal` to the supervisor.
+    ///
+    /// # Errors
+    ///
+    /// When it has already been reaped, or `kill` fails.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        if self.exit.is_some() {
+            bail!("the supervisor has already exited");
+        }
+        // Our child, not yet reaped: its PID cannot have been reused.
+        rustix::process::pidfd_send_signal(&self.pidfd, signal)
+            .with_context(|| format!("cannot send {signal:?} to {}", self.pid))
+    }
+
+    /// Waits up to `timeout` for the supervisor to exit and returns its status (also on
+    /// later calls); `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_none() && wait_pidfd(&self.pidfd, timeout) {
+            self.exit = self.child.wait().ok();
+        }
+        self.exit
+    }
+
+    /// Whether the stderr pipe has been closed by every process holding it, waiting up to
+    /// `timeout` for that.
+    pub fn wait_log_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.log.lock();
+        while !state.closed {
+            let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, remaining)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let workers: Vec<(u32, OwnedFd)> = std::mem::take(&mut self.log.lock().workers)
+            .into_iter()
+            .filter_map(|(pid, fd)| fd.map(|fd| (pid, fd)))
+            .collect();
+        for (_, fd) in &workers {
+            // ESRCH: already reaped. A pidfd never refers to a recycled PID.
+            let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
+        }
+        for (pid, fd) in &workers {
+            if !wait_pidfd(fd, Duration::from_secs(5)) {
+                eprintln!("[harness] worker {pid} did not exit after SIGKILL");
+            }
+        }
+        if let Some(path) = &self.unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------
+
+/// The fields of `/proc/<pid>/stat` the tests need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Process ID.
+    pub pid: u32,
+    /// State letter: `R`, `S`, `D`, `Z` (zombie), `X` (dead), …
+    pub state: char,
+    /// Parent's PID.
+    pub ppid: u32,
+}
+
+/// Parses `/proc/<pid>/stat`; `None` if the process does not exist.
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+    let after = &text[text.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some(ProcStat { pid, state, ppid })
+}
+
+/// Every process whose parent is `ppid`, zombies included.
+pub fn children_of(ppid: u32) -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: Vec<ProcStat> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(proc_stat)
+        .filter(|stat| stat.ppid == ppid)
+        .collect();
+    children.sort_by_key(|stat| stat.pid);
+    children
+}
+
+/// Whether `pid` exists and is not a zombie (`Z`) or dead (`X`). Orphans may never be
+/// reaped in this sandbox, so a zombie counts as gone.
+pub fn is_alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|stat| !matches!(stat.state, 'Z' | 'X'))
+}
+
+/// Live processes (not zombies) whose command line has an argument containing `needle`.
+pub fn processes_with_arg(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline
+                    .split(|&b| b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(needle))
+            })
+        })
+        .filter(|pid| *pid != std::process::id() && is_alive(*pid))
+        .collect()
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    let pid = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()
+}
+
+/// Waits until the process behind `pidfd` has exited (zombie or reaped): `poll` for
+/// `POLLIN`, no sleeping. `false` after `timeout`.
+pub fn wait_pidfd(pidfd: &impl AsFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let Ok(spec) = Timespec::try_from(remaining) else {
+            return false;
+        };
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&spec)) {
+            Ok(0) if remaining.is_zero() => return false,
+            Ok(0) => {}
+            Ok(_) => return true,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Waits up to `timeout` for process `pid` to exit, through a pidfd. `true` if it has
+/// exited (or never existed, or is a zombie).
+pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    match open_pidfd(pid) {
+        // ESRCH: no such process any more.
+        None => true,
+        Some(fd) => wait_pidfd(&fd, timeout),
+    }
+}
+
+/// Sends `signal` to `pid` (e.g. SIGKILL to a worker).
+///
+/// # Errors
+///
+/// The `kill(2)` error.
+pub fn kill(pid: u32, signal: Signal) -> Result<()> {
+    let raw = i32::try_from(pid).context("pid out of range")?;
+    let pid = Pid::from_raw(raw).context("pid 0")?;
+    rustix::process::kill_process(pid, signal).with_context(|| format!("kill({raw}, {signal:?})"))
+}
+
+/// Number of open file descriptors of `pid` (entries of `/proc/<pid>/fd`).
+///
+/// # Errors
+///
+/// When `/proc/<pid>/fd` cannot be read.
+pub fn fd_count(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Open descriptors of `pid` and what they point to (`socket:[123]`, `pipe:[…]`, paths).
+///
+/// # Errors
+///
+/// When `/proc/<pid>/fd` cannot be read.
+pub fn fd_targets(pid: u32) -> io::Result<BTreeMap<u32, String>> {
+    let mut targets = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
+            continue;
+        };
+        // The descriptor may close between readdir and readlink.
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            targets.insert(fd, target.to_string_lossy().into_owned());
+        }
+    }
+    Ok(targets)
+}
+
+/// The inode of the server side of the IPv4 TCP connection between `server_port` (local)
+/// and `client_port` (remote), from `/proc/net/tcp`. Every process holding a descriptor
+/// for that socket shows it as `socket:[inode]` in `/proc/<pid>/fd`.
+pub fn server_socket_inode(server_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+    };
+    table.lines().skip(1).find_map(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let (local, remote, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+        (port_of(local)? == server_port && port_of(remote)? == client_port)
+            .then(|| inode.parse().ok())
+            .flatten()
+            .filter(|inode| *inode != 0)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP client
+// ---------------------------------------------------------------------------------------
+
+/// One parsed HTTP/1.1 response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header fields in order, names as received.
+    pub headers: Vec<(String, String)>,
+    /// The body (`Content-Length` bytes).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Whether the response carries `Connection: close`.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|value| value.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// Parses the first complete response at the start of `bytes`: `Ok(None)` if incomplete,
+/// otherwise the response and the number of bytes it took.
+///
+/// # Errors
+///
+/// When the bytes are not an HTTP/1.x response with a `Content-Length`.
+pub fn parse_response(bytes: &[u8]) -> Result<Option<(Response, usize)>> {
+    let Some(head_end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&bytes[..head_end]).context("response head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        bail!("not an HTTP/1.x status line: {status_line:?}");
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = Vec::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("bad header line {line:?}"))?;
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .context("response without Content-Length")?
+        .1
+        .parse()
+        .context("bad Content-Length")?;
+    let start = head_end + 4;
+    if bytes.len() < start + length {
+        return Ok(None);
+    }
+    Ok(Some((
+        Response {
+            status,
+            headers,
+            body: bytes[start..start + length].to_vec(),
+        },
+        start + length,
+    )))
+}
+
+/// Parses every response in `bytes`, which must end exactly after the last one.
+///
+/// # Errors
+///
+/// On malformed or truncated input.
+pub fn parse_responses(mut bytes: &[u8]) -> Result<Vec<Response>> {
+    let mut responses = Vec::new();
+    while !bytes.is_empty() {
+        let Some((response, used)) = parse_response(bytes)? else {
+            bail!(
+                "truncated response after {} complete ones: {:?}",
+                responses.len(),
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        responses.push(response);
+        bytes = &bytes[used..];
+    }
+    Ok(responses)
+}
+
+/// Reads exactly one response from a keep-alive connection (the caller sent one request).
+///
+/// # Errors
+///
+/// On I/O errors, timeouts, EOF before a complete response, or malformed input.
+pub fn read_response(stream: &mut impl Read) -> Result<Response> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((response, used)) = parse_response(&buf)? {
+            if used != buf.len() {
+                bail!("unexpected bytes after the response");
+            }
+            return Ok(response);
+        }
+        let n = stream.read(&mut chunk).context("reading a response")?;
+        if n == 0 {
+            bail!(
+                "connection closed before a complete response: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// How the server ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Orderly close (FIN): `read` returned 0.
+    Eof,
+    /// Reset (RST): the server closed with unread input.
+    Reset,
+}
+
+/// Everything received on a connection until the server closed it.
+#[derive(Debug, Clone)]
+pub struct RawReply {
+    /// The bytes received.
+    pub bytes: Vec<u8>,
+    /// How the connection ended.
+    pub close: Close,
+}
+
+impl RawReply {
+    /// The bytes as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+}
+
+/// Reads until the server closes the connection.
+///
+/// # Errors
+///
+/// On a timeout (the server did not close within the stream's read timeout) or another
+/// I/O error.
+pub fn read_until_close(stream: &mut impl Read) -> Result<RawReply> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Ok(RawReply {
+                    bytes,
+                    close: Close::Eof,
+                });
+            }
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => {
+                return Ok(RawReply {
+                    bytes,
+                    close: Close::Reset,
+                });
+            }
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!(
+                        "waiting for the server to close (received so far: {:?})",
+                        String::from_utf8_lossy(&bytes)
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// Connects to `127.0.0.1:port` with [`IO_TIMEOUT`] for connect, read and write.
+///
+/// # Errors
+///
+/// The connect error (e.g. `ConnectionRefused`).
+pub fn connect(port: u16) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// A `GET` request for `path` with `Connection: close`.
+pub fn get_request(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+}
+
+/// `GET path` over any stream with `Connection: close`, read until the server closes;
+/// returns the status and the body.
+///
+/// # Errors
+///
+/// On I/O errors, or a reply that is not exactly one response.
+pub fn get_over<S: Read + Write>(stream: &mut S, path: &str) -> Result<(u16, String)> {
+    stream.write_all(get_request(path).as_bytes())?;
+    let reply = read_until_close(stream)?;
+    let mut responses = parse_responses(&reply.bytes)?;
+    if responses.len() != 1 {
+        bail!(
+            "expected one response, got {}: {:?}",
+            responses.len(),
+            reply.text()
+        );
+    }
+    let response = responses.remove(0);
+    Ok((response.status, response.text()))
+}
+
+/// `GET path` on a new connection to `127.0.0.1:port` with `Connection: close`; returns
+/// the status and the body.
+///
+/// # Errors
+///
+/// On connect or I/O errors, or a malformed reply.
+pub fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut stream = connect(port).with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    get_over(&mut stream, path)
+}
+
+/// Sends `request` as one write on a new connection and reads until the server closes.
+///
+/// # Errors
+///
+/// On connect or I/O errors, or when the server does not close within [`IO_TIMEOUT`].
+pub fn send_raw(port: u16, request: &[u8]) -> Result<RawReply> {
+    let mut stream = connect(port).with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    stream.write_all(request).context("sending the request")?;
+    read_until_close(&mut stream)
+}
+
+/// Parses a `/whoami` body, `worker=<id> pid=<pid>`.
+pub fn parse_whoami(body: &str) -> Option<(usize, u32)> {
+    let mut parts = body.split_whitespace();
+    let id = parts.next()?.strip_prefix("worker=")?.parse().ok()?;
+    let pid = parts.next()?.strip_prefix("pid=")?.parse().ok()?;
+    Some((id, pid))
+}
