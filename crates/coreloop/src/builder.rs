@@ -255,11 +255,14 @@ impl ServerBuilder {
     }
 }
 
+/// The handler factory, boxed once: it runs once per worker process.
+pub(crate) type Factory<H> = Box<dyn Fn(WorkerId) -> Result<H, BoxError>>;
+
 /// A configured server. [`run`](Server::run) it.
 #[must_use = "a Server does nothing until `.run()`"]
 pub struct Server<H> {
     pub(crate) config: Config,
-    pub(crate) factory: Box<dyn Fn(WorkerId) -> Result<H, BoxError>>,
+    pub(crate) factory: Factory<H>,
     commands: tokio::sync::mpsc::UnboundedSender<Command>,
     inbox: tokio::sync::mpsc::UnboundedReceiver<Command>,
 }
@@ -327,7 +330,17 @@ impl<H: Handler> Server<H> {
             return Err(Error::NestedRuntime);
         }
         match crate::role::current() {
-            crate::role::Role::Worker(id) => crate::worker::run(self, id),
+            crate::role::Role::Worker(id) => {
+                // Commands are the supervisor's: in a worker, handles must report `false`.
+                let Server {
+                    config,
+                    factory,
+                    inbox,
+                    ..
+                } = self;
+                drop(inbox);
+                crate::worker::run(config, factory, id)
+            }
             crate::role::Role::Supervisor => crate::supervisor::run(self.config, self.inbox),
         }
     }

@@ -46,9 +46,17 @@
 //!
 //! # Signals
 //!
-//! SIGTERM and SIGINT drain gracefully: stop accepting, trigger every connection's
-//! [`ShutdownSignal`], wait up to the shutdown timeout, kill what is left, return `Ok`.
-//! A second SIGINT, or SIGQUIT, stops at once. See `docs/operating.md`.
+//! Sent to the supervisor:
+//!
+//! | signal | effect |
+//! |---|---|
+//! | SIGTERM, SIGINT | drain: stop accepting, trigger every connection's [`ShutdownSignal`], wait up to the shutdown timeout, kill what is left, return `Ok` |
+//! | second SIGINT, SIGQUIT | stop at once |
+//! | SIGHUP | rolling restart of every worker, each replacement ready first |
+//! | SIGTTIN / SIGTTOU | one worker more / fewer |
+//!
+//! [`ServerHandle`] offers the same from code. Workers run in their own process group, so
+//! a terminal's Ctrl-C reaches the supervisor only. See `docs/operating.md`.
 //!
 //! # Logging
 //!

@@ -154,6 +154,8 @@ struct Worker {
     replacing: bool,
     /// Recycle once `sent` reaches this.
     recycle_at: Option<u64>,
+    /// Once draining: when the supervisor kills it if it has not exited.
+    kill_at: Option<Instant>,
 }
 
 impl Worker {
@@ -348,6 +350,18 @@ impl Shared {
             .any(|w| w.slot == slot && w.state != State::Draining)
     }
 
+    /// Marks a worker as draining (it gets no new connections) and arms its kill deadline:
+    /// a draining worker that has not exited after the shutdown timeout is killed by the
+    /// health check, whether it drains for a stop, a reload, a recycle or a scale-down.
+    fn mark_draining(&self, pid: u32) -> Option<Rc<Channel>> {
+        let kill_at = Instant::now() + self.config.shutdown_timeout + KILL_MARGIN;
+        self.with_worker(pid, |w| {
+            w.state = State::Draining;
+            w.kill_at.get_or_insert(kill_at);
+            Rc::clone(&w.channel)
+        })
+    }
+
     fn take_fatal(&self) -> Option<Error> {
         self.fatal.borrow_mut().take()
     }
@@ -439,7 +453,7 @@ impl Shared {
                 Err(TrySendError::Full) => {}
                 Err(TrySendError::Failed(err)) => {
                     warn!(worker.id = slot, worker.pid = pid, error = %err, "cannot send to worker; skipping it");
-                    self.with_worker(pid, |w| w.state = State::Draining);
+                    self.mark_draining(pid);
                     self.changed.notify_waiters();
                 }
             }
@@ -449,10 +463,7 @@ impl Shared {
 
     /// Sends `Drain` to one worker; it takes nothing more and exits when done.
     async fn drain_worker(&self, pid: u32) {
-        let Some(channel) = self.with_worker(pid, |w| {
-            w.state = State::Draining;
-            Rc::clone(&w.channel)
-        }) else {
+        let Some(channel) = self.mark_draining(pid) else {
             return;
         };
         self.changed.notify_waiters();
@@ -542,6 +553,10 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         .args(args)
         .env(crate::role::ENV_WORKER_ID, slot.to_string())
         .stdin(Stdio::from(theirs))
+        // Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
+        // reaches the supervisor alone, which then drains the workers in order, instead
+        // of every worker also asking to retire at once.
+        .process_group(0)
         .kill_on_drop(true);
     let child = command.spawn().map_err(spawn_err)?;
     // `command` holds the worker's end (as stdin) until dropped.
@@ -563,6 +578,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         stalled: false,
         replacing: false,
         recycle_at,
+        kill_at: None,
     });
     shared.changed.notify_waiters();
     debug!(worker.id = slot, worker.pid = pid, "worker spawned");
@@ -751,7 +767,7 @@ async fn on_message(
                 "worker asks to retire; draining it"
             );
             let timeout_ms = shared.timeout_ms();
-            shared.with_worker(pid, |w| w.state = State::Draining);
+            shared.mark_draining(pid);
             shared.changed.notify_waiters();
             if let Err(err) = channel.send(&Message::Drain { timeout_ms }, None).await {
                 debug!(error = %err, "cannot send Drain");
@@ -951,6 +967,17 @@ async fn health_loop(shared: Rc<Shared>) {
         let recycling = shared.count(|w| w.replacing);
         {
             let mut workers = shared.workers.borrow_mut();
+            for w in workers.iter_mut() {
+                if w.kill_at.is_some_and(|at| now >= at) {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        "draining worker did not exit within the shutdown timeout; killing it"
+                    );
+                    w.kill_at = None;
+                    to_kill.push(w.pid);
+                }
+            }
             for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
                 let silent = now.duration_since(w.last_report);
                 if silent > shared.config.heartbeat_timeout {

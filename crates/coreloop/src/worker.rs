@@ -29,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::builder::{ListenSpec, Server};
+use crate::builder::{Config, Factory, ListenSpec};
 use crate::error::{BoxError, Error};
 use crate::handler::{Conn, Handler, Stream, WorkerId};
 use crate::shutdown::ShutdownSignal;
@@ -40,7 +40,7 @@ use crate::shutdown::ShutdownSignal;
 const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
 /// Entry point in a worker process. Never returns.
-pub(crate) fn run<H: Handler>(server: Server<H>, id: usize) -> Result<(), Error> {
+pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) -> Result<(), Error> {
     let channel = coreloop_ipc::inherited_channel().map_err(Error::WorkerChannel)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -49,7 +49,10 @@ pub(crate) fn run<H: Handler>(server: Server<H>, id: usize) -> Result<(), Error>
     let local = tokio::task::LocalSet::new();
     let id = WorkerId(id);
     let span = tracing::info_span!("worker", worker.id = id.0, worker.pid = std::process::id());
-    let code = local.block_on(&runtime, serve(server, id, channel).instrument(span));
+    let code = local.block_on(
+        &runtime,
+        serve(config, factory, id, channel).instrument(span),
+    );
     // Dropping the LocalSet cancels the handlers still running after the deadline, which
     // closes their connections.
     drop(local);
@@ -103,7 +106,12 @@ enum End {
     Orphaned,
 }
 
-async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) -> i32 {
+async fn serve<H: Handler>(
+    config: Config,
+    factory: Factory<H>,
+    id: WorkerId,
+    channel: OwnedFd,
+) -> i32 {
     let channel = match Channel::from_fd(channel) {
         Ok(channel) => channel,
         Err(err) => {
@@ -111,7 +119,7 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
             return 1;
         }
     };
-    let handler = match (server.factory)(id) {
+    let handler = match factory(id) {
         Ok(handler) => Rc::new(handler),
         Err(err) => {
             error!(error = %err, "handler factory failed");
@@ -139,8 +147,7 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
     }
     debug!("worker ready");
 
-    let kinds: Rc<[bool]> = server
-        .config
+    let kinds: Rc<[bool]> = config
         .listeners
         .iter()
         .map(|spec| matches!(spec, ListenSpec::Unix(_)))
@@ -150,10 +157,10 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
     tokio::task::spawn_local(report(
         Rc::clone(&channel),
         Rc::clone(&tracker),
-        server.config.heartbeat_interval(),
+        config.heartbeat_interval(),
     ));
     let shutdown = ShutdownSignal::new();
-    let nodelay = server.config.tcp_nodelay;
+    let nodelay = config.tcp_nodelay;
     let mut retiring = false;
 
     let end = loop {
@@ -222,7 +229,7 @@ async fn serve<H: Handler>(server: Server<H>, id: WorkerId, channel: OwnedFd) ->
                 live = tracker.live.get(),
                 "supervisor gone; finishing in-flight work and exiting"
             );
-            ORPHAN_GRACE.min(server.config.shutdown_timeout)
+            ORPHAN_GRACE.min(config.shutdown_timeout)
         }
     };
     shutdown.trigger();
