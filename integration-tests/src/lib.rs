@@ -1,6 +1,7 @@
-//! Black-box test harness for coreloop: runs the real demo binary (`examples/http`) and
-//! looks at it only from the outside, through sockets, signals, its log lines on stderr
-//! and `/proc`.
+//! Black-box test harness for coreloop: runs the real demo binary (`examples/http`), or
+//! one of the fixture binaries of this package (`src/bin/fixture-*.rs`, built on the
+//! [`fixture`] module), and looks at it only from the outside, through sockets, signals,
+//! its log lines on stderr and `/proc`.
 //!
 //! - [`http_binary`] finds `target/<profile>/examples/http` next to the running test
 //!   binary and brings it up to date with `cargo build --workspace --example http` (once
@@ -17,8 +18,14 @@
 //!   ([`wait_for_exit`]).
 //! - A minimal blocking HTTP/1.1 client ([`get`], [`send_raw`], [`read_response`],
 //!   [`parse_responses`]) with read and write timeouts everywhere.
+//! - Supervision helpers: [`Server::wait_for_replacement`], [`Server::send_line`] (stdin
+//!   of fixture-handle), [`fewest_ready_workers`] (from the log), [`live_children`],
+//!   [`zombie_children`], [`reaped`], [`timed_get`] (a request classified as answered,
+//!   failed or hung) and [`Load`] (client threads in the background).
 //!
 //! Everything that waits takes a bounded timeout.
+
+pub mod fixture;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -26,7 +33,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -262,6 +269,42 @@ pub fn parse_worker_ready(line: &str) -> Option<(usize, u32)> {
     Some((id, pid))
 }
 
+/// The fewest workers ready to take connections at any point of `lines` from the
+/// supervisor's `serving` line on, as the log tells it, and the line where that minimum
+/// was first reached; `None` if there is no `serving` line.
+///
+/// A worker counts from its supervisor `worker ready` line until it is drained (named as
+/// `old.pid` by `replacement ready; draining the old worker`, or its own `draining`
+/// line) or exits (`worker exited…`, `worker died`).
+pub fn fewest_ready_workers(lines: &[String]) -> Option<(usize, String)> {
+    let pid_of =
+        |line: &str, key: &str| log_field(line, key).and_then(|pid| pid.parse::<u32>().ok());
+    let mut ready = BTreeSet::new();
+    let mut fewest: Option<(usize, String)> = None;
+    let mut serving = false;
+    for line in lines {
+        if let Some((_, pid)) = parse_worker_ready(line) {
+            ready.insert(pid);
+        } else if line.contains(" replacement ready; draining the old worker ") {
+            if let Some(pid) = pid_of(line, "old.pid") {
+                ready.remove(&pid);
+            }
+        } else if line.contains("coreloop::worker: draining ")
+            || line.contains(" worker exited")
+            || line.contains(" worker died ")
+        {
+            if let Some(pid) = pid_of(line, "worker.pid") {
+                ready.remove(&pid);
+            }
+        }
+        serving |= line.contains(" serving workers=");
+        if serving && fewest.as_ref().is_none_or(|(n, _)| ready.len() < *n) {
+            fewest = Some((ready.len(), line.clone()));
+        }
+    }
+    fewest
+}
+
 fn read_log(stderr: ChildStderr, log: Arc<Log>, label: String) {
     let mut reader = BufReader::new(stderr);
     let mut raw = Vec::new();
@@ -302,6 +345,8 @@ pub struct ServerConfig {
     unix: Option<PathBuf>,
     args: Vec<String>,
     rust_log: String,
+    binary: Option<PathBuf>,
+    stdin: bool,
 }
 
 impl ServerConfig {
@@ -314,7 +359,23 @@ impl ServerConfig {
             unix: None,
             args: Vec::new(),
             rust_log: "debug".into(),
+            binary: None,
+            stdin: false,
         }
+    }
+
+    /// Runs `binary` (e.g. a fixture, `env!("CARGO_BIN_EXE_fixture-panic")`) instead of
+    /// the demo. It must take the demo's `--workers` and `--bind` flags and log like it.
+    pub fn binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.binary = Some(binary.into());
+        self
+    }
+
+    /// Gives the server a pipe as stdin, written with [`Server::send_line`] (stdin is
+    /// `/dev/null` otherwise).
+    pub fn piped_stdin(mut self) -> Self {
+        self.stdin = true;
+        self
     }
 
     /// Also listen on a unix socket at `path` (`--bind unix:PATH`).
@@ -346,8 +407,8 @@ impl ServerConfig {
     }
 }
 
-/// A running demo server: the supervisor process this test started, its captured stderr,
-/// and every worker it was seen to start.
+/// A running server under test (the demo or a fixture): the supervisor process this test
+/// started, its captured stderr, and every worker it was seen to start.
 ///
 /// Dropping it SIGKILLs the supervisor (our child, so its PID cannot have been reused
 /// before we reap it) and every recorded worker (through pidfds opened when their log
@@ -355,16 +416,18 @@ impl ServerConfig {
 #[derive(Debug)]
 pub struct Server {
     child: Child,
+    stdin: Mutex<Option<ChildStdin>>,
     pid: u32,
     pidfd: OwnedFd,
     exit: Option<ExitStatus>,
     port: Option<u16>,
     unix: Option<PathBuf>,
     log: Arc<Log>,
+    args: Vec<String>,
 }
 
 impl Server {
-    /// Starts the demo as configured and waits (up to [`STARTUP_TIMEOUT`]) for the
+    /// Starts the server as configured and waits (up to [`STARTUP_TIMEOUT`]) for the
     /// supervisor's `serving` line. A random port that is already taken is detected from
     /// the server's `cannot listen on` error and replaced by another.
     ///
@@ -375,17 +438,8 @@ impl Server {
     pub fn start(config: ServerConfig) -> Result<Self> {
         for _ in 0..PORT_ATTEMPTS {
             let port = config.tcp.then(random_port);
-            let mut args = vec!["--workers".to_owned(), config.workers.to_string()];
-            if let Some(port) = port {
-                args.extend(["--bind".to_owned(), format!("127.0.0.1:{port}")]);
-            }
-            if let Some(path) = &config.unix {
-                args.extend(["--bind".to_owned(), format!("unix:{}", path.display())]);
-            }
-            args.extend(config.args.iter().cloned());
-            let mut server = Self::spawn(&args, &config.rust_log)?;
-            server.port = port;
-            server.unix.clone_from(&config.unix);
+            let mut server = Self::launch(&config, port)?;
+            let args = server.args.clone();
             if server
                 .wait_for_log(|line| line.contains(" serving workers="), STARTUP_TIMEOUT)
                 .is_some()
@@ -393,17 +447,48 @@ impl Server {
                 return Ok(server);
             }
             let status = server.wait_exit(Duration::from_secs(5));
-            let text = server.log_text();
-            let taken = port.is_some_and(|port| {
-                text.contains(&format!("cannot listen on 127.0.0.1:{port}"))
-                    && text.contains("in use")
-            });
-            if taken {
+            if server.port_was_taken() {
                 continue;
             }
+            let text = server.log_text();
             bail!("the server did not start (args {args:?}, exit {status:?}); its log:\n{text}");
         }
         bail!("no free port found after {PORT_ATTEMPTS} attempts")
+    }
+
+    /// Starts the server as configured, listening on `127.0.0.1:port` (if given), without
+    /// waiting for anything. For tests of startup failures; pair it with [`random_port`]
+    /// and retry when the log says the port is in use ([`Server::port_was_taken`]).
+    ///
+    /// # Errors
+    ///
+    /// When the binary is unavailable or cannot be spawned.
+    pub fn launch(config: &ServerConfig, port: Option<u16>) -> Result<Self> {
+        let mut args = vec!["--workers".to_owned(), config.workers.to_string()];
+        if let Some(port) = port {
+            args.extend(["--bind".to_owned(), format!("127.0.0.1:{port}")]);
+        }
+        if let Some(path) = &config.unix {
+            args.extend(["--bind".to_owned(), format!("unix:{}", path.display())]);
+        }
+        args.extend(config.args.iter().cloned());
+        let binary = match &config.binary {
+            Some(binary) => binary.clone(),
+            None => http_binary()?,
+        };
+        let mut server = Self::spawn_binary(&binary, &args, &config.rust_log, config.stdin)?;
+        server.port = port;
+        server.unix.clone_from(&config.unix);
+        Ok(server)
+    }
+
+    /// Whether the server's log says it could not listen on its port because the port is
+    /// in use (a random port that turned out to be taken).
+    pub fn port_was_taken(&self) -> bool {
+        let text = self.log_text();
+        self.port.is_some_and(|port| {
+            text.contains(&format!("cannot listen on 127.0.0.1:{port}")) && text.contains("in use")
+        })
     }
 
     /// Spawns the demo with exactly `args` and `RUST_LOG=rust_log`, without waiting for
@@ -413,12 +498,31 @@ impl Server {
     ///
     /// When the binary is unavailable or cannot be spawned.
     pub fn spawn<S: AsRef<str>>(args: &[S], rust_log: &str) -> Result<Self> {
-        let binary = http_binary()?;
-        let mut child = Command::new(&binary)
+        Self::spawn_binary(&http_binary()?, args, rust_log, false)
+    }
+
+    /// Spawns `binary` with exactly `args` and `RUST_LOG=rust_log`, stdin a pipe (see
+    /// [`send_line`](Self::send_line)) if `piped_stdin`, else `/dev/null`. Waits for
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// When the binary cannot be spawned.
+    pub fn spawn_binary<S: AsRef<str>>(
+        binary: &Path,
+        args: &[S],
+        rust_log: &str,
+        piped_stdin: bool,
+    ) -> Result<Self> {
+        let mut child = Command::new(binary)
             .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", rust_log)
             .env_remove("CORELOOP_WORKER_ID")
-            .stdin(Stdio::null())
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -434,12 +538,20 @@ impl Server {
             bail!("the child's stderr was not captured");
         };
         let reader_log = Arc::clone(&log);
+        let name = binary.file_name().map_or_else(
+            || "server".into(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let label = format!("{name} {pid}");
         std::thread::Builder::new()
-            .name(format!("http-{pid}-stderr"))
-            .spawn(move || read_log(stderr, reader_log, format!("http {pid}")))
+            .name(format!("{name}-{pid}-stderr"))
+            .spawn(move || read_log(stderr, reader_log, label))
             .context("cannot start the log reader thread")?;
+        let stdin = Mutex::new(child.stdin.take());
         Ok(Self {
             child,
+            stdin,
+            args: args.iter().map(|arg| arg.as_ref().to_owned()).collect(),
             pid,
             pidfd,
             exit: None,
@@ -604,6 +716,71 @@ impl Server {
         self.exit
     }
 
+    /// The log lines from index `mark` on (see [`log_mark`](Self::log_mark)).
+    pub fn logs_since(&self, mark: usize) -> Vec<String> {
+        self.log.lock().lines.iter().skip(mark).cloned().collect()
+    }
+
+    /// Like [`wait_for_log_since`](Self::wait_for_log_since), but an error that names
+    /// `what` (and shows the end of the log) when no line matched within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// No matching line in time.
+    pub fn expect_log_since(
+        &self,
+        mark: usize,
+        what: &str,
+        pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.wait_for_log_since(mark, pred, timeout).ok_or_else(|| {
+            let lines = self.logs();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            anyhow!("no {what} in the log within {timeout:?}; its last lines:\n{tail}")
+        })
+    }
+
+    /// Waits for a supervisor `worker ready` line, from `mark` on, for slot `id` with a
+    /// PID other than `old`, and returns that PID.
+    ///
+    /// # Errors
+    ///
+    /// No such line within `timeout`.
+    pub fn wait_for_replacement(
+        &self,
+        mark: usize,
+        id: usize,
+        old: u32,
+        timeout: Duration,
+    ) -> Result<u32> {
+        let line = self.expect_log_since(
+            mark,
+            &format!("`worker ready` for a replacement of worker {id} (pid {old})"),
+            |line| parse_worker_ready(line).is_some_and(|(slot, pid)| slot == id && pid != old),
+            timeout,
+        )?;
+        parse_worker_ready(&line)
+            .map(|(_, pid)| pid)
+            .with_context(|| format!("cannot parse {line:?}"))
+    }
+
+    /// Writes `line` and a newline to the server's stdin (see
+    /// [`ServerConfig::piped_stdin`]).
+    ///
+    /// # Errors
+    ///
+    /// When stdin is not a pipe, or the write fails.
+    pub fn send_line(&self, line: &str) -> Result<()> {
+        let mut stdin = self.stdin.lock().unwrap_or_else(PoisonError::into_inner);
+        let pipe = stdin
+            .as_mut()
+            .context("the server's stdin is not a pipe (ServerConfig::piped_stdin)")?;
+        pipe.write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| pipe.flush())
+            .with_context(|| format!("writing {line:?} to the server's stdin"))
+    }
+
     /// Whether the stderr pipe has been closed by every process holding it, waiting up to
     /// `timeout` for that.
     pub fn wait_log_closed(&self, timeout: Duration) -> bool {
@@ -687,6 +864,43 @@ pub fn children_of(ppid: u32) -> Vec<ProcStat> {
         .collect();
     children.sort_by_key(|stat| stat.pid);
     children
+}
+
+/// The PIDs of the running (not zombie) children of `ppid`.
+pub fn live_children(ppid: u32) -> Vec<u32> {
+    children_of(ppid)
+        .into_iter()
+        .filter(|child| !matches!(child.state, 'Z' | 'X'))
+        .map(|child| child.pid)
+        .collect()
+}
+
+/// The PIDs of the zombie children of `ppid` (exited, not reaped).
+pub fn zombie_children(ppid: u32) -> Vec<u32> {
+    children_of(ppid)
+        .into_iter()
+        .filter(|child| child.state == 'Z')
+        .map(|child| child.pid)
+        .collect()
+}
+
+/// Whether `pid` is gone for good as a child of `ppid`: no such process, or a process that
+/// is neither ours nor a zombie (the PID was reused).
+pub fn reaped(pid: u32, ppid: u32) -> bool {
+    proc_stat(pid).is_none_or(|stat| stat.ppid != ppid && stat.state != 'Z')
+}
+
+/// Waits until `pid` is stopped (state `T`, e.g. after SIGSTOP); `false` after `timeout`.
+/// Polls `/proc`, yielding in between: no event tells another process's stop.
+pub fn wait_for_stopped(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if proc_stat(pid).is_some_and(|stat| stat.state == 'T') {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
 }
 
 /// Whether `pid` exists and is not a zombie (`Z`) or dead (`X`). Orphans may never be
@@ -1072,4 +1286,262 @@ pub fn parse_whoami(body: &str) -> Option<(usize, u32)> {
     let id = parts.next()?.strip_prefix("worker=")?.parse().ok()?;
     let pid = parts.next()?.strip_prefix("pid=")?.parse().ok()?;
     Some((id, pid))
+}
+
+/// How one request with a deadline ended (see [`timed_get`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A complete response: status and body.
+    Answered(u16, String),
+    /// The connection failed (refused, reset, closed early, malformed reply).
+    Failed(String),
+    /// Nothing within the deadline.
+    Hung,
+}
+
+/// `GET path` on a new connection with `Connection: close`, all within `timeout`
+/// (connect, write and every read), classified as answered, failed or hung.
+pub fn timed_get(port: u16, path: &str, timeout: Duration) -> Outcome {
+    let deadline = Instant::now() + timeout;
+    let timed_out = |err: &io::Error| {
+        matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    };
+    let mut stream =
+        match TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), timeout) {
+            Ok(stream) => stream,
+            Err(err) if timed_out(&err) => return Outcome::Hung,
+            Err(err) => return Outcome::Failed(format!("connect: {err}")),
+        };
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+    };
+    let Some(left) = remaining() else {
+        return Outcome::Hung;
+    };
+    if let Err(err) = stream
+        .set_write_timeout(Some(left))
+        .and_then(|()| stream.write_all(get_request(path).as_bytes()))
+    {
+        return if timed_out(&err) {
+            Outcome::Hung
+        } else {
+            Outcome::Failed(format!("write: {err}"))
+        };
+    }
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(left) = remaining() else {
+            return Outcome::Hung;
+        };
+        if let Err(err) = stream.set_read_timeout(Some(left)) {
+            return Outcome::Failed(format!("set_read_timeout: {err}"));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if timed_out(&err) => return Outcome::Hung,
+            Err(err) => {
+                return Outcome::Failed(format!(
+                    "read: {err} after {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+        }
+    }
+    match parse_responses(&bytes) {
+        Ok(mut responses) if responses.len() == 1 => {
+            let response = responses.remove(0);
+            let body = response.text();
+            Outcome::Answered(response.status, body)
+        }
+        Ok(responses) => Outcome::Failed(format!(
+            "{} responses in {:?}",
+            responses.len(),
+            String::from_utf8_lossy(&bytes)
+        )),
+        Err(err) => Outcome::Failed(format!("{err:#}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Background load
+// ---------------------------------------------------------------------------------------
+
+/// What a [`Load`] has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Requests answered `200`.
+    pub ok: usize,
+    /// Requests that failed (error, early close, non-200 status), with why.
+    pub failed: Vec<String>,
+    /// Requests without an answer within their deadline.
+    pub hung: usize,
+    /// Answers per worker PID (from `/whoami` bodies).
+    pub pids: BTreeMap<u32, usize>,
+}
+
+impl LoadReport {
+    fn record(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Answered(200, body) => {
+                self.ok += 1;
+                if let Some((_, pid)) = parse_whoami(&body) {
+                    *self.pids.entry(pid).or_default() += 1;
+                }
+            }
+            Outcome::Answered(status, body) => self.failed.push(format!("{status} {body:?}")),
+            Outcome::Failed(why) => self.failed.push(why),
+            Outcome::Hung => self.hung += 1,
+        }
+    }
+}
+
+/// Client threads sending `GET /whoami` in a loop until stopped: one connection per
+/// request, or keep-alive connections that are reused until the server answers
+/// `Connection: close` (then the client reconnects, as a client should).
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<(Mutex<LoadReport>, Condvar)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Deadline of each request of a [`Load`].
+pub const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Load {
+    /// Starts `per_request` threads that open one connection per request and
+    /// `keep_alive` threads that reuse connections.
+    ///
+    /// # Errors
+    ///
+    /// When a thread cannot be started.
+    pub fn start(port: u16, per_request: usize, keep_alive: usize) -> Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Arc::new((Mutex::new(LoadReport::default()), Condvar::new()));
+        let mut threads = Vec::new();
+        for index in 0..per_request + keep_alive {
+            let stop = Arc::clone(&stop);
+            let shared = Arc::clone(&shared);
+            let reuse = index >= per_request;
+            let thread = std::thread::Builder::new()
+                .name(format!("load-{index}"))
+                .spawn(move || {
+                    let mut conn: Option<TcpStream> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let outcome = if reuse {
+                            keep_alive_get(port, &mut conn)
+                        } else {
+                            timed_get(port, "/whoami", LOAD_REQUEST_TIMEOUT)
+                        };
+                        let (lock, changed) = &*shared;
+                        lock.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .record(outcome);
+                        changed.notify_all();
+                    }
+                })
+                .context("cannot start a load thread")?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            stop,
+            shared,
+            threads,
+        })
+    }
+
+    /// A copy of the report so far.
+    pub fn report(&self) -> LoadReport {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Blocks until the report satisfies `pred` (checked after every request); `false`
+    /// after `timeout`.
+    pub fn wait_until(&self, mut pred: impl FnMut(&LoadReport) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.shared;
+        let mut report = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if pred(&report) {
+                return true;
+            }
+            let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            report = changed
+                .wait_timeout(report, remaining)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Stops the threads (each finishes its current request) and returns the report.
+    pub fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        self.report()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One `GET /whoami` on the keep-alive connection in `conn` (opened if `None`), within
+/// [`LOAD_REQUEST_TIMEOUT`]. The connection is dropped after an error or a `Connection:
+/// close` answer.
+fn keep_alive_get(port: u16, conn: &mut Option<TcpStream>) -> Outcome {
+    let timed_out = |err: &anyhow::Error| {
+        err.chain().any(|cause| {
+            cause.downcast_ref::<io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                )
+            })
+        })
+    };
+    let result = (|| -> Result<Response> {
+        if conn.is_none() {
+            let stream = connect(port)?;
+            stream.set_read_timeout(Some(LOAD_REQUEST_TIMEOUT))?;
+            stream.set_write_timeout(Some(LOAD_REQUEST_TIMEOUT))?;
+            *conn = Some(stream);
+        }
+        let stream = conn.as_mut().context("no connection")?;
+        stream.write_all(b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        read_response(stream)
+    })();
+    match result {
+        Ok(response) => {
+            if response.closes() {
+                *conn = None;
+            }
+            Outcome::Answered(response.status, response.text())
+        }
+        Err(err) => {
+            *conn = None;
+            if timed_out(&err) {
+                Outcome::Hung
+            } else {
+                Outcome::Failed(format!("keep-alive: {err:#}"))
+            }
+        }
+    }
 }

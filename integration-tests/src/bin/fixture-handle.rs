@@ -1,0 +1,69 @@
+//! Fixture: a coreloop server driven through its [`coreloop::ServerHandle`]. A thread of
+//! the supervisor reads commands from stdin, one per line (`reload`, `add`, `remove`,
+//! `stop`, `kill`), and calls the handle; each call is logged as
+//! `handle command command=<name> sent=<bool>`.
+//!
+//! Paths: `/whoami`, and `/sleep?ms=N` (answers after N ms without blocking the worker).
+
+use std::io::BufRead as _;
+use std::time::Duration;
+
+use clap::Parser;
+use coreloop::{Conn, ServerHandle};
+use coreloop_integration_tests::fixture::{self, CommonArgs};
+
+#[derive(Debug, Parser)]
+#[command(about = "coreloop test fixture: ServerHandle commands from stdin")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Reads commands from stdin until EOF.
+fn command_loop(handle: &ServerHandle) {
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let command = line.trim();
+        let sent = match command {
+            "reload" => handle.reload(),
+            "add" => handle.add_worker(),
+            "remove" => handle.remove_worker(),
+            "stop" => handle.stop(true),
+            "kill" => handle.stop(false),
+            "" => continue,
+            other => {
+                tracing::warn!(command = other, "unknown command");
+                continue;
+            }
+        };
+        tracing::info!(command, sent, "handle command");
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fixture::init_logging();
+    let server = args.common.builder()?.serve(|worker| {
+        let worker = worker.get();
+        move |mut conn: Conn| async move {
+            let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
+                return Ok(());
+            };
+            if fixture::path_of(&target) == "/sleep" {
+                let ms = fixture::query_ms(&target).unwrap_or(1000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
+        }
+    });
+    // Workers run this same `main()` with the supervisor channel as stdin: only the
+    // supervisor (the process without `CORELOOP_WORKER_ID`) may read commands from it.
+    if std::env::var_os("CORELOOP_WORKER_ID").is_none() {
+        let handle = server.handle();
+        std::thread::Builder::new()
+            .name("stdin-commands".into())
+            .spawn(move || command_loop(&handle))?;
+    }
+    server.run()?;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Fixture: a coreloop server that is slow to drain. Each request is held for
+//! `--hold-ms` (default 60 s) before it is answered, and the handler ignores the worker's
+//! shutdown signal, so a graceful stop waits for the shutdown timeout.
+
+use std::time::Duration;
+
+use clap::Parser;
+use coreloop::Conn;
+use coreloop_integration_tests::fixture::{self, CommonArgs};
+
+#[derive(Debug, Parser)]
+#[command(about = "coreloop test fixture: holds every connection and ignores the drain")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// How long each request is held before its answer, milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    hold_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fixture::init_logging();
+    let hold = Duration::from_millis(args.hold_ms);
+    args.common
+        .builder()?
+        .serve(move |worker| {
+            let worker = worker.get();
+            move |mut conn: Conn| async move {
+                let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
+                    return Ok(());
+                };
+                tracing::info!(conn.id = conn.id(), %target, "holding connection");
+                // Deliberately not watching `conn.shutdown()`.
+                tokio::time::sleep(hold).await;
+                fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
+            }
+        })
+        .run()?;
+    Ok(())
+}

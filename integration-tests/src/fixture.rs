@@ -1,0 +1,163 @@
+//! Shared code of the fixture binaries (`src/bin/fixture-*.rs`): small coreloop servers
+//! whose handlers misbehave on purpose (panic, block their thread, fail at start, ignore
+//! the drain) so that the tests can watch the supervisor cope.
+//!
+//! Every fixture takes the demo's supervision flags ([`CommonArgs`]), logs to stderr
+//! through `tracing-subscriber` with `RUST_LOG` (ANSI off unless stderr is a terminal),
+//! and speaks just enough HTTP/1.1 for the harness's client: one request per connection,
+//! answered with `Connection: close`. `/whoami` answers `worker=<id> pid=<pid>` like the
+//! demo does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use coreloop::{Server, ServerBuilder, Stream};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Largest request head a fixture reads.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a fixture waits for a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The flags every fixture shares with the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Address to listen on: `HOST:PORT` or `unix:PATH`. Repeatable.
+    #[arg(long = "bind", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub binds: Vec<String>,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seconds a draining worker may take before it is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Seconds without a report from a worker's event loop before it is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub heartbeat_timeout: f64,
+    /// Crash-loop limit: restarts allowed within --restart-period.
+    #[arg(long, default_value_t = 20)]
+    pub max_restarts: usize,
+    /// Crash-loop window, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub restart_period: u64,
+}
+
+impl CommonArgs {
+    /// A [`ServerBuilder`] configured from the flags.
+    ///
+    /// # Errors
+    ///
+    /// A bad address or a non-positive timeout.
+    pub fn builder(&self) -> anyhow::Result<ServerBuilder> {
+        let secs = |name: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(anyhow::anyhow!(
+                    "--{name} must be a positive number of seconds"
+                ))
+            }
+        };
+        let mut builder = Server::builder()
+            .workers(self.workers)
+            .shutdown_timeout(secs("shutdown-timeout", self.shutdown_timeout)?)
+            .heartbeat_timeout(secs("heartbeat-timeout", self.heartbeat_timeout)?)
+            .restart_limit(self.max_restarts, Duration::from_secs(self.restart_period));
+        for bind in &self.binds {
+            builder = match bind.strip_prefix("unix:") {
+                Some(path) => builder.bind_unix(PathBuf::from(path)),
+                None => builder
+                    .bind(bind.as_str())
+                    .with_context(|| format!("--bind {bind}"))?,
+            };
+        }
+        Ok(builder)
+    }
+}
+
+/// Installs the stderr log subscriber: `RUST_LOG` filter (default `info`), no ANSI colours
+/// unless stderr is a terminal.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Reads one request head and returns its target (`/path?query`); `None` if the client
+/// closed, sent garbage or nothing within 10 s.
+///
+/// # Errors
+///
+/// Read errors.
+pub async fn read_request(stream: &mut Stream) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let read_head = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            if buf.len() > MAX_HEAD {
+                return Ok(false);
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(true)
+    };
+    match tokio::time::timeout(HEAD_TIMEOUT, read_head).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) | Err(_) => return Ok(None),
+        Ok(Err(err)) => return Err(err),
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut parts = text.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(_method), Some(target)) => Ok(Some(target.to_owned())),
+        _ => Ok(None),
+    }
+}
+
+/// Writes one response with `Connection: close` and shuts the write side down.
+///
+/// # Errors
+///
+/// Write errors.
+pub async fn respond(stream: &mut Stream, status: u16, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Error",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The `/whoami` body: `worker=<id> pid=<pid>`.
+pub fn whoami(worker: usize) -> String {
+    format!("worker={worker} pid={}", std::process::id())
+}
+
+/// The value of `ms=N` in a request target's query.
+pub fn query_ms(target: &str) -> Option<u64> {
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("ms="))
+        .and_then(|value| value.parse().ok())
+}
+
+/// The path of a request target (without the query).
+pub fn path_of(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(path, _)| path)
+}

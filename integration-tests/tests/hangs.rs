@@ -1,0 +1,137 @@
+//! Hang detection: a worker whose event loop is blocked gets no new connections as soon
+//! as its reports are late, and is killed and replaced after the heartbeat timeout.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use coreloop_integration_tests::{
+    Outcome, Server, ServerConfig, connect, get, live_children, log_field, parse_whoami,
+    read_until_close, timed_get, wait_for_exit, zombie_children,
+};
+use std::io::Write as _;
+
+/// How fast a request to the healthy worker must be answered while the other is blocked.
+const PROMPT: Duration = Duration::from_millis(500);
+
+#[test]
+fn blocked_worker_is_bypassed_then_killed_and_replaced() -> anyhow::Result<()> {
+    let server = Server::start(
+        ServerConfig::new(2)
+            .binary(env!("CARGO_BIN_EXE_fixture-block"))
+            .args(["--heartbeat-timeout", "1"]),
+    )?;
+    let port = server.port();
+    let workers = server.worker_pids();
+    let mark = server.log_mark();
+
+    // Block one worker's event loop for 5 s (far past the 1 s heartbeat timeout).
+    let mut blocked_conn = connect(port)?;
+    blocked_conn.write_all(b"GET /block?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let blocking = server.expect_log_since(
+        mark,
+        "`blocking the event loop` from a worker",
+        |line| line.contains(" blocking the event loop"),
+        Duration::from_secs(10),
+    )?;
+    let blocked: u32 = log_field(&blocking, "worker.pid")
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no worker.pid in {blocking:?}"))?;
+    let (&blocked_id, _) = workers
+        .iter()
+        .find(|(_, pid)| **pid == blocked)
+        .context("the blocked pid is not a worker")?;
+    let healthy = workers[&(1 - blocked_id)];
+
+    // Its reports stop: after 3 heartbeat intervals it gets no new connections.
+    let pid = blocked.to_string();
+    server.expect_log_since(
+        mark,
+        "`worker reports are late` for the blocked worker",
+        |line| {
+            line.contains("worker reports are late; no new connections for it")
+                && log_field(line, "worker.pid") == Some(pid.as_str())
+        },
+        Duration::from_secs(5),
+    )?;
+
+    // While it is blocked, every new connection is answered promptly by the other worker.
+    let killed = |line: &str| {
+        line.contains("worker event loop blocked past the heartbeat timeout; killing it")
+            && log_field(line, "worker.pid") == Some(pid.as_str())
+    };
+    let mut served = 0;
+    let start = Instant::now();
+    while served < 5
+        || server
+            .wait_for_log_since(mark, killed, Duration::ZERO)
+            .is_none()
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the blocked worker was not killed"
+        );
+        let sent = Instant::now();
+        let outcome = timed_get(port, "/whoami", Duration::from_secs(10));
+        let took = sent.elapsed();
+        let Outcome::Answered(200, body) = &outcome else {
+            panic!("request {served} while a worker is blocked: {outcome:?}");
+        };
+        let (_, answered_by) = parse_whoami(body).context("bad /whoami body")?;
+        assert_eq!(
+            answered_by, healthy,
+            "request {served} was not served by the healthy worker"
+        );
+        assert!(
+            took < PROMPT,
+            "request {served} took {took:?} while worker {blocked} was blocked"
+        );
+        served += 1;
+    }
+    eprintln!("{served} requests served by {healthy} while {blocked} was blocked");
+
+    // Killed after the heartbeat timeout, with how long it had been silent.
+    let line = server.expect_log_since(mark, "the kill line", killed, Duration::ZERO)?;
+    let blocked_ms: u64 = log_field(&line, "blocked_ms")
+        .and_then(|ms| ms.parse().ok())
+        .with_context(|| format!("no blocked_ms in {line:?}"))?;
+    assert!(
+        (1000..5000).contains(&blocked_ms),
+        "blocked_ms={blocked_ms} for a 1 s heartbeat timeout and a 5 s block"
+    );
+    assert!(
+        wait_for_exit(blocked, Duration::from_secs(5)),
+        "the blocked worker {blocked} was not killed"
+    );
+    let replacement =
+        server.wait_for_replacement(mark, blocked_id, blocked, Duration::from_secs(15))?;
+    // The blocked request's connection died with its worker.
+    let reply = read_until_close(&mut blocked_conn)?;
+    assert!(
+        !reply.text().contains("200 OK"),
+        "the blocked request was answered: {:?}",
+        reply.text()
+    );
+
+    // The replacement serves; the pool is the healthy worker and the replacement.
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let (status, body) = get(port, "/whoami")?;
+        assert_eq!(status, 200);
+        pids.insert(parse_whoami(&body).context("bad /whoami body")?.1);
+        if pids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        pids,
+        [healthy, replacement].into_iter().collect(),
+        "pids answering after the replacement"
+    );
+    let mut children = live_children(server.pid());
+    children.sort_unstable();
+    let mut expected = vec![healthy, replacement];
+    expected.sort_unstable();
+    assert_eq!(children, expected, "children of the supervisor");
+    assert_eq!(zombie_children(server.pid()), Vec::<u32>::new(), "zombies");
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Recycling: a worker that has been handed its share of connections (40 plus a random
+//! 0..=10) is replaced gracefully, its replacement ready before it stops taking
+//! connections, without failing a request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use coreloop_integration_tests::{
+    Outcome, Server, ServerConfig, fewest_ready_workers, live_children, log_field, parse_whoami,
+    reaped, timed_get, wait_for_exit, zombie_children,
+};
+
+const RECYCLE_AFTER: usize = 40;
+const REQUESTS: usize = 300;
+/// Requests to make at most while waiting for the second recycle to complete.
+const MAX_REQUESTS: usize = 3000;
+
+fn field_pid(line: &str, key: &str) -> Option<u32> {
+    log_field(line, key)?.parse().ok()
+}
+
+fn is_recycle_swap(line: &str) -> bool {
+    line.contains(" replacement ready; draining the old worker ")
+        && line.contains("why=\"connection count\"")
+}
+
+#[test]
+fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
+    let server = Server::start(ServerConfig::new(2).args([
+        "--recycle-after",
+        "40",
+        "--recycle-jitter",
+        "10",
+        // Health checks (and so recycling checks) every 100 ms.
+        "--heartbeat-timeout",
+        "2",
+    ]))?;
+    let port = server.port();
+    let supervisor = server.pid();
+    let original: BTreeSet<u32> = server.worker_pids().into_values().collect();
+
+    // Sequential requests, one connection each: at least 300, and on until two recycles
+    // have completed.
+    let mut served: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut failures = Vec::new();
+    let mut made = 0;
+    loop {
+        match timed_get(port, "/whoami", Duration::from_secs(5)) {
+            Outcome::Answered(200, body) => {
+                let (_, pid) = parse_whoami(&body).context("bad /whoami body")?;
+                *served.entry(pid).or_default() += 1;
+            }
+            other => failures.push(format!("request {made}: {other:?}")),
+        }
+        made += 1;
+        let swaps = server
+            .logs()
+            .iter()
+            .filter(|line| is_recycle_swap(line))
+            .count();
+        if made >= REQUESTS && swaps >= 2 {
+            break;
+        }
+        if made >= MAX_REQUESTS {
+            bail!("{made} requests and only {swaps} recycles completed");
+        }
+    }
+    eprintln!("{made} requests; answers per pid: {served:?}");
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+
+    // Every recycle that started completes: replacement ready, then the old one drains.
+    let recycled: Vec<u32> = server
+        .logs()
+        .iter()
+        .filter(|line| line.contains(" recycling worker "))
+        .filter_map(|line| field_pid(line, "worker.pid"))
+        .collect();
+    assert!(recycled.len() >= 2, "recycled: {recycled:?}");
+    for old in &recycled {
+        let old_text = old.to_string();
+        let exited = server.expect_log_since(
+            0,
+            &format!("`worker exited after draining` for recycled worker {old}"),
+            |line| {
+                line.contains(" worker exited after draining ")
+                    && log_field(line, "worker.pid") == Some(old_text.as_str())
+            },
+            Duration::from_secs(15),
+        )?;
+        assert!(exited.contains("status=exit code 0"), "{exited}");
+        assert!(wait_for_exit(*old, Duration::from_secs(5)));
+        assert!(reaped(*old, supervisor), "{old} was not reaped");
+        // It was handed at least its threshold of connections, all of them ours.
+        let count = served.get(old).copied().unwrap_or(0);
+        assert!(
+            count >= RECYCLE_AFTER,
+            "worker {old} was recycled after serving {count} requests"
+        );
+    }
+
+    // Order in the log: `recycling worker` < `replacement ready` < old worker's exit; and
+    // from `serving` on, never fewer than two ready workers.
+    let logs = server.logs();
+    let position = |pred: &dyn Fn(&str) -> bool| logs.iter().position(|line| pred(line));
+    for old in &recycled {
+        let start = position(&|line| {
+            line.contains(" recycling worker ") && field_pid(line, "worker.pid") == Some(*old)
+        });
+        let ready =
+            position(&|line| is_recycle_swap(line) && field_pid(line, "old.pid") == Some(*old));
+        let exit = position(&|line| {
+            line.contains(" worker exited after draining ")
+                && field_pid(line, "worker.pid") == Some(*old)
+        });
+        ensure!(
+            start < ready && ready < exit && start.is_some(),
+            "worker {old}: recycling at line {start:?}, replacement ready at {ready:?}, exit at {exit:?}"
+        );
+    }
+    let (fewest, at) = fewest_ready_workers(&logs).context("no `serving` line")?;
+    assert!(
+        fewest >= 2,
+        "only {fewest} ready worker(s) at log line {at:?}"
+    );
+
+    // The pool: two workers, not the original ones that were recycled.
+    let current: BTreeSet<u32> = server.worker_pids().into_values().collect();
+    assert_eq!(current.len(), 2);
+    assert_ne!(current, original, "worker pids did not change");
+    let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
+    assert_eq!(children, current, "children of the supervisor");
+    assert_eq!(zombie_children(supervisor), Vec::<u32>::new(), "zombies");
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! A stop signal sent to one worker (not to the supervisor): the worker asks to retire,
+//! the supervisor drains it and starts its replacement at once, as a planned exit (no
+//! backoff, no crash counted), and requests keep succeeding.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::ensure;
+use coreloop_integration_tests::{
+    Load, Server, ServerConfig, kill, live_children, log_field, reaped, wait_for_exit,
+    zombie_children,
+};
+use rustix::process::Signal;
+
+#[test]
+fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
+    // A crash-loop limit of 0: any restart counted as a crash would stop the server.
+    let server = Server::start(ServerConfig::new(2).args(["--max-restarts", "0"]))?;
+    let supervisor = server.pid();
+    let workers = server.worker_pids();
+    let (retiree, other) = (workers[&0], workers[&1]);
+    let load = Load::start(server.port(), 2, 1)?;
+    ensure!(
+        load.wait_until(|r| r.pids.contains_key(&retiree), Duration::from_secs(10)),
+        "the load never reached worker {retiree}"
+    );
+
+    let mark = server.log_mark();
+    kill(retiree, Signal::TERM)?;
+    let pid = retiree.to_string();
+    server.expect_log_since(
+        mark,
+        "`worker asks to retire; draining it`",
+        |line| {
+            line.contains(" worker asks to retire; draining it")
+                && log_field(line, "worker.pid") == Some(pid.as_str())
+        },
+        Duration::from_secs(10),
+    )?;
+    let replacement = server.wait_for_replacement(mark, 0, retiree, Duration::from_secs(15))?;
+    let exited = server.expect_log_since(
+        mark,
+        "`worker exited after draining` for the retired worker",
+        |line| {
+            line.contains(" worker exited after draining ")
+                && log_field(line, "worker.pid") == Some(pid.as_str())
+        },
+        Duration::from_secs(15),
+    )?;
+    assert!(exited.contains("status=exit code 0"), "{exited}");
+    assert!(wait_for_exit(retiree, Duration::from_secs(5)));
+    assert!(reaped(retiree, supervisor), "{retiree} was not reaped");
+    // The replacement takes requests.
+    ensure!(
+        load.wait_until(
+            |r| r.pids.get(&replacement).is_some_and(|n| *n >= 10),
+            Duration::from_secs(10)
+        ),
+        "the replacement {replacement} did not serve"
+    );
+    let report = load.finish();
+    eprintln!(
+        "{} ok, {} failed, {} hung; answers per pid {:?}",
+        report.ok,
+        report.failed.len(),
+        report.hung,
+        report.pids
+    );
+    assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
+    assert_eq!(report.hung, 0);
+
+    // A planned exit: no crash, no backoff; the server runs on.
+    let log = server.logs_since(mark).join("\n");
+    assert!(!log.contains(" worker died "), "counted as a crash:\n{log}");
+    assert!(!log.contains("restarting after backoff"), "backoff:\n{log}");
+    assert!(!log.contains("giving up"), "crash loop:\n{log}");
+    let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
+    assert_eq!(children, BTreeSet::from([other, replacement]));
+    assert_eq!(zombie_children(supervisor), Vec::<u32>::new(), "zombies");
+    Ok(())
+}
