@@ -1,22 +1,26 @@
 //! [`Channel`]: one end of a supervisor–worker socket pair, speaking [`Message`]s.
 //!
-//! Built on `tokio-seqpacket`, whose `sendmsg`/`recvmsg` calls use `MSG_NOSIGNAL` (a dead
-//! peer is `EPIPE`, not a process-killing `SIGPIPE`) and `MSG_CMSG_CLOEXEC` (received
-//! descriptors are close-on-exec atomically). This module adds what the transport leaves
-//! to its users: a fixed, aligned control buffer per call (no allocation), a check of the
-//! truncation flags on every receive, a check that each message carries exactly the
-//! descriptors its kind requires, and a non-blocking [`Channel::try_send`] so that a
-//! dispatcher can skip a worker whose queue is full instead of waiting on it.
+//! Sending and receiving are `sendmsg`/`recvmsg` through rustix's I/O-safe wrappers, with
+//! `MSG_NOSIGNAL` (a dead peer is `EPIPE`, not a process-killing `SIGPIPE`),
+//! `MSG_CMSG_CLOEXEC` (received descriptors are close-on-exec atomically) and
+//! `MSG_DONTWAIT`. This module adds what the system calls leave to their users: fixed
+//! control buffers on the stack (no allocation per message), a check of the truncation
+//! flags on every receive, a check that each message carries exactly the descriptors its
+//! kind requires, and a non-blocking [`Channel::try_send`] so that a dispatcher can skip a
+//! worker whose queue is full instead of waiting on it.
 //!
-//! Sending calls `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` through rustix directly instead of
-//! going through the runtime's cached readiness: a freshly registered socket has no
-//! readiness yet, and a dispatcher must learn "full" from the kernel, not from a cache. On
-//! `EAGAIN` the cached write readiness is cleared, so waiting in
-//! [`Channel::poll_send_ready`] sleeps until the kernel reports room.
+//! # Readiness
+//!
+//! The socket is registered with the runtime for *read* readiness only. Registering it for
+//! writes too (as `tokio-seqpacket`'s `UnixSeqpacket` does) makes the kernel wake the
+//! sender every time the receiver drains a message — once per forwarded connection, for
+//! nothing, since sends almost never block. Write readiness is registered on a duplicate
+//! descriptor, created the first time a send finds the queue full.
 //!
 //! `passfd` was evaluated for this job and rejected: its tokio futures lose the wakeup once
 //! a call would block, which on a busy channel hangs the connection path.
 
+use std::cell::OnceCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -27,19 +31,13 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use tokio::io::Interest;
-use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 
-use crate::message::{MAX_MESSAGE_LEN, Message, ProtocolError};
+use crate::fd::Readiness;
+use crate::message::{MAX_BATCH, MAX_MESSAGE_LEN, Message, ProtocolError};
 
-/// Room for the `SCM_RIGHTS` header plus up to 8 descriptors: more than any message
-/// carries, so a sender that attaches too many is caught by the count check rather than
-/// by `MSG_CTRUNC`.
-const CONTROL_LEN: usize = 64;
-
-/// Control-message buffer with the alignment `cmsghdr` needs.
-#[repr(C, align(8))]
-struct ControlBuf([u8; CONTROL_LEN]);
+/// Descriptors one receive has room for: more than any message carries, so that a sender
+/// that attaches too many is caught by the count check rather than by `MSG_CTRUNC`.
+const RECV_FDS: usize = MAX_BATCH + 4;
 
 /// An error on the channel.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +82,54 @@ pub enum TrySendError {
     Failed(#[from] ChannelError),
 }
 
+/// The descriptors that arrived with one message, in order; no allocation.
+#[derive(Debug, Default)]
+pub struct Fds {
+    fds: [Option<OwnedFd>; MAX_BATCH],
+    len: usize,
+    /// Descriptors that arrived beyond the first `MAX_BATCH` (closed at once).
+    extra: usize,
+}
+
+impl Fds {
+    fn push(&mut self, fd: OwnedFd) {
+        match self.fds.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(fd);
+                self.len += 1;
+            }
+            None => self.extra += 1,
+        }
+    }
+
+    /// How many descriptors arrived.
+    pub fn len(&self) -> usize {
+        self.len + self.extra
+    }
+
+    /// Whether none arrived.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl IntoIterator for Fds {
+    type Item = OwnedFd;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<OwnedFd>, MAX_BATCH>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.fds.into_iter().flatten()
+    }
+}
+
+/// What one non-blocking receive found.
+#[allow(clippy::large_enum_variant)] // returned by value once per receive, never stored
+enum Recv {
+    Message(Message, Fds),
+    Empty,
+    Closed,
+}
+
 /// One end of a supervisor–worker channel.
 ///
 /// # Examples
@@ -95,49 +141,50 @@ pub enum TrySendError {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let (a, b) = socketpair_cloexec()?;
 /// let (a, b) = (Channel::from_fd(a)?, Channel::from_fd(b)?);
-/// a.send(&Message::Ready { pid: 7 }, None).await?;
-/// let (msg, fd) = b.recv().await?.expect("peer is open");
+/// a.send(&Message::Ready { pid: 7 }, &[]).await?;
+/// let (msg, fds) = b.recv().await?.expect("peer is open");
 /// assert_eq!(msg, Message::Ready { pid: 7 });
-/// assert!(fd.is_none());
+/// assert!(fds.is_empty());
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Debug)]
 pub struct Channel {
-    sock: UnixSeqpacket,
+    read: Readiness,
+    /// Write readiness, on a duplicate descriptor, registered on first need.
+    write: OnceCell<Readiness>,
 }
 
 impl Channel {
-    /// Wraps a connected seqpacket socket. Must be called inside a tokio runtime.
+    /// Wraps a connected, non-blocking seqpacket socket. Must be called inside a tokio
+    /// runtime.
     ///
     /// # Errors
     ///
     /// When the descriptor cannot be registered with the runtime's reactor.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         Ok(Self {
-            sock: UnixSeqpacket::try_from(fd)?,
+            read: Readiness::new(fd, Interest::READABLE)?,
+            write: OnceCell::new(),
         })
     }
 
-    /// Sends `msg`, with `fd` attached when the message kind carries one, waiting while
-    /// the peer's queue is full.
+    /// Sends `msg` with `fds` attached (one per connection of a [`Message::Conns`], none
+    /// for other kinds), waiting while the peer's queue is full.
     ///
-    /// The caller keeps ownership of `fd`; the kernel gives the peer its own duplicate.
+    /// The caller keeps ownership of the descriptors; the kernel gives the peer its own
+    /// duplicates.
     ///
     /// # Errors
     ///
-    /// [`ChannelError::FdCount`] when `fd` does not match the kind; [`ChannelError::Io`]
+    /// [`ChannelError::FdCount`] when `fds` does not match the kind; [`ChannelError::Io`]
     /// when the socket call fails.
-    pub async fn send(
-        &self,
-        msg: &Message,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ChannelError> {
+    pub async fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
         loop {
-            match self.try_send(msg, fd) {
+            match self.try_send(msg, fds) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full) => {
-                    std::future::poll_fn(|cx| self.poll_send_ready(cx)).await?
+                    std::future::poll_fn(|cx| self.poll_send_ready(cx)).await?;
                 }
                 Err(TrySendError::Failed(err)) => return Err(err),
             }
@@ -150,43 +197,37 @@ impl Channel {
     ///
     /// [`TrySendError::Full`] when the kernel has no room (`EAGAIN`); otherwise as
     /// [`Channel::send`].
-    pub fn try_send(&self, msg: &Message, fd: Option<BorrowedFd<'_>>) -> Result<(), TrySendError> {
-        let expected = msg.fd_count();
-        let got = usize::from(fd.is_some());
-        if expected != got {
+    pub fn try_send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), TrySendError> {
+        if msg.fd_count() != fds.len() {
             return Err(ChannelError::FdCount {
                 kind: msg.kind_name(),
-                expected,
-                got,
+                expected: msg.fd_count(),
+                got: fds.len(),
             }
             .into());
         }
         let mut bytes = [0u8; MAX_MESSAGE_LEN];
         let len = msg.encode(&mut bytes).map_err(ChannelError::from)?;
-        let fds: [BorrowedFd<'_>; 1];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
         let mut control = SendAncillaryBuffer::new(&mut space);
-        if let Some(fd) = fd {
-            fds = [fd];
-            // Cannot fail: the buffer is sized for exactly one descriptor.
-            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-                return Err(ChannelError::Io(io::Error::other("control buffer too small")).into());
-            }
+        // Cannot fail: fds.len() <= MAX_BATCH, which the buffer is sized for.
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(ChannelError::Io(io::Error::other("control buffer too small")).into());
         }
         let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL | SendFlags::EOR;
         match rustix::net::sendmsg(
-            &self.sock,
+            &self.read,
             &[IoSlice::new(&bytes[..len])],
             &mut control,
             flags,
         ) {
             Ok(_) => Ok(()),
             Err(rustix::io::Errno::AGAIN) => {
-                // The kernel said "full": drop the runtime's cached write readiness, so that
+                // The kernel said "full": clear any cached write readiness, so that
                 // `poll_send_ready` waits for the kernel's next report instead of spinning.
-                let _ = self.sock.as_async_fd().try_io(Interest::WRITABLE, |_| {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
+                if let Some(write) = self.write.get() {
+                    write.clear_write_ready();
+                }
                 Err(TrySendError::Full)
             }
             Err(err) => Err(ChannelError::Io(err.into()).into()),
@@ -200,15 +241,21 @@ impl Channel {
     ///
     /// # Errors
     ///
-    /// When the reactor reports an error for the socket.
+    /// When the descriptor cannot be duplicated or registered, or the reactor reports an
+    /// error for it.
     pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.sock
-            .as_async_fd()
-            .poll_write_ready(cx)
-            .map_ok(|_guard| ())
+        let write = match self.write.get() {
+            Some(write) => write,
+            None => {
+                let dup = rustix::io::fcntl_dupfd_cloexec(&self.read, 3)?;
+                let registered = Readiness::new(dup, Interest::WRITABLE)?;
+                self.write.get_or_init(|| registered)
+            }
+        };
+        write.poll_write_ready(cx)
     }
 
-    /// Receives the next message and its descriptor, if its kind carries one.
+    /// Receives the next message and the descriptors it carries.
     ///
     /// Returns `Ok(None)` once the peer has closed its end and every queued message has been
     /// read. Cancel-safe: a message is either returned or still queued.
@@ -218,111 +265,83 @@ impl Channel {
     /// [`ChannelError::Truncated`], [`ChannelError::Protocol`] and [`ChannelError::FdCount`]
     /// for a bad datagram (the channel stays usable, the datagram's descriptors are closed);
     /// [`ChannelError::Io`] when the socket call fails.
-    pub async fn recv(&self) -> Result<Option<(Message, Option<OwnedFd>)>, ChannelError> {
-        // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
-        let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
-        let mut control = ControlBuf([0; CONTROL_LEN]);
-        let (info, ancillary) = self
-            .sock
-            .recv_vectored_with_ancillary(&mut [IoSliceMut::new(&mut bytes)], &mut control.0)
-            .await?;
-        let mut fds = Received::default();
-        for message in ancillary.into_messages() {
-            if let OwnedAncillaryMessage::FileDescriptors(received) = message {
-                received.for_each(|fd| fds.push(fd));
+    pub async fn recv(&self) -> Result<Option<(Message, Fds)>, ChannelError> {
+        loop {
+            std::future::poll_fn(|cx| self.read.poll_read_ready(cx)).await?;
+            match self.recv_once()? {
+                Recv::Message(msg, fds) => return Ok(Some((msg, fds))),
+                Recv::Closed => return Ok(None),
+                Recv::Empty => self.read.clear_read_ready(),
             }
         }
-        check_received(
-            &bytes[..info.bytes_read()],
-            fds,
-            info.truncated(),
-            info.ancillary_truncated(),
-        )
     }
 
     /// Receives a message already queued, without waiting: `Ok(None)` when the queue is
-    /// empty (or the peer closed). Used to take back what a dead worker never read.
+    /// empty or the peer closed. Used to take back what a dead worker never read.
     ///
     /// # Errors
     ///
     /// As [`Channel::recv`].
-    pub fn try_recv(&self) -> Result<Option<(Message, Option<OwnedFd>)>, ChannelError> {
+    pub fn try_recv(&self) -> Result<Option<(Message, Fds)>, ChannelError> {
+        match self.recv_once()? {
+            Recv::Message(msg, fds) => Ok(Some((msg, fds))),
+            Recv::Empty => {
+                self.read.clear_read_ready();
+                Ok(None)
+            }
+            Recv::Closed => Ok(None),
+        }
+    }
+
+    fn recv_once(&self) -> Result<Recv, ChannelError> {
+        // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
         let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
         let result = rustix::net::recvmsg(
-            &self.sock,
+            &self.read,
             &mut [IoSliceMut::new(&mut bytes)],
             &mut control,
             flags,
         );
-        let msg = match result {
-            Ok(msg) => msg,
-            Err(rustix::io::Errno::AGAIN) => return Ok(None),
+        let received = match result {
+            Ok(received) => received,
+            Err(rustix::io::Errno::AGAIN) => return Ok(Recv::Empty),
             Err(err) => return Err(ChannelError::Io(err.into())),
         };
-        let mut fds = Received::default();
+        let mut fds = Fds::default();
         for message in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = message {
-                received.for_each(|fd| fds.push(fd));
+            if let RecvAncillaryMessage::ScmRights(arrived) = message {
+                arrived.for_each(|fd| fds.push(fd));
             }
         }
-        check_received(
-            &bytes[..msg.bytes.min(bytes.len())],
-            fds,
-            msg.flags.contains(ReturnFlags::TRUNC),
-            msg.flags.contains(ReturnFlags::CTRUNC),
-        )
-    }
-}
-
-/// The descriptors of one datagram: the first is kept, any extra is closed at once, and
-/// all are counted. No allocation on the per-connection path.
-#[derive(Default)]
-struct Received {
-    first: Option<OwnedFd>,
-    count: usize,
-}
-
-impl Received {
-    fn push(&mut self, fd: OwnedFd) {
-        self.count += 1;
-        if self.first.is_none() {
-            self.first = Some(fd);
+        let truncated = received.flags.contains(ReturnFlags::TRUNC);
+        let control_truncated = received.flags.contains(ReturnFlags::CTRUNC);
+        if truncated || control_truncated {
+            return Err(ChannelError::Truncated {
+                data: truncated,
+                control: control_truncated,
+            });
         }
+        let data = &bytes[..received.bytes.min(bytes.len())];
+        if data.is_empty() && fds.is_empty() {
+            return Ok(Recv::Closed);
+        }
+        let msg = Message::decode(data)?;
+        if msg.fd_count() != fds.len() {
+            return Err(ChannelError::FdCount {
+                kind: msg.kind_name(),
+                expected: msg.fd_count(),
+                got: fds.len(),
+            });
+        }
+        Ok(Recv::Message(msg, fds))
     }
-}
-
-/// Validates one received datagram; the descriptors of a bad one are closed on return.
-fn check_received(
-    bytes: &[u8],
-    fds: Received,
-    truncated: bool,
-    control_truncated: bool,
-) -> Result<Option<(Message, Option<OwnedFd>)>, ChannelError> {
-    if truncated || control_truncated {
-        return Err(ChannelError::Truncated {
-            data: truncated,
-            control: control_truncated,
-        });
-    }
-    if bytes.is_empty() && fds.count == 0 {
-        return Ok(None);
-    }
-    let msg = Message::decode(bytes)?;
-    if msg.fd_count() != fds.count {
-        return Err(ChannelError::FdCount {
-            kind: msg.kind_name(),
-            expected: msg.fd_count(),
-            got: fds.count,
-        });
-    }
-    Ok(Some((msg, fds.first)))
 }
 
 impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.read.as_fd()
     }
 }

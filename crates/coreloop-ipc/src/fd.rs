@@ -10,15 +10,17 @@
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
 //! The one `unsafe` block of coreloop is here: [`Readiness`] registers an owned descriptor
-//! with tokio's reactor (`AsyncFd::register`, unsafe since tokio made raw registration
-//! I/O-safety-aware). The supervisor needs it to wait on listeners whose connections it
-//! accepts with a raw `accept4`, without tokio's per-stream `epoll` registration.
+//! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
+//! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
+//! connections it accepts with a raw `accept4` (without tokio's per-stream `epoll`
+//! registration), and channels use it to register for exactly the readiness they need.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
-use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
@@ -81,7 +83,8 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Registers `fd` for read and write readiness. Must be called inside a tokio runtime.
+    /// Registers `fd` for the readiness events in `interest`. Must be called inside a
+    /// tokio runtime.
     ///
     /// # Errors
     ///
@@ -90,26 +93,48 @@ impl Readiness {
     /// # Panics
     ///
     /// Outside a tokio runtime with I/O enabled.
-    pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        // SAFETY: `AsyncFd::register` requires the descriptor to stay open and to be the
-        // same descriptor for the registration's whole life. The `OwnedFd` moves into the
-        // `AsyncFd`, which keeps it until it is dropped (deregistering first), and this
-        // type never hands out `&mut` access to it nor calls `into_inner`, so nothing can
-        // close or replace it while it is registered.
-        let inner = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+    pub fn new(fd: OwnedFd, interest: Interest) -> io::Result<Self> {
+        // SAFETY: `AsyncFd::register_with_interest` requires the descriptor to stay open
+        // and to be the same descriptor for the registration's whole life. The `OwnedFd`
+        // moves into the `AsyncFd`, which keeps it until it is dropped (deregistering
+        // first), and this type never hands out `&mut` access to it nor calls
+        // `into_inner`, so nothing can close or replace it while it is registered.
+        let inner =
+            unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(io::Error::from)?;
         Ok(Self { inner })
     }
 
-    /// Polls for read readiness; clear it through the guard after a `WouldBlock`.
+    /// Polls for read readiness. After an operation returns `EAGAIN`, call
+    /// [`clear_read_ready`](Self::clear_read_ready) so the next poll waits for the kernel.
     ///
     /// # Errors
     ///
     /// An error the reactor reports for the descriptor.
-    pub fn poll_read_ready<'a>(
-        &'a self,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<AsyncFdReadyGuard<'a, OwnedFd>>> {
-        self.inner.poll_read_ready(cx)
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx).map_ok(|_guard| ())
+    }
+
+    /// Polls for write readiness; see [`poll_read_ready`](Self::poll_read_ready).
+    ///
+    /// # Errors
+    ///
+    /// An error the reactor reports for the descriptor.
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_write_ready(cx).map_ok(|_guard| ())
+    }
+
+    /// Forgets cached read readiness: the caller just saw `EAGAIN`.
+    pub fn clear_read_ready(&self) {
+        let _ = self.inner.try_io(Interest::READABLE, |_| {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+
+    /// Forgets cached write readiness: the caller just saw `EAGAIN`.
+    pub fn clear_write_ready(&self) {
+        let _ = self.inner.try_io(Interest::WRITABLE, |_| {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
     }
 }
 

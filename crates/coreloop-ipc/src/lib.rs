@@ -2,16 +2,16 @@
 //!
 //! Every worker is connected to the supervisor by one `SOCK_SEQPACKET` unix socket pair.
 //! Seqpacket keeps message boundaries and order, so each datagram is exactly one
-//! [`Message`], and an accepted connection's file descriptor rides in the same datagram
-//! as its metadata (`SCM_RIGHTS`). A zero-length read means the other side is gone:
-//! that is the worker's lifeline, and the supervisor's first sign of a dead worker.
+//! [`Message`], and accepted connections' file descriptors ride in the same datagram as
+//! their metadata (`SCM_RIGHTS`). A zero-length read means the other side is gone: that
+//! is the worker's lifeline.
 //!
 //! ```text
-//!   supervisor                                  worker N
-//!   ──────────                                  ────────
-//!   Channel ──── Conn{id, listener, peer} + fd ──▶ Channel     (one fd per message)
-//!           ──── Drain{timeout_ms} ─────────────▶
-//!           ◀─── Ready{pid} / Retiring / Failed ─
+//!   supervisor                                          worker N
+//!   ──────────                                          ────────
+//!   Channel ── Conns[{id, listener, peer} × k] + k fds ──▶ Channel   (1 ≤ k ≤ MAX_BATCH)
+//!           ── Drain{timeout_ms} ────────────────────────▶           (always the last)
+//!           ◀─ Ready{pid} / Status{live, closed, rss} / Retiring / Failed{reason} ─
 //! ```
 //!
 //! Ownership rules, which the types enforce:
@@ -26,6 +26,11 @@
 //!
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
 //! registers an owned descriptor with tokio's reactor ([`Readiness`]).
+//!
+//! The socket pair is used through rustix's `sendmsg`/`recvmsg` and our own readiness
+//! registration rather than through `tokio-seqpacket`, whose sockets register for read
+//! and write readiness together: see the `channel` module for why that costs a wake-up per
+//! forwarded connection. `tokio-seqpacket` stays in the tests, as an independent peer.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -34,6 +39,9 @@ mod channel;
 mod fd;
 mod message;
 
-pub use channel::{Channel, ChannelError, TrySendError};
+pub use channel::{Channel, ChannelError, Fds, TrySendError};
 pub use fd::{Readiness, inherited_channel, socketpair_cloexec};
-pub use message::{MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION, PeerAddr, ProtocolError};
+pub use message::{
+    ConnBatch, ConnMeta, MAX_BATCH, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION, PeerAddr,
+    ProtocolError,
+};

@@ -1,7 +1,10 @@
 //! The messages that travel over a [`Channel`](crate::Channel), and their byte encoding.
 //!
 //! The encoding is deliberately tiny and fixed: a version byte, a kind byte, then
-//! little-endian fields. Every decode checks the length of every field and rejects trailing
+//! little-endian fields. Accepted connections travel in batches ([`ConnBatch`], up to
+//! [`MAX_BATCH`] per datagram, their descriptors in one `SCM_RIGHTS` message): when
+//! connections arrive faster than one message at a time, one `sendmsg`/`recvmsg` pair and
+//! one worker wake-up carry several of them. Every decode checks the length of every field and rejects trailing
 //! bytes, so a truncated or corrupted datagram is a [`ProtocolError`], never a panic and
 //! never a misread connection. Encoding writes into a caller's stack buffer: the
 //! per-connection path allocates nothing.
@@ -16,12 +19,15 @@ pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Largest encoded message, in bytes. Receivers use a buffer one byte larger, so that an
 /// oversized datagram is reported as truncated.
-pub const MAX_MESSAGE_LEN: usize = 512;
+pub const MAX_MESSAGE_LEN: usize = 1024;
+
+/// Most connections (and descriptors) in one [`Message::Conns`].
+pub const MAX_BATCH: usize = 16;
 
 /// Longest reason carried by [`Message::Failed`]; longer text is cut at a char boundary.
-const MAX_REASON_LEN: usize = MAX_MESSAGE_LEN - 4;
+const MAX_REASON_LEN: usize = 500;
 
-const KIND_CONN: u8 = 1;
+const KIND_CONNS: u8 = 1;
 const KIND_DRAIN: u8 = 2;
 const KIND_READY: u8 = 16;
 const KIND_FAILED: u8 = 17;
@@ -44,18 +50,105 @@ pub enum PeerAddr {
     Unknown,
 }
 
+/// What a worker needs to know about one accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnMeta {
+    /// Connection id, unique within one supervisor's lifetime; used in logs.
+    pub id: u64,
+    /// Index of the listener (in `bind` order) that accepted it.
+    pub listener: u16,
+    /// The client's address, as `accept` reported it.
+    pub peer: PeerAddr,
+}
+
+const EMPTY_META: ConnMeta = ConnMeta {
+    id: 0,
+    listener: 0,
+    peer: PeerAddr::Unknown,
+};
+
+/// One to [`MAX_BATCH`] connections, in a fixed array: building and decoding a batch
+/// allocates nothing.
+#[derive(Clone, Copy)]
+pub struct ConnBatch {
+    len: usize,
+    items: [ConnMeta; MAX_BATCH],
+}
+
+impl ConnBatch {
+    /// An empty batch.
+    pub const fn new() -> Self {
+        Self {
+            len: 0,
+            items: [EMPTY_META; MAX_BATCH],
+        }
+    }
+
+    /// A batch of one.
+    pub fn one(meta: ConnMeta) -> Self {
+        let mut batch = Self::new();
+        batch.items[0] = meta;
+        batch.len = 1;
+        batch
+    }
+
+    /// Appends `meta`; returns `false` (and appends nothing) when the batch is full.
+    pub fn push(&mut self, meta: ConnMeta) -> bool {
+        match self.items.get_mut(self.len) {
+            Some(slot) => {
+                *slot = meta;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connections in the batch.
+    pub fn as_slice(&self) -> &[ConnMeta] {
+        &self.items[..self.len]
+    }
+
+    /// Number of connections.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for ConnBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PartialEq for ConnBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for ConnBatch {}
+
+impl std::fmt::Debug for ConnBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
 /// One datagram on the channel.
+// A batch lives inline on purpose: boxing it would allocate for every message on the
+// connection path, and moving ~800 bytes costs less than that.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Supervisor → worker: an accepted connection. Carries exactly one descriptor.
-    Conn {
-        /// Connection id, unique within one supervisor's lifetime; used in logs.
-        id: u64,
-        /// Index of the listener (in `bind` order) that accepted it.
-        listener: u16,
-        /// The client's address, as `accept` reported it.
-        peer: PeerAddr,
-    },
+    /// Supervisor → worker: accepted connections. Carries exactly one descriptor per
+    /// connection, in the same order.
+    Conns(ConnBatch),
     /// Supervisor → worker: take no more connections, finish the ones in hand, exit.
     /// Nothing follows this message on the channel.
     Drain {
@@ -122,6 +215,9 @@ pub enum ProtocolError {
     /// The peer address tag is unknown.
     #[error("unknown peer address tag {0}")]
     PeerTag(u8),
+    /// A batch of connections was empty or larger than [`MAX_BATCH`].
+    #[error("batch of {0} connections (1 to {MAX_BATCH} allowed)")]
+    BatchSize(usize),
     /// The output buffer is smaller than the encoded message.
     #[error("buffer of {0} bytes is too small for the message")]
     BufferTooSmall(usize),
@@ -131,7 +227,7 @@ impl Message {
     /// How many descriptors must accompany this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Conn { .. } => 1,
+            Message::Conns(batch) => batch.len(),
             _ => 0,
         }
     }
@@ -139,7 +235,7 @@ impl Message {
     /// Short name of the message kind, for logs and errors.
     pub fn kind_name(&self) -> &'static str {
         match self {
-            Message::Conn { .. } => "Conn",
+            Message::Conns(_) => "Conns",
             Message::Drain { .. } => "Drain",
             Message::Ready { .. } => "Ready",
             Message::Failed { .. } => "Failed",
@@ -169,25 +265,12 @@ impl Message {
         let mut w = Writer { buf, pos: 0 };
         w.put(&[PROTOCOL_VERSION])?;
         match self {
-            Message::Conn { id, listener, peer } => {
-                w.put(&[KIND_CONN])?;
-                w.put(&id.to_le_bytes())?;
-                w.put(&listener.to_le_bytes())?;
-                match peer {
-                    PeerAddr::Unknown => w.put(&[PEER_UNKNOWN])?,
-                    PeerAddr::Unix => w.put(&[PEER_UNIX])?,
-                    PeerAddr::Inet(SocketAddr::V4(v4)) => {
-                        w.put(&[PEER_V4])?;
-                        w.put(&v4.ip().octets())?;
-                        w.put(&v4.port().to_le_bytes())?;
-                    }
-                    PeerAddr::Inet(SocketAddr::V6(v6)) => {
-                        w.put(&[PEER_V6])?;
-                        w.put(&v6.ip().octets())?;
-                        w.put(&v6.port().to_le_bytes())?;
-                        w.put(&v6.flowinfo().to_le_bytes())?;
-                        w.put(&v6.scope_id().to_le_bytes())?;
-                    }
+            Message::Conns(batch) => {
+                w.put(&[KIND_CONNS])?;
+                // len <= MAX_BATCH < 256.
+                w.put(&[batch.len() as u8])?;
+                for meta in batch.as_slice() {
+                    w.put_meta(meta)?;
                 }
             }
             Message::Drain { timeout_ms } => {
@@ -238,7 +321,7 @@ impl Message {
             len: bytes.len(),
         })?;
         let name = match kind {
-            KIND_CONN => "Conn",
+            KIND_CONNS => "Conns",
             KIND_DRAIN => "Drain",
             KIND_READY => "Ready",
             KIND_FAILED => "Failed",
@@ -252,28 +335,17 @@ impl Message {
             len: bytes.len(),
         };
         let msg = match kind {
-            KIND_CONN => {
-                let id = u64::from_le_bytes(r.take()?);
-                let listener = u16::from_le_bytes(r.take()?);
-                let [tag] = r.take()?;
-                let peer = match tag {
-                    PEER_UNKNOWN => PeerAddr::Unknown,
-                    PEER_UNIX => PeerAddr::Unix,
-                    PEER_V4 => {
-                        let ip = Ipv4Addr::from(r.take::<4>()?);
-                        let port = u16::from_le_bytes(r.take()?);
-                        PeerAddr::Inet(SocketAddr::V4(SocketAddrV4::new(ip, port)))
-                    }
-                    PEER_V6 => {
-                        let ip = Ipv6Addr::from(r.take::<16>()?);
-                        let port = u16::from_le_bytes(r.take()?);
-                        let flow = u32::from_le_bytes(r.take()?);
-                        let scope = u32::from_le_bytes(r.take()?);
-                        PeerAddr::Inet(SocketAddr::V6(SocketAddrV6::new(ip, port, flow, scope)))
-                    }
-                    other => return Err(ProtocolError::PeerTag(other)),
-                };
-                Message::Conn { id, listener, peer }
+            KIND_CONNS => {
+                let [count] = r.take()?;
+                let count = usize::from(count);
+                if count == 0 || count > MAX_BATCH {
+                    return Err(ProtocolError::BatchSize(count));
+                }
+                let mut batch = ConnBatch::new();
+                for _ in 0..count {
+                    batch.push(r.take_meta()?);
+                }
+                Message::Conns(batch)
             }
             KIND_DRAIN => Message::Drain {
                 timeout_ms: u32::from_le_bytes(r.take()?),
@@ -311,6 +383,27 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    fn put_meta(&mut self, meta: &ConnMeta) -> Result<(), ProtocolError> {
+        self.put(&meta.id.to_le_bytes())?;
+        self.put(&meta.listener.to_le_bytes())?;
+        match meta.peer {
+            PeerAddr::Unknown => self.put(&[PEER_UNKNOWN]),
+            PeerAddr::Unix => self.put(&[PEER_UNIX]),
+            PeerAddr::Inet(SocketAddr::V4(v4)) => {
+                self.put(&[PEER_V4])?;
+                self.put(&v4.ip().octets())?;
+                self.put(&v4.port().to_le_bytes())
+            }
+            PeerAddr::Inet(SocketAddr::V6(v6)) => {
+                self.put(&[PEER_V6])?;
+                self.put(&v6.ip().octets())?;
+                self.put(&v6.port().to_le_bytes())?;
+                self.put(&v6.flowinfo().to_le_bytes())?;
+                self.put(&v6.scope_id().to_le_bytes())
+            }
+        }
+    }
+
     fn put(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
         let end = self.pos + bytes.len();
         let dst = self
@@ -347,6 +440,30 @@ impl<'a> Reader<'a> {
         out.copy_from_slice(self.take_slice(N)?);
         Ok(out)
     }
+
+    fn take_meta(&mut self) -> Result<ConnMeta, ProtocolError> {
+        let id = u64::from_le_bytes(self.take()?);
+        let listener = u16::from_le_bytes(self.take()?);
+        let [tag] = self.take()?;
+        let peer = match tag {
+            PEER_UNKNOWN => PeerAddr::Unknown,
+            PEER_UNIX => PeerAddr::Unix,
+            PEER_V4 => {
+                let ip = Ipv4Addr::from(self.take::<4>()?);
+                let port = u16::from_le_bytes(self.take()?);
+                PeerAddr::Inet(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+            }
+            PEER_V6 => {
+                let ip = Ipv6Addr::from(self.take::<16>()?);
+                let port = u16::from_le_bytes(self.take()?);
+                let flow = u32::from_le_bytes(self.take()?);
+                let scope = u32::from_le_bytes(self.take()?);
+                PeerAddr::Inet(SocketAddr::V6(SocketAddrV6::new(ip, port, flow, scope)))
+            }
+            other => return Err(ProtocolError::PeerTag(other)),
+        };
+        Ok(ConnMeta { id, listener, peer })
+    }
 }
 
 #[cfg(test)]
@@ -374,11 +491,17 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u16>(), peer()).prop_map(|(id, listener, peer)| Message::Conn {
-                id,
-                listener,
-                peer
-            }),
+            proptest::collection::vec((any::<u64>(), any::<u16>(), peer()), 1..=MAX_BATCH)
+                .prop_map(|metas| {
+                    let mut batch = ConnBatch::new();
+                    for (id, listener, peer) in metas {
+                        assert!(batch.push(ConnMeta { id, listener, peer }));
+                    }
+                    Message::Conns(batch)
+                }),
+            (any::<u64>(), any::<u16>(), peer()).prop_map(|(id, listener, peer)| Message::Conns(
+                ConnBatch::one(ConnMeta { id, listener, peer })
+            )),
             any::<u32>().prop_map(|timeout_ms| Message::Drain { timeout_ms }),
             any::<u32>().prop_map(|pid| Message::Ready { pid }),
             ".{0,100}".prop_map(|reason| Message::Failed { reason }),
@@ -437,6 +560,33 @@ mod tests {
         };
         assert!(!reason.is_empty() && reason.len() <= MAX_REASON_LEN);
         assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_full_batch_fits_in_one_message() {
+        let mut batch = ConnBatch::new();
+        let v6 = PeerAddr::Inet("[2001:db8::1]:65535".parse().unwrap());
+        while batch.push(ConnMeta {
+            id: u64::MAX,
+            listener: u16::MAX,
+            peer: v6,
+        }) {}
+        assert_eq!(batch.len(), MAX_BATCH);
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let len = Message::Conns(batch).encode(&mut buf).unwrap();
+        assert_eq!(Message::decode(&buf[..len]).unwrap(), Message::Conns(batch));
+    }
+
+    #[test]
+    fn empty_and_oversized_batches_are_rejected() {
+        assert_eq!(
+            Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, 0]),
+            Err(ProtocolError::BatchSize(0))
+        );
+        assert_eq!(
+            Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, 17]),
+            Err(ProtocolError::BatchSize(17))
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
-use coreloop_ipc::{Channel, ChannelError, Message, PeerAddr, TrySendError, socketpair_cloexec};
+use coreloop_ipc::{
+    Channel, ChannelError, ConnBatch, ConnMeta, MAX_BATCH, Message, PeerAddr, TrySendError,
+    socketpair_cloexec,
+};
 use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::AncillaryMessageWriter;
 
@@ -33,17 +36,18 @@ async fn a_connection_and_its_descriptor_arrive_together() {
     let (sup, worker) = pair();
     let (reader, writer) = rustix::pipe::pipe().unwrap();
     let peer = PeerAddr::Inet("[::1]:4242".parse().unwrap());
-    let msg = Message::Conn {
+    let msg = Message::Conns(ConnBatch::one(ConnMeta {
         id: 9,
         listener: 3,
         peer,
-    };
-    sup.send(&msg, Some(writer.as_fd())).await.unwrap();
+    }));
+    sup.send(&msg, &[writer.as_fd()]).await.unwrap();
     drop(writer); // the supervisor closes its copy once sent
 
-    let (got, fd) = worker.recv().await.unwrap().unwrap();
+    let (got, fds) = worker.recv().await.unwrap().unwrap();
     assert_eq!(got, msg);
-    let fd = fd.expect("Conn carries a descriptor");
+    assert_eq!(fds.len(), 1);
+    let fd = fds.into_iter().next().expect("Conns carries a descriptor");
     assert!(
         is_cloexec(&fd),
         "received descriptors must be close-on-exec"
@@ -61,7 +65,7 @@ async fn a_connection_and_its_descriptor_arrive_together() {
 #[tokio::test(flavor = "current_thread")]
 async fn closed_peer_reads_as_none() {
     let (sup, worker) = pair();
-    sup.send(&Message::Drain { timeout_ms: 5 }, None)
+    sup.send(&Message::Drain { timeout_ms: 5 }, &[])
         .await
         .unwrap();
     drop(sup);
@@ -77,7 +81,7 @@ async fn a_full_queue_is_reported_not_waited_on() {
     let (sup, worker) = pair();
     let mut sent = 0usize;
     loop {
-        match sup.try_send(&Message::Ready { pid: 1 }, None) {
+        match sup.try_send(&Message::Ready { pid: 1 }, &[]) {
             Ok(()) => sent += 1,
             Err(TrySendError::Full) => break,
             Err(err) => panic!("unexpected error {err}"),
@@ -93,18 +97,18 @@ async fn a_full_queue_is_reported_not_waited_on() {
     std::future::poll_fn(|cx| sup.poll_send_ready(cx))
         .await
         .unwrap();
-    sup.try_send(&Message::Ready { pid: 2 }, None).unwrap();
+    sup.try_send(&Message::Ready { pid: 2 }, &[]).unwrap();
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_message_without_its_descriptor_is_refused() {
     let (sup, _worker) = pair();
-    let msg = Message::Conn {
+    let msg = Message::Conns(ConnBatch::one(ConnMeta {
         id: 1,
         listener: 0,
         peer: PeerAddr::Unknown,
-    };
-    let err = sup.send(&msg, None).await.unwrap_err();
+    }));
+    let err = sup.send(&msg, &[]).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -171,4 +175,71 @@ async fn a_stray_descriptor_is_an_error() {
         ),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_batch_travels_in_order_in_one_message() {
+    let (sup, worker) = pair();
+    let mut batch = ConnBatch::new();
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    for id in 0..MAX_BATCH as u64 {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        readers.push(reader);
+        writers.push(writer);
+        assert!(batch.push(ConnMeta {
+            id,
+            listener: 0,
+            peer: PeerAddr::Unix
+        }));
+    }
+    let borrowed: Vec<_> = writers.iter().map(|w| w.as_fd()).collect();
+    sup.send(&Message::Conns(batch), &borrowed).await.unwrap();
+    drop(borrowed);
+    drop(writers);
+    let (got, fds) = worker.recv().await.unwrap().unwrap();
+    assert_eq!(got, Message::Conns(batch));
+    // The i-th descriptor is the i-th connection's: write its id, read it back in order.
+    for (id, fd) in fds.into_iter().enumerate() {
+        std::fs::File::from(fd)
+            .write_all(format!("{id}").as_bytes())
+            .unwrap();
+    }
+    for (id, reader) in readers.into_iter().enumerate() {
+        let mut text = String::new();
+        std::fs::File::from(reader)
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, id.to_string());
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn what_a_dead_reader_left_queued_can_be_taken_back() {
+    let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+    let kept = worker_end.try_clone().unwrap();
+    let sup = Channel::from_fd(sup_end).unwrap();
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    let msg = Message::Conns(ConnBatch::one(ConnMeta {
+        id: 4,
+        listener: 0,
+        peer: PeerAddr::Unknown,
+    }));
+    sup.send(&msg, &[writer.as_fd()]).await.unwrap();
+    drop(writer);
+    drop(worker_end); // the worker dies without reading
+    let queue = Channel::from_fd(kept).unwrap();
+    let (got, fds) = queue
+        .try_recv()
+        .unwrap()
+        .expect("the message is still queued");
+    assert_eq!(got, msg);
+    let fd = fds.into_iter().next().unwrap();
+    std::fs::File::from(fd).write_all(b"rescued").unwrap();
+    let mut text = String::new();
+    std::fs::File::from(reader)
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, "rescued");
+    assert!(queue.try_recv().unwrap().is_none());
 }

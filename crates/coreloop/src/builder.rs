@@ -14,6 +14,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dispatch::Dispatch;
 use crate::error::{BoxError, Error};
 use crate::handler::{Handler, WorkerId};
 
@@ -48,6 +49,7 @@ pub(crate) struct Config {
     pub(crate) recycle_after: Option<(u64, u64)>,
     pub(crate) recycle_rss_kib: Option<u64>,
     pub(crate) max_concurrent_recycles: usize,
+    pub(crate) dispatch: Dispatch,
 }
 
 impl Config {
@@ -101,6 +103,7 @@ impl Default for ServerBuilder {
                 recycle_after: None,
                 recycle_rss_kib: None,
                 max_concurrent_recycles: 1,
+                dispatch: Dispatch::default(),
             },
         }
     }
@@ -219,6 +222,13 @@ impl ServerBuilder {
     /// How many workers may be recycling at the same time. Default: 1.
     pub fn max_concurrent_recycles(mut self, n: usize) -> Self {
         self.config.max_concurrent_recycles = n.max(1);
+        self
+    }
+
+    /// How the supervisor picks a worker for each new connection. Default:
+    /// [`Dispatch::LeastConnections`].
+    pub fn dispatch(mut self, policy: Dispatch) -> Self {
+        self.config.dispatch = policy;
         self
     }
 

@@ -66,6 +66,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod builder;
+mod dispatch;
 mod error;
 mod handler;
 mod listener;
@@ -75,6 +76,7 @@ mod supervisor;
 mod worker;
 
 pub use builder::{Server, ServerBuilder, ServerHandle};
+pub use dispatch::Dispatch;
 pub use error::{BoxError, Error};
 pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
 pub use shutdown::ShutdownSignal;

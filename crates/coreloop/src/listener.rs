@@ -36,10 +36,11 @@ pub(crate) struct Bound {
 /// (and their socket files removed) before the error is returned.
 pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
+    let nodelay = config.tcp_nodelay;
     let mut bound = Vec::with_capacity(config.listeners.len());
     for spec in &config.listeners {
         let result = match spec {
-            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog).map(|fd| Bound {
+            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay).map(|fd| Bound {
                 spec: spec.clone(),
                 fd,
                 unix_file: None,
@@ -63,10 +64,13 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     Ok(bound)
 }
 
-fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+fn bind_tcp(addr: SocketAddr, backlog: i32, nodelay: bool) -> io::Result<OwnedFd> {
     // socket2 creates the socket with SOCK_CLOEXEC.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies the listening
+    // socket's state): one setsockopt here instead of one per connection in the workers.
+    socket.set_tcp_nodelay(nodelay)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -131,7 +135,7 @@ impl Listener {
     pub(crate) fn new(bound: Bound) -> io::Result<Self> {
         let fd = bound.fd.try_clone()?;
         Ok(Self {
-            ready: Readiness::new(fd)?,
+            ready: Readiness::new(fd, tokio::io::Interest::READABLE)?,
             bound,
         })
     }

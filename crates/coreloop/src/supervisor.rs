@@ -43,7 +43,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use coreloop_ipc::{Channel, Message, PeerAddr, TrySendError};
+use coreloop_ipc::{Channel, ConnBatch, ConnMeta, MAX_BATCH, Message, TrySendError};
 use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
@@ -51,6 +51,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::builder::{Command, Config};
+use crate::dispatch::{Candidate, Planner};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
 
@@ -159,9 +160,30 @@ struct Worker {
 }
 
 impl Worker {
-    fn can_take(&self, cap: u64) -> bool {
-        self.state == State::Ready && !self.stalled && self.sent - self.closed.min(self.sent) < cap
+    /// Connections handed to it that it has not reported closed.
+    fn open(&self) -> u64 {
+        self.sent.saturating_sub(self.closed)
     }
+
+    fn can_take(&self, cap: u64) -> bool {
+        self.state == State::Ready && !self.stalled && self.open() < cap
+    }
+}
+
+/// An accepted connection waiting to be queued to a worker.
+struct Pending {
+    fd: OwnedFd,
+    meta: ConnMeta,
+}
+
+/// Buffers reused by every dispatch, so that dispatching allocates nothing once warm.
+#[derive(Default)]
+struct Scratch {
+    candidates: Vec<Candidate>,
+    channels: Vec<(Rc<Channel>, u32, usize)>,
+    plan: Vec<Option<usize>>,
+    sent: Vec<bool>,
+    excluded: Vec<u32>,
 }
 
 /// A condition that ends the server with an error.
@@ -179,7 +201,7 @@ struct Shared {
     /// Signalled on every change that may matter to a waiting task.
     changed: Notify,
     next_conn_id: Cell<u64>,
-    next_worker: Cell<usize>,
+    planner: RefCell<Planner>,
     stopping: Cell<bool>,
     booted: Cell<bool>,
     reloading: Cell<bool>,
@@ -222,6 +244,7 @@ async fn supervise(
     let cap = (config.max_connections as u64)
         .min(nofile.saturating_sub(FD_RESERVE))
         .max(1);
+    let planner = Planner::new(config.dispatch, seed());
     let shared = Rc::new(Shared {
         target: Cell::new(config.workers),
         failures: RefCell::new(vec![0; config.workers]),
@@ -230,7 +253,7 @@ async fn supervise(
         cap,
         changed: Notify::new(),
         next_conn_id: Cell::new(0),
-        next_worker: Cell::new(0),
+        planner: RefCell::new(planner),
         stopping: Cell::new(false),
         booted: Cell::new(false),
         reloading: Cell::new(false),
@@ -396,26 +419,26 @@ impl Shared {
         u32::try_from(self.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX)
     }
 
-    /// Hands a new connection to a worker. Returns once a worker's queue took it, or when
-    /// the server is stopping (then the connection is closed undelivered).
-    async fn dispatch(&self, fd: OwnedFd, listener: u16, peer: PeerAddr) {
-        let id = self.next_conn_id.get();
-        self.next_conn_id.set(id + 1);
-        self.deliver(Message::Conn { id, listener, peer }, fd).await;
-    }
-
-    async fn deliver(&self, msg: Message, fd: OwnedFd) {
+    /// Hands every pending connection to a worker, in as few messages as the plan allows.
+    /// Returns once all were queued, or when the server is stopping (then the rest are
+    /// closed undelivered).
+    async fn dispatch_all(&self, pending: &mut Vec<Pending>, scratch: &mut Scratch) {
         loop {
             let mut changed = pin!(self.changed.notified());
             changed.as_mut().enable();
-            if self.try_dispatch(&msg, &fd) {
+            self.try_dispatch_all(pending, scratch);
+            if pending.is_empty() {
                 return;
             }
             if self.stopping.get() {
-                debug!(message = ?msg, "stopping; closing undelivered connection");
+                debug!(
+                    undelivered = pending.len(),
+                    "stopping; closing undelivered connections"
+                );
+                pending.clear();
                 return;
             }
-            // No worker can take it now: wait for room in a queue or any change.
+            // No worker can take them now: wait for room in a queue or any change.
             std::future::poll_fn(|cx| {
                 if changed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
@@ -432,33 +455,90 @@ impl Shared {
         }
     }
 
-    /// One round-robin pass over the workers that can take a connection.
-    fn try_dispatch(&self, msg: &Message, fd: &OwnedFd) -> bool {
-        let n = self.workers.borrow().len();
-        let start = self.next_worker.get();
-        for k in 0..n {
-            let idx = (start + k) % n;
-            let (channel, pid, slot) = match self.workers.borrow().get(idx) {
-                Some(w) if w.can_take(self.cap) => (Rc::clone(&w.channel), w.pid, w.slot),
-                _ => continue,
-            };
-            match channel.try_send(msg, Some(fd.as_fd())) {
-                Ok(()) => {
-                    self.next_worker.set(idx + 1);
-                    if let Some(worker) = self.workers.borrow_mut().get_mut(idx) {
-                        worker.sent += 1;
-                    }
-                    return true;
-                }
-                Err(TrySendError::Full) => {}
-                Err(TrySendError::Failed(err)) => {
-                    warn!(worker.id = slot, worker.pid = pid, error = %err, "cannot send to worker; skipping it");
-                    self.mark_draining(pid);
-                    self.changed.notify_waiters();
+    /// Plans `pending` over the workers with the dispatch policy and sends each worker its
+    /// share in batches, without waiting. What could not be queued stays in `pending`.
+    fn try_dispatch_all(&self, pending: &mut Vec<Pending>, scratch: &mut Scratch) {
+        // A worker found full or broken is left out of the next pass, so each pass either
+        // queues something or leaves nobody to try.
+        let passes = self.workers.borrow().len() + 1;
+        for _pass in 0..passes {
+            if pending.is_empty() {
+                return;
+            }
+            scratch.candidates.clear();
+            scratch.channels.clear();
+            for w in self.workers.borrow().iter() {
+                let room = if w.state == State::Ready
+                    && !w.stalled
+                    && !scratch.excluded.contains(&w.pid)
+                {
+                    self.cap.saturating_sub(w.open())
+                } else {
+                    0
+                };
+                scratch.candidates.push(Candidate {
+                    load: w.open(),
+                    room,
+                });
+                scratch
+                    .channels
+                    .push((Rc::clone(&w.channel), w.pid, w.slot));
+            }
+            scratch.plan.clear();
+            {
+                let mut planner = self.planner.borrow_mut();
+                for _ in 0..pending.len() {
+                    scratch.plan.push(planner.pick(&mut scratch.candidates));
                 }
             }
+            if scratch.plan.iter().all(Option::is_none) {
+                break;
+            }
+            scratch.sent.clear();
+            scratch.sent.resize(pending.len(), false);
+            for (w, (channel, pid, slot)) in scratch.channels.iter().enumerate() {
+                let mut chosen = (0..pending.len())
+                    .filter(|&i| scratch.plan[i] == Some(w))
+                    .peekable();
+                while chosen.peek().is_some() {
+                    let mut batch = ConnBatch::new();
+                    let mut indices = [0usize; MAX_BATCH];
+                    let first = pending[*chosen.peek().unwrap_or(&0)].fd.as_fd();
+                    let mut fds = [first; MAX_BATCH];
+                    for (k, i) in chosen.by_ref().take(MAX_BATCH).enumerate() {
+                        batch.push(pending[i].meta);
+                        fds[k] = pending[i].fd.as_fd();
+                        indices[k] = i;
+                    }
+                    let k = batch.len();
+                    match channel.try_send(&Message::Conns(batch), &fds[..k]) {
+                        Ok(()) => {
+                            for &i in &indices[..k] {
+                                scratch.sent[i] = true;
+                            }
+                            self.with_worker(*pid, |w| w.sent += k as u64);
+                        }
+                        Err(TrySendError::Full) => {
+                            scratch.excluded.push(*pid);
+                            break;
+                        }
+                        Err(TrySendError::Failed(err)) => {
+                            warn!(worker.id = slot, worker.pid = pid, error = %err, "cannot send to worker; skipping it");
+                            self.mark_draining(*pid);
+                            self.changed.notify_waiters();
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut index = 0;
+            pending.retain(|_| {
+                let keep = !scratch.sent[index];
+                index += 1;
+                keep
+            });
         }
-        false
+        scratch.excluded.clear();
     }
 
     /// Sends `Drain` to one worker; it takes nothing more and exits when done.
@@ -471,7 +551,7 @@ impl Shared {
             timeout_ms: self.timeout_ms(),
         };
         let deadline = self.config.shutdown_timeout + KILL_MARGIN;
-        match tokio::time::timeout(deadline, channel.send(&drain, None)).await {
+        match tokio::time::timeout(deadline, channel.send(&drain, &[])).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => debug!(worker.pid = pid, error = %err, "cannot send Drain"),
             Err(_) => warn!(worker.pid = pid, "worker does not read its channel"),
@@ -640,23 +720,31 @@ async fn watch(
     let described = describe(status);
 
     // Take back what the worker never read and give it to live workers.
-    let mut recovered = 0usize;
+    let mut recovered = Vec::new();
     loop {
         match queue.try_recv() {
-            Ok(Some((msg @ Message::Conn { .. }, Some(fd)))) => {
-                recovered += 1;
-                let shared = Rc::clone(&shared);
-                tokio::task::spawn_local(async move { shared.deliver(msg, fd).await });
+            Ok(Some((Message::Conns(batch), fds))) => {
+                for (meta, fd) in batch.as_slice().iter().zip(fds) {
+                    recovered.push(Pending { fd, meta: *meta });
+                }
             }
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(err) => warn!(error = %err, "bad message in a dead worker's queue"),
         }
     }
-    if recovered > 0 {
-        info!(recovered, "re-dispatched connections the worker never took");
-    }
     drop(queue);
+    if !recovered.is_empty() {
+        info!(
+            recovered = recovered.len(),
+            "re-dispatched connections the worker never took"
+        );
+        let shared = Rc::clone(&shared);
+        tokio::task::spawn_local(async move {
+            let mut scratch = Scratch::default();
+            shared.dispatch_all(&mut recovered, &mut scratch).await;
+        });
+    }
 
     if shared.stopping.get() {
         debug!(status = %described, "worker exited");
@@ -769,7 +857,7 @@ async fn on_message(
             let timeout_ms = shared.timeout_ms();
             shared.mark_draining(pid);
             shared.changed.notify_waiters();
-            if let Err(err) = channel.send(&Message::Drain { timeout_ms }, None).await {
+            if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
                 debug!(error = %err, "cannot send Drain");
             }
             if !shared.stopping.get() && slot < shared.target.get() && !shared.slot_covered(slot) {
@@ -1038,6 +1126,8 @@ async fn health_loop(shared: Rc<Shared>) {
 
 /// Accepts from every listener while some worker can take a connection.
 async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
+    let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
+    let mut scratch = Scratch::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut failing_since: Option<(Instant, u64)> = None;
     loop {
@@ -1054,13 +1144,13 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
         let ready = std::future::poll_fn(|cx| {
             for (index, listener) in listeners.iter().enumerate() {
                 if let Poll::Ready(result) = listener.ready.poll_read_ready(cx) {
-                    return Poll::Ready(result.map(|guard| (index, guard)));
+                    return Poll::Ready(result.map(|()| index));
                 }
             }
             Poll::Pending
         })
         .await;
-        let (index, mut guard) = match ready {
+        let index = match ready {
             Ok(ready) => ready,
             Err(err) => {
                 error!(error = %err, "listener readiness failed; backing off");
@@ -1081,12 +1171,19 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                         );
                     }
                     backoff = ACCEPT_BACKOFF_MIN;
+                    let id = shared.next_conn_id.get();
+                    shared.next_conn_id.set(id + 1);
                     // `index` < u16::MAX, checked in run().
-                    shared.dispatch(fd, index as u16, peer).await;
+                    let meta = ConnMeta {
+                        id,
+                        listener: index as u16,
+                        peer,
+                    };
+                    pending.push(Pending { fd, meta });
                 }
                 Err(err) => match listener::classify(&err) {
                     AcceptError::WouldBlock => {
-                        guard.clear_ready();
+                        listener.ready.clear_read_ready();
                         break;
                     }
                     AcceptError::Connection => {
@@ -1106,7 +1203,9 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                 },
             }
         }
-        drop(guard);
+        if !pending.is_empty() {
+            shared.dispatch_all(&mut pending, &mut scratch).await;
+        }
         if exhausted {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);

@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use coreloop_ipc::{Channel, ChannelError, Message, PeerAddr};
+use coreloop_ipc::{Channel, ChannelError, ConnMeta, Message, PeerAddr};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
@@ -124,7 +124,7 @@ async fn serve<H: Handler>(
         Err(err) => {
             error!(error = %err, "handler factory failed");
             let reason = err.to_string();
-            if let Err(err) = channel.send(&Message::Failed { reason }, None).await {
+            if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
                 debug!(error = %err, "cannot report the failure");
             }
             return 1;
@@ -141,7 +141,7 @@ async fn serve<H: Handler>(
         }
     };
     let pid = std::process::id();
-    if let Err(err) = channel.send(&Message::Ready { pid }, None).await {
+    if let Err(err) = channel.send(&Message::Ready { pid }, &[]).await {
         error!(error = %err, "cannot report ready");
         return 1;
     }
@@ -160,42 +160,16 @@ async fn serve<H: Handler>(
         config.heartbeat_interval(),
     ));
     let shutdown = ShutdownSignal::new();
-    let nodelay = config.tcp_nodelay;
     let mut retiring = false;
 
     let end = loop {
         tokio::select! {
             received = channel.recv() => match received {
-                Ok(Some((Message::Conn { id: conn_id, listener, peer }, Some(fd)))) => {
-                    let is_unix = kinds.get(usize::from(listener)).copied().unwrap_or(false);
-                    let conn = match into_stream(fd, is_unix, nodelay) {
-                        Ok(stream) => Conn {
-                            stream,
-                            peer,
-                            id: conn_id,
-                            listener: usize::from(listener),
-                            worker: id,
-                            shutdown: shutdown.clone(),
-                        },
-                        Err(err) => {
-                            warn!(conn.id = conn_id, error = %err, "cannot adopt connection");
-                            continue;
-                        }
-                    };
-                    let guard = tracker.enter();
-                    let fut = handler.call(conn);
-                    let span = conn_span(conn_id, &peer);
-                    tokio::task::spawn_local(
-                        async move {
-                            match (CatchUnwind { inner: fut }).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(err)) => log_handler_error(err.into()),
-                                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
-                            }
-                            drop(guard);
-                        }
-                        .instrument(span),
-                    );
+                Ok(Some((Message::Conns(batch), fds))) => {
+                    for (meta, fd) in batch.as_slice().iter().zip(fds) {
+                        let is_unix = kinds.get(usize::from(meta.listener)).copied().unwrap_or(false);
+                        start_conn(&handler, &tracker, &shutdown, id, *meta, fd, is_unix);
+                    }
                 }
                 Ok(Some((Message::Drain { timeout_ms }, _))) => {
                     break End::Drain(Duration::from_millis(u64::from(timeout_ms)));
@@ -265,7 +239,7 @@ async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval: Duration) 
             closed: tracker.closed.get(),
             rss_kib,
         };
-        if let Err(err) = channel.send(&status, None).await {
+        if let Err(err) = channel.send(&status, &[]).await {
             debug!(error = %err, "cannot report status");
             return;
         }
@@ -285,9 +259,50 @@ fn resident_kib() -> u64 {
         .map_or(0, |pages| pages * page_kib)
 }
 
+/// Wraps one received connection and spawns its handler on this worker's `LocalSet`.
+fn start_conn<H: Handler>(
+    handler: &Rc<H>,
+    tracker: &Rc<Tracker>,
+    shutdown: &ShutdownSignal,
+    worker: WorkerId,
+    meta: ConnMeta,
+    fd: OwnedFd,
+    is_unix: bool,
+) {
+    let stream = match into_stream(fd, is_unix) {
+        Ok(stream) => stream,
+        Err(err) => {
+            warn!(conn.id = meta.id, error = %err, "cannot adopt connection");
+            return;
+        }
+    };
+    let conn = Conn {
+        stream,
+        peer: meta.peer,
+        id: meta.id,
+        listener: usize::from(meta.listener),
+        worker,
+        shutdown: shutdown.clone(),
+    };
+    let guard = tracker.enter();
+    let fut = handler.call(conn);
+    let span = conn_span(meta.id, &meta.peer);
+    tokio::task::spawn_local(
+        async move {
+            match (CatchUnwind { inner: fut }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => log_handler_error(err.into()),
+                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
+            }
+            drop(guard);
+        }
+        .instrument(span),
+    );
+}
+
 async fn retire(channel: &Channel) {
     info!("stop signal received; asking the supervisor to drain this worker");
-    if let Err(err) = channel.send(&Message::Retiring, None).await {
+    if let Err(err) = channel.send(&Message::Retiring, &[]).await {
         debug!(error = %err, "cannot send Retiring");
     }
 }
@@ -300,21 +315,16 @@ fn conn_span(conn_id: u64, peer: &PeerAddr) -> tracing::Span {
     }
 }
 
-fn into_stream(fd: OwnedFd, is_unix: bool, nodelay: bool) -> std::io::Result<Stream> {
+fn into_stream(fd: OwnedFd, is_unix: bool) -> std::io::Result<Stream> {
     // The acceptor accepted with SOCK_NONBLOCK, and O_NONBLOCK belongs to the open file
     // description that SCM_RIGHTS shared with us, as tokio's `from_std` requires.
     if is_unix {
         let std = std::os::unix::net::UnixStream::from(fd);
         Ok(Stream::Unix(tokio::net::UnixStream::from_std(std)?))
     } else {
+        // TCP_NODELAY, when configured, was inherited from the listener.
         let std = std::net::TcpStream::from(fd);
-        if nodelay {
-            std.set_nodelay(true)?;
-        }
-        match tokio::net::TcpStream::from_std(std) {
-            Ok(tcp) => Ok(Stream::Tcp(tcp)),
-            Err(err) => Err(err),
-        }
+        Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std)?))
     }
 }
 

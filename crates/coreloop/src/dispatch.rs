@@ -1,0 +1,192 @@
+//! Choosing a worker for each new connection.
+//!
+//! The supervisor knows each worker's load without asking it: connections sent minus the
+//! closed count the worker last reported (reports come from inside the worker's event
+//! loop, soon after connections close). A worker that is not ready, has stalled, or is at
+//! its connection cap has no room and is never picked. Among the others, the policy
+//! decides; connections accepted together are planned together, so a burst spreads over
+//! the workers and each worker's share travels in one message.
+
+/// How the supervisor picks a worker for each new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// The next worker with room, in turn. Blind to load: a slow worker gets its share.
+    RoundRobin,
+    /// The worker with the fewest open connections (ties in turn). The default: it keeps
+    /// new connections away from a worker whose loop is busy or stalled, since such a
+    /// worker stops reporting closes and its count only grows.
+    #[default]
+    LeastConnections,
+    /// Two workers with room picked at random; the one with fewer open connections wins.
+    PowerOfTwoChoices,
+}
+
+/// A worker as the planner sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Candidate {
+    /// Open connections, counting those planned so far.
+    pub(crate) load: u64,
+    /// Connections it may still take (0: not eligible).
+    pub(crate) room: u64,
+}
+
+/// Picks workers according to a [`Dispatch`] policy.
+#[derive(Debug)]
+pub(crate) struct Planner {
+    policy: Dispatch,
+    cursor: usize,
+    rng: u64,
+}
+
+impl Planner {
+    pub(crate) fn new(policy: Dispatch, seed: u64) -> Self {
+        Self {
+            policy,
+            cursor: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// Picks a candidate for one more connection and charges it; `None` if none has room.
+    pub(crate) fn pick(&mut self, candidates: &mut [Candidate]) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        let chosen = match self.policy {
+            Dispatch::RoundRobin => {
+                let found = (0..n)
+                    .map(|k| (self.cursor + k) % n)
+                    .find(|&i| candidates[i].room > 0);
+                if let Some(i) = found {
+                    self.cursor = i + 1;
+                }
+                found
+            }
+            Dispatch::LeastConnections => {
+                let start = self.cursor;
+                let found = (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|&i| candidates[i].room > 0)
+                    .min_by_key(|&i| candidates[i].load);
+                if let Some(i) = found {
+                    self.cursor = i + 1;
+                }
+                found
+            }
+            Dispatch::PowerOfTwoChoices => {
+                let eligible = candidates.iter().filter(|c| c.room > 0).count();
+                match eligible {
+                    0 => None,
+                    1 => candidates.iter().position(|c| c.room > 0),
+                    _ => {
+                        let a = self.nth_eligible(candidates, eligible);
+                        let mut b = self.nth_eligible(candidates, eligible);
+                        while b == a {
+                            b = self.nth_eligible(candidates, eligible);
+                        }
+                        Some(if candidates[b].load < candidates[a].load {
+                            b
+                        } else {
+                            a
+                        })
+                    }
+                }
+            }
+        }?;
+        let candidate = &mut candidates[chosen];
+        candidate.load += 1;
+        candidate.room -= 1;
+        Some(chosen)
+    }
+
+    fn nth_eligible(&mut self, candidates: &[Candidate], eligible: usize) -> usize {
+        let k = (self.next_random() % eligible as u64) as usize;
+        candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.room > 0)
+            .nth(k)
+            .map_or(0, |(i, _)| i)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: balancing only, not security.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(loads: &[(u64, u64)]) -> Vec<Candidate> {
+        loads
+            .iter()
+            .map(|&(load, room)| Candidate { load, room })
+            .collect()
+    }
+
+    fn plan(policy: Dispatch, cands: &mut [Candidate], n: usize) -> Vec<usize> {
+        let mut planner = Planner::new(policy, 42);
+        (0..n).filter_map(|_| planner.pick(cands)).collect()
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_workers_without_room() {
+        let mut cands = candidates(&[(0, 10), (0, 0), (0, 10)]);
+        assert_eq!(plan(Dispatch::RoundRobin, &mut cands, 4), [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn least_connections_fills_the_emptiest_first() {
+        let mut cands = candidates(&[(5, 100), (1, 100), (3, 100)]);
+        let picks = plan(Dispatch::LeastConnections, &mut cands, 6);
+        assert_eq!(&picks[..2], [1, 1]);
+        assert!(cands.iter().all(|c| c.load == 5), "{cands:?}");
+    }
+
+    #[test]
+    fn least_connections_spreads_ties_in_turn() {
+        let mut cands = candidates(&[(0, 100), (0, 100)]);
+        assert_eq!(
+            plan(Dispatch::LeastConnections, &mut cands, 4),
+            [0, 1, 0, 1]
+        );
+    }
+
+    #[test]
+    fn a_stalled_worker_whose_count_only_grows_gets_nothing_new() {
+        // Worker 0 stopped reporting closes: its load is what was sent to it.
+        let mut cands = candidates(&[(40, 1000), (2, 1000)]);
+        let picks = plan(Dispatch::LeastConnections, &mut cands, 30);
+        assert!(picks.iter().all(|&i| i == 1));
+    }
+
+    #[test]
+    fn power_of_two_prefers_the_lighter_and_respects_room() {
+        let mut cands = candidates(&[(0, 1), (50, 100), (50, 0)]);
+        let picks = plan(Dispatch::PowerOfTwoChoices, &mut cands, 20);
+        assert_eq!(picks[0], 0);
+        assert!(picks.iter().all(|&i| i != 2));
+        assert_eq!(picks.len(), 20);
+    }
+
+    #[test]
+    fn nobody_with_room_means_no_pick() {
+        for policy in [
+            Dispatch::RoundRobin,
+            Dispatch::LeastConnections,
+            Dispatch::PowerOfTwoChoices,
+        ] {
+            let mut cands = candidates(&[(3, 0), (1, 0)]);
+            assert!(plan(policy, &mut cands, 1).is_empty(), "{policy:?}");
+        }
+    }
+}
