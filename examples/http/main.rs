@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use coreloop::{Conn, Server};
+use coreloop::{Conn, Dispatch, Distribution, Server};
 use respond::{Identity, Limits};
 
 #[derive(Debug, Parser)]
@@ -73,9 +73,29 @@ struct Args {
     /// Replace a worker gracefully when its resident memory passes this many MiB (0: never).
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     recycle_rss_mib: u64,
+    /// Who accepts TCP connections: the supervisor, forwarding each to a worker, or each
+    /// worker on its own SO_REUSEPORT socket.
+    #[arg(long, value_enum, default_value_t = Mode::Forward)]
+    mode: Mode,
+    /// How the supervisor picks a worker for each connection (forward mode).
+    #[arg(long, value_enum, default_value_t = DispatchArg::LeastConnections)]
+    dispatch: DispatchArg,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Forward,
+    Reuseport,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DispatchArg {
+    LeastConnections,
+    RoundRobin,
+    PowerOfTwo,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -104,6 +124,15 @@ fn main() -> anyhow::Result<()> {
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat_timeout))
         .restart_limit(args.max_restarts, Duration::from_secs(args.restart_period))
+        .distribution(match args.mode {
+            Mode::Forward => Distribution::Forward,
+            Mode::Reuseport => Distribution::ReusePort,
+        })
+        .dispatch(match args.dispatch {
+            DispatchArg::LeastConnections => Dispatch::LeastConnections,
+            DispatchArg::RoundRobin => Dispatch::RoundRobin,
+            DispatchArg::PowerOfTwo => Dispatch::PowerOfTwoChoices,
+        })
         .max_connections_per_worker(
             usize::try_from(args.max_connections_per_worker).unwrap_or(usize::MAX),
         );

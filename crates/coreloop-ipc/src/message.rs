@@ -19,10 +19,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Largest encoded message, in bytes. Receivers use a buffer one byte larger, so that an
 /// oversized datagram is reported as truncated.
-pub const MAX_MESSAGE_LEN: usize = 1024;
+pub const MAX_MESSAGE_LEN: usize = 2048;
 
 /// Most connections (and descriptors) in one [`Message::Conns`].
-pub const MAX_BATCH: usize = 16;
+pub const MAX_BATCH: usize = 32;
 
 /// Longest reason carried by [`Message::Failed`]; longer text is cut at a char boundary.
 const MAX_REASON_LEN: usize = 500;
@@ -583,9 +583,10 @@ mod tests {
             Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, 0]),
             Err(ProtocolError::BatchSize(0))
         );
+        let over = MAX_BATCH as u8 + 1;
         assert_eq!(
-            Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, 17]),
-            Err(ProtocolError::BatchSize(17))
+            Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, over]),
+            Err(ProtocolError::BatchSize(usize::from(over)))
         );
     }
 

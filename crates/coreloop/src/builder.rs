@@ -14,7 +14,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, Distribution};
 use crate::error::{BoxError, Error};
 use crate::handler::{Handler, WorkerId};
 
@@ -50,6 +50,7 @@ pub(crate) struct Config {
     pub(crate) recycle_rss_kib: Option<u64>,
     pub(crate) max_concurrent_recycles: usize,
     pub(crate) dispatch: Dispatch,
+    pub(crate) distribution: Distribution,
 }
 
 impl Config {
@@ -104,6 +105,7 @@ impl Default for ServerBuilder {
                 recycle_rss_kib: None,
                 max_concurrent_recycles: 1,
                 dispatch: Dispatch::default(),
+                distribution: Distribution::default(),
             },
         }
     }
@@ -229,6 +231,14 @@ impl ServerBuilder {
     /// [`Dispatch::LeastConnections`].
     pub fn dispatch(mut self, policy: Dispatch) -> Self {
         self.config.dispatch = policy;
+        self
+    }
+
+    /// Who accepts TCP connections: the supervisor, forwarding them
+    /// ([`Distribution::Forward`], the default), or each worker on its own `SO_REUSEPORT`
+    /// socket ([`Distribution::ReusePort`]).
+    pub fn distribution(mut self, distribution: Distribution) -> Self {
+        self.config.distribution = distribution;
         self
     }
 

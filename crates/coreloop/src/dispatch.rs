@@ -7,6 +7,23 @@
 //! decides; connections accepted together are planned together, so a burst spreads over
 //! the workers and each worker's share travels in one message.
 
+/// Who accepts TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Distribution {
+    /// The supervisor accepts on one listening socket per address and forwards each
+    /// connection to a worker chosen by the [`Dispatch`] policy. Load-aware; no accepted
+    /// connection is lost when a worker dies, is recycled or reloaded.
+    #[default]
+    Forward,
+    /// Every worker listens on its own `SO_REUSEPORT` socket and the kernel spreads new
+    /// connections by a hash of their addresses. No forwarding cost per connection, but
+    /// load-blind: a busy or stalled worker keeps receiving its share, and the connections
+    /// waiting in a worker's accept queue are reset when that worker exits. Unix-socket
+    /// listeners are still forwarded. Needs fixed ports.
+    ReusePort,
+}
+
 /// How the supervisor picks a worker for each new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]

@@ -76,7 +76,7 @@ mod supervisor;
 mod worker;
 
 pub use builder::{Server, ServerBuilder, ServerHandle};
-pub use dispatch::Dispatch;
+pub use dispatch::{Dispatch, Distribution};
 pub use error::{BoxError, Error};
 pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
 pub use shutdown::ShutdownSignal;

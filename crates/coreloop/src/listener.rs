@@ -20,12 +20,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
 use crate::builder::{Config, ListenSpec};
+use crate::dispatch::Distribution;
 use crate::error::Error;
 
 /// A bound, listening socket that the supervisor owns.
 #[derive(Debug)]
 pub(crate) struct Bound {
     pub(crate) spec: ListenSpec,
+    /// Index in the configuration's listener list (what `Conn::listener` reports).
+    pub(crate) index: u16,
+    /// Whether the supervisor accepts on it. In `ReusePort` mode a TCP address is only
+    /// reserved here (bound, not listening, so the kernel gives it no connections): each
+    /// worker listens on its own socket.
+    pub(crate) accepts: bool,
     pub(crate) fd: OwnedFd,
     /// For unix listeners: the file to remove when the server stops, with the identity
     /// (device, inode) of the socket file we created, so we never remove someone else's.
@@ -37,16 +44,37 @@ pub(crate) struct Bound {
 pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
     let nodelay = config.tcp_nodelay;
+    let reuseport = config.distribution == Distribution::ReusePort;
     let mut bound = Vec::with_capacity(config.listeners.len());
-    for spec in &config.listeners {
+    for (index, spec) in config.listeners.iter().enumerate() {
+        // run() checked that the listeners fit in u16.
+        let index = index as u16;
         let result = match spec {
-            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay).map(|fd| Bound {
+            ListenSpec::Tcp(addr) if reuseport => {
+                if addr.port() == 0 {
+                    return Err(Error::Config(format!(
+                        "{addr}: reuseport distribution needs a fixed port (every worker binds it)"
+                    )));
+                }
+                bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| Bound {
+                    spec: spec.clone(),
+                    index,
+                    accepts: false,
+                    fd,
+                    unix_file: None,
+                })
+            }
+            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay, None).map(|fd| Bound {
                 spec: spec.clone(),
+                index,
+                accepts: true,
                 fd,
                 unix_file: None,
             }),
             ListenSpec::Unix(path) => bind_unix(path, backlog).map(|(fd, dev, ino)| Bound {
                 spec: spec.clone(),
+                index,
+                accepts: true,
                 fd,
                 unix_file: Some((path.clone(), dev, ino)),
             }),
@@ -64,7 +92,15 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     Ok(bound)
 }
 
-fn bind_tcp(addr: SocketAddr, backlog: i32, nodelay: bool) -> io::Result<OwnedFd> {
+/// Creates a TCP listener. `reuseport`: `None` for an ordinary listener; `Some(listen)` for
+/// a `SO_REUSEPORT` socket, listening (a worker's) or only bound (the supervisor's
+/// reservation of the address).
+pub(crate) fn bind_tcp(
+    addr: SocketAddr,
+    backlog: i32,
+    nodelay: bool,
+    reuseport: Option<bool>,
+) -> io::Result<OwnedFd> {
     // socket2 creates the socket with SOCK_CLOEXEC.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -74,8 +110,13 @@ fn bind_tcp(addr: SocketAddr, backlog: i32, nodelay: bool) -> io::Result<OwnedFd
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    if reuseport.is_some() {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
+    if reuseport != Some(false) {
+        socket.listen(backlog)?;
+    }
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }

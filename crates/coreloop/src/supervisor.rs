@@ -235,7 +235,13 @@ async fn supervise(
         .map_err(Error::Signal)?;
 
     let mut listeners = Vec::with_capacity(bound.len());
+    // Reserved (bound, not listening) sockets stay open as long as the supervisor runs.
+    let mut reserved = Vec::new();
     for bound in bound {
+        if !bound.accepts {
+            reserved.push(bound);
+            continue;
+        }
         let spec = bound.spec.to_string();
         let listener = Listener::new(bound).map_err(|source| Error::Bind { addr: spec, source })?;
         listeners.push(listener);
@@ -288,7 +294,12 @@ async fn supervise(
         }
     }
     shared.booted.set(true);
-    let addrs: Vec<String> = listeners.iter().map(|l| l.bound.spec.to_string()).collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| &l.bound)
+        .chain(&reserved)
+        .map(|b| b.spec.to_string())
+        .collect();
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
 
     let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
@@ -1173,10 +1184,9 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                     backoff = ACCEPT_BACKOFF_MIN;
                     let id = shared.next_conn_id.get();
                     shared.next_conn_id.set(id + 1);
-                    // `index` < u16::MAX, checked in run().
                     let meta = ConnMeta {
                         id,
-                        listener: index as u16,
+                        listener: listener.bound.index,
                         peer,
                     };
                     pending.push(Pending { fd, meta });

@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::builder::{Config, Factory, ListenSpec};
+use crate::dispatch::Distribution;
 use crate::error::{BoxError, Error};
 use crate::handler::{Conn, Handler, Stream, WorkerId};
 use crate::shutdown::ShutdownSignal;
@@ -140,6 +141,17 @@ async fn serve<H: Handler>(
             return 1;
         }
     };
+    // In ReusePort mode this worker listens on its own socket for every TCP address.
+    let own_listeners = match bind_own_listeners(&config) {
+        Ok(listeners) => listeners,
+        Err(reason) => {
+            error!(reason = %reason, "cannot listen");
+            if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
+                debug!(error = %err, "cannot report the failure");
+            }
+            return 1;
+        }
+    };
     let pid = std::process::id();
     if let Err(err) = channel.send(&Message::Ready { pid }, &[]).await {
         error!(error = %err, "cannot report ready");
@@ -161,6 +173,19 @@ async fn serve<H: Handler>(
     ));
     let shutdown = ShutdownSignal::new();
     let mut retiring = false;
+    let acceptors: Vec<_> = own_listeners
+        .into_iter()
+        .map(|(index, listener)| {
+            tokio::task::spawn_local(accept_own(
+                listener,
+                index,
+                Rc::clone(&handler),
+                Rc::clone(&tracker),
+                shutdown.clone(),
+                id,
+            ))
+        })
+        .collect();
 
     let end = loop {
         tokio::select! {
@@ -206,6 +231,11 @@ async fn serve<H: Handler>(
             ORPHAN_GRACE.min(config.shutdown_timeout)
         }
     };
+    // Stop accepting on our own listeners (ReusePort): their queued connections go to the
+    // other workers' sockets from now on, or are reset by the kernel when we close.
+    for acceptor in &acceptors {
+        acceptor.abort();
+    }
     shutdown.trigger();
     if tokio::time::timeout(grace, tracker.wait_idle())
         .await
@@ -259,6 +289,70 @@ fn resident_kib() -> u64 {
         .map_or(0, |pages| pages * page_kib)
 }
 
+/// `ReusePort` distribution: this worker's own `SO_REUSEPORT` listeners, with their index
+/// in the configuration.
+fn bind_own_listeners(config: &Config) -> Result<Vec<(u16, tokio::net::TcpListener)>, String> {
+    if config.distribution != Distribution::ReusePort {
+        return Ok(Vec::new());
+    }
+    let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
+    let mut own = Vec::new();
+    for (index, spec) in config.listeners.iter().enumerate() {
+        if let ListenSpec::Tcp(addr) = spec {
+            let bound = crate::listener::bind_tcp(*addr, backlog, config.tcp_nodelay, Some(true))
+                .map(std::net::TcpListener::from)
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|err| format!("cannot listen on {addr} (SO_REUSEPORT): {err}"))?;
+            // The supervisor checked that the listeners fit in u16.
+            own.push((index as u16, bound));
+        }
+    }
+    Ok(own)
+}
+
+/// Accept loop of one of this worker's own listeners (`ReusePort` distribution).
+async fn accept_own<H: Handler>(
+    listener: tokio::net::TcpListener,
+    index: u16,
+    handler: Rc<H>,
+    tracker: Rc<Tracker>,
+    shutdown: ShutdownSignal,
+    worker: WorkerId,
+) {
+    let mut next = u64::from(std::process::id()) << 32;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                next += 1;
+                let meta = ConnMeta {
+                    id: next,
+                    listener: index,
+                    peer: PeerAddr::Inet(peer),
+                };
+                spawn_conn(
+                    &handler,
+                    &tracker,
+                    &shutdown,
+                    worker,
+                    meta,
+                    Stream::Tcp(stream),
+                );
+            }
+            Err(err) => match crate::listener::classify(&err) {
+                crate::listener::AcceptError::Connection
+                | crate::listener::AcceptError::WouldBlock => {}
+                crate::listener::AcceptError::Resource => {
+                    warn!(error = %err, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+        }
+    }
+}
+
 /// Wraps one received connection and spawns its handler on this worker's `LocalSet`.
 fn start_conn<H: Handler>(
     handler: &Rc<H>,
@@ -276,6 +370,18 @@ fn start_conn<H: Handler>(
             return;
         }
     };
+    spawn_conn(handler, tracker, shutdown, worker, meta, stream);
+}
+
+/// Spawns the handler for one connection, counted by the tracker.
+fn spawn_conn<H: Handler>(
+    handler: &Rc<H>,
+    tracker: &Rc<Tracker>,
+    shutdown: &ShutdownSignal,
+    worker: WorkerId,
+    meta: ConnMeta,
+    stream: Stream,
+) {
     let conn = Conn {
         stream,
         peer: meta.peer,
