@@ -189,8 +189,8 @@ impl ServerBuilder {
     }
 
     /// Hang detection: a worker whose event loop has not reported for this long is killed
-    /// and replaced. A worker stops receiving new connections as soon as two reports are
-    /// late. Workers report every `timeout / 10` (between 20 ms and 1 s). Default: 10 s.
+    /// and replaced. A worker stops receiving new connections once it has been
+    /// silent for three report intervals. Workers report every `timeout / 10` (between 20 ms and 1 s). Default: 10 s.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.config.heartbeat_timeout = timeout;
         self
@@ -315,10 +315,13 @@ impl<H> Server<H> {
     /// # async fn hello(_: Conn) -> std::io::Result<()> { Ok(()) }
     /// let server = Server::builder().bind("127.0.0.1:8080")?.serve(|_| hello);
     /// let handle = server.handle();
-    /// std::thread::spawn(move || {
-    ///     // ... later, e.g. on a deploy hook:
-    ///     handle.reload();
-    /// });
+    /// // main() runs in the workers too: start supervisor-only threads in the supervisor.
+    /// if !coreloop::is_worker() {
+    ///     std::thread::spawn(move || {
+    ///         // ... later, e.g. on a deploy hook:
+    ///         handle.reload();
+    ///     });
+    /// }
     /// server.run()?;
     /// # Ok::<(), coreloop::Error>(())
     /// ```

@@ -79,4 +79,5 @@ pub use builder::{Server, ServerBuilder, ServerHandle};
 pub use dispatch::{Dispatch, Distribution};
 pub use error::{BoxError, Error};
 pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
+pub use role::is_worker;
 pub use shutdown::ShutdownSignal;

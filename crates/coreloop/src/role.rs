@@ -13,6 +13,17 @@ pub(crate) enum Role {
     Worker(usize),
 }
 
+/// Whether this process is a coreloop worker (started by a supervisor), as opposed to the
+/// supervisor or any other program.
+///
+/// `main()` runs in every worker too, up to [`Server::run`](crate::Server::run): use this to
+/// keep supervisor-only work (a control thread that drives a
+/// [`ServerHandle`](crate::ServerHandle), reading standard input, …) out of the workers.
+/// A worker's standard input is its channel to the supervisor until `run()` takes it.
+pub fn is_worker() -> bool {
+    matches!(current(), Role::Worker(_))
+}
+
 pub(crate) fn current() -> Role {
     match std::env::var(ENV_WORKER_ID)
         .ok()

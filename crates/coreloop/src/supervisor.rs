@@ -62,7 +62,8 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Restart backoff: the first restart of a worker that had been up for `STABLE_UPTIME`
 /// is immediate; consecutive failures wait `RESTART_BACKOFF_MIN · 2ⁿ` (± 50 % jitter),
-/// at most `RESTART_BACKOFF_MAX`.
+/// at most `RESTART_BACKOFF_MAX`; and when no worker is left serving, a restart is
+/// immediate whatever the count, since clients are waiting.
 const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 const STABLE_UPTIME: Duration = Duration::from_secs(10);
@@ -202,6 +203,8 @@ struct Shared {
     changed: Notify,
     next_conn_id: Cell<u64>,
     planner: RefCell<Planner>,
+    /// Signalled when a worker passes its recycling threshold.
+    recycle_due: Notify,
     stopping: Cell<bool>,
     booted: Cell<bool>,
     reloading: Cell<bool>,
@@ -260,6 +263,7 @@ async fn supervise(
         changed: Notify::new(),
         next_conn_id: Cell::new(0),
         planner: RefCell::new(planner),
+        recycle_due: Notify::new(),
         stopping: Cell::new(false),
         booted: Cell::new(false),
         reloading: Cell::new(false),
@@ -527,7 +531,16 @@ impl Shared {
                             for &i in &indices[..k] {
                                 scratch.sent[i] = true;
                             }
-                            self.with_worker(*pid, |w| w.sent += k as u64);
+                            let due = self
+                                .with_worker(*pid, |w| {
+                                    let before = w.sent;
+                                    w.sent += k as u64;
+                                    w.recycle_at.is_some_and(|at| before < at && w.sent >= at)
+                                })
+                                .unwrap_or(false);
+                            if due {
+                                self.recycle_due.notify_one();
+                            }
                         }
                         Err(TrySendError::Full) => {
                             scratch.excluded.push(*pid);
@@ -787,14 +800,20 @@ async fn watch(
         let Some(count) = failures.get_mut(slot) else {
             return;
         };
+        let serving = shared.count(|w| w.state == State::Ready);
         if uptime >= STABLE_UPTIME {
             *count = 0;
+            Duration::ZERO
+        } else if serving == 0 {
+            // Nobody is serving: clients are waiting in the backlog, so waiting longer
+            // protects nothing. Restart at once (the crash-loop limit still applies).
+            *count = count.saturating_add(1);
             Duration::ZERO
         } else {
             *count = count.saturating_add(1);
             let exp = RESTART_BACKOFF_MIN.saturating_mul(1 << (*count).min(16));
-            exp.min(RESTART_BACKOFF_MAX)
-                .mul_f64(0.5 + shared.random_unit())
+            exp.mul_f64(0.5 + shared.random_unit())
+                .min(RESTART_BACKOFF_MAX)
         }
     };
     if !delay.is_zero() {
@@ -1059,7 +1078,12 @@ async fn health_loop(shared: Rc<Shared>) {
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Dispatch found a worker past its recycling threshold: act now, not at the
+            // next tick, so that it does not serve far beyond its share.
+            () = shared.recycle_due.notified() => {}
+        }
         let now = Instant::now();
         let mut to_kill = Vec::new();
         let mut to_recycle = Vec::new();

@@ -57,8 +57,8 @@ fn main() -> anyhow::Result<()> {
         }
     });
     // Workers run this same `main()` with the supervisor channel as stdin: only the
-    // supervisor (the process without `CORELOOP_WORKER_ID`) may read commands from it.
-    if std::env::var_os("CORELOOP_WORKER_ID").is_none() {
+    // supervisor may read commands from it.
+    if !coreloop::is_worker() {
         let handle = server.handle();
         std::thread::Builder::new()
             .name("stdin-commands".into())
