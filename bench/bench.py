@@ -90,8 +90,11 @@ SERVERS: dict[str, dict] = {
         family="coreloop", stall=True, burn=True, whoami=True, procs=lambda w: w + 1,
         what="coreloop supervisor + W worker processes (examples/http)",
     ),
-    # When the demo grows `--mode reuseport`, this is the one line to enable:
-    # "coreloop-reuseport": dict(argv=lambda p, w, t: [str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w), "--mode", "reuseport"], family="coreloop", stall=True, burn=True, whoami=True, procs=lambda w: w + 1, what="coreloop, --mode reuseport"),
+    "coreloop-reuseport": dict(
+        argv=lambda p, w, t: [str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w), "--mode", "reuseport"],
+        family="coreloop", stall=True, burn=True, whoami=True, procs=lambda w: w + 1,
+        what="coreloop, --mode reuseport: each worker accepts on its own SO_REUSEPORT socket",
+    ),
     "tokio": dict(
         argv=lambda p, w, t: [str(BIN / "peer_tokio"), "--bind", f"{HOST}:{p}", "--threads", str(w)],
         family="peer", stall=False, burn=True, whoami=True, procs=lambda w: 1,
