@@ -10,8 +10,14 @@
 //!
 //! Endpoints: `GET /` (`Hello, world!`), `/whoami`, `/sleep?ms=N` (answers after N ms
 //! without blocking the worker), `/burn?ms=N` (burns N ms of CPU on the worker: the
-//! expensive request of skewed-load benchmarks). Logs go to stderr; `RUST_LOG` filters
-//! them (default `info`).
+//! expensive request of skewed-load benchmarks), `POST /discard` (reads and discards the
+//! request body, `Content-Length` or chunked, and answers `discarded N bytes`). Logs go to
+//! stderr; `RUST_LOG` filters them (default `info`).
+//!
+//! Every limit on what a client may make a worker hold or wait for is a flag
+//! (`--max-request-line`, `--max-header-bytes`, `--max-headers`, `--max-body-bytes`,
+//! `--max-pipeline`, `--header-timeout`, `--body-timeout`, `--idle-timeout`,
+//! `--send-timeout`); `respond.rs` lists what each violation gets.
 #![deny(warnings)]
 
 mod respond;
@@ -28,7 +34,8 @@ use respond::{Identity, Limits};
 #[derive(Debug, Parser)]
 #[command(about = "coreloop's demo HTTP/1.1 responder", version)]
 struct Args {
-    /// Address to listen on: `HOST:PORT`, `[V6]:PORT`, or `unix:PATH`. Repeatable.
+    /// Address to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, or `systemd` /
+    /// `systemd:NAME` for sockets passed by systemd (socket activation). Repeatable.
     #[arg(long = "bind", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     binds: Vec<String>,
     /// Worker processes [default: number of CPUs].
@@ -43,15 +50,29 @@ struct Args {
     /// Most headers in a request (more: 431).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
     max_headers: u16,
+    /// Longest request line, bytes (longer: 414).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    max_request_line: u64,
     /// Largest request body, bytes (larger: 413).
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: u64,
+    /// Most pipelined requests answered before their responses are written: bounds the
+    /// responses buffered per connection.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_pipeline: u64,
     /// Seconds to receive a request head once it has started (then 408).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     header_timeout: u64,
+    /// Seconds of silence allowed while a request body is expected (then 408).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    body_timeout: u64,
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, value_name = "SECS", default_value_t = 75)]
     idle_timeout: u64,
+    /// Seconds a response write may wait for a client that does not read (then the
+    /// connection is closed).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    send_timeout: u64,
     /// Seconds without a report from a worker's event loop before it is killed and replaced.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     heartbeat_timeout: f64,
@@ -80,6 +101,26 @@ struct Args {
     /// How the supervisor picks a worker for each connection (forward mode).
     #[arg(long, value_enum, default_value_t = DispatchArg::LeastConnections)]
     dispatch: DispatchArg,
+    /// Run the workers as this user (name or uid); the supervisor keeps its identity, so
+    /// it can bind privileged ports and still serve as an unprivileged user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Group for the workers (name or gid) [default: the user's primary group].
+    #[arg(long)]
+    group: Option<String>,
+    /// Permission bits of unix-socket listeners' files, octal.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    unix_mode: String,
+    /// Serve Prometheus metrics (/metrics) and a readiness probe (/healthz) from the
+    /// supervisor at this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Pin worker k to the k-th allowed CPU.
+    #[arg(long)]
+    pin_workers: bool,
+    /// Pin the supervisor to the N-th allowed CPU.
+    #[arg(long, value_name = "N")]
+    pin_supervisor: Option<usize>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -104,6 +145,36 @@ enum LogFormat {
     Json,
 }
 
+/// Resolves `--user` / `--group` (names or numeric ids) through the system's user database.
+fn worker_identity(user: Option<&str>, group: Option<&str>) -> anyhow::Result<Option<(u32, u32)>> {
+    let Some(user) = user else {
+        anyhow::ensure!(group.is_none(), "--group needs --user");
+        return Ok(None);
+    };
+    let (uid, primary_gid) = match uzers::get_user_by_name(user) {
+        Some(found) => (found.uid(), found.primary_group_id()),
+        None => {
+            let uid: u32 = user
+                .parse()
+                .ok()
+                .with_context(|| format!("--user {user}: no such user"))?;
+            let gid = uzers::get_user_by_uid(uid).map_or(uid, |found| found.primary_group_id());
+            (uid, gid)
+        }
+    };
+    let gid = match group {
+        None => primary_gid,
+        Some(group) => match uzers::get_group_by_name(group) {
+            Some(found) => found.gid(),
+            None => group
+                .parse()
+                .ok()
+                .with_context(|| format!("--group {group}: no such group"))?,
+        },
+    };
+    Ok(Some((uid, gid)))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -120,7 +191,18 @@ fn main() -> anyhow::Result<()> {
     if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
         anyhow::bail!("--heartbeat-timeout must be a positive number of seconds");
     }
+    let unix_mode = u32::from_str_radix(&args.unix_mode, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+        .with_context(|| {
+            format!(
+                "--unix-mode {}: expected octal permission bits such as 660",
+                args.unix_mode
+            )
+        })?;
     let mut builder = Server::builder()
+        .pin_workers(args.pin_workers)
+        .pin_supervisor(args.pin_supervisor)
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat_timeout))
         .restart_limit(args.max_restarts, Duration::from_secs(args.restart_period))
@@ -145,20 +227,37 @@ fn main() -> anyhow::Result<()> {
     if let Some(workers) = args.workers {
         builder = builder.workers(usize::from(workers));
     }
+    if let Some(addr) = &args.metrics {
+        builder = builder
+            .metrics(addr.as_str())
+            .with_context(|| format!("--metrics {addr}: expected HOST:PORT"))?;
+    }
+    if let Some((uid, gid)) = worker_identity(args.user.as_deref(), args.group.as_deref())? {
+        builder = builder.worker_user(uid, gid);
+    }
     for bind in &args.binds {
-        builder = match bind.strip_prefix("unix:") {
-            Some(path) => builder.bind_unix(PathBuf::from(path)),
-            None => builder
-                .bind(bind.as_str())
-                .with_context(|| format!("--bind {bind}: expected HOST:PORT or unix:PATH"))?,
+        builder = if let Some(path) = bind.strip_prefix("unix:") {
+            builder.bind_unix_with(PathBuf::from(path), unix_mode, None)
+        } else if bind == "systemd" {
+            builder.bind_systemd()
+        } else if let Some(name) = bind.strip_prefix("systemd:") {
+            builder.bind_systemd_named(name)
+        } else {
+            builder.bind(bind.as_str()).with_context(|| {
+                format!("--bind {bind}: expected HOST:PORT, unix:PATH, systemd or systemd:NAME")
+            })?
         };
     }
     let limits = Rc::new(Limits {
         max_header_bytes: args.max_header_bytes,
         max_headers: usize::from(args.max_headers),
+        max_request_line: usize::try_from(args.max_request_line).unwrap_or(usize::MAX),
         max_body_bytes: args.max_body_bytes,
+        max_pipeline: usize::try_from(args.max_pipeline).unwrap_or(usize::MAX),
         header_timeout: Duration::from_secs(args.header_timeout),
+        body_timeout: Duration::from_secs(args.body_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        send_timeout: Duration::from_secs(args.send_timeout),
         ..Limits::default()
     });
     builder

@@ -1545,3 +1545,255 @@ fn keep_alive_get(port: u16, conn: &mut Option<TcpStream>) -> Outcome {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Resource limits and hostile clients
+// ---------------------------------------------------------------------------------------
+
+/// Clock ticks per second of the CPU times in `/proc/<pid>/stat` (`USER_HZ`, which Linux
+/// fixes at 100 for user space whatever the kernel's own tick rate).
+pub const USER_HZ: u64 = 100;
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`: resident now, `VmHWM`: the peak so far),
+/// in KiB; `None` if the process or the field does not exist.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix(':')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// CPU time used so far by `pid` (all its threads, user plus system), in [`USER_HZ`]
+/// ticks, from fields 14 and 15 of `/proc/<pid>/stat`.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "(comm)": state is field 3, utime 14, stime 15.
+    let mut fields = text[text.rfind(')')? + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The `Max open files` soft and hard limits of `pid`, from `/proc/<pid>/limits`
+/// (`None` for "unlimited" or when unreadable).
+pub fn nofile_limits(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    let mut values = line["Max open files".len()..].split_whitespace();
+    Some((values.next()?.parse().ok()?, values.next()?.parse().ok()?))
+}
+
+impl Server {
+    /// Like [`Server::start`], with `RLIMIT_NOFILE` (soft and hard) set to `nofile` for
+    /// the server before it runs: it is started as `/bin/sh -c 'ulimit -n N && exec
+    /// "$0" "$@"' <binary> <args>`, so the limit is in force from the first instruction
+    /// of the supervisor (same PID as the shell, after `exec`), and its workers inherit
+    /// it. TCP only: a unix listener in `config` is ignored.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Server::start`].
+    pub fn start_with_nofile_limit(config: ServerConfig, nofile: u64) -> Result<Self> {
+        let binary = match &config.binary {
+            Some(binary) => binary.clone(),
+            None => http_binary()?,
+        };
+        for _ in 0..PORT_ATTEMPTS {
+            let port = random_port();
+            let mut args = vec![
+                "-c".to_owned(),
+                format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+                binary.display().to_string(),
+                "--workers".to_owned(),
+                config.workers.to_string(),
+                "--bind".to_owned(),
+                format!("127.0.0.1:{port}"),
+            ];
+            args.extend(config.args.iter().cloned());
+            let mut server =
+                Self::spawn_binary(Path::new("/bin/sh"), &args, &config.rust_log, config.stdin)?;
+            server.port = Some(port);
+            if server
+                .wait_for_log(|line| line.contains(" serving workers="), STARTUP_TIMEOUT)
+                .is_some()
+            {
+                return Ok(server);
+            }
+            let status = server.wait_exit(Duration::from_secs(5));
+            if server.port_was_taken() {
+                continue;
+            }
+            let text = server.log_text();
+            bail!("the server did not start (args {args:?}, exit {status:?}); its log:\n{text}");
+        }
+        bail!("no free port found after {PORT_ATTEMPTS} attempts")
+    }
+}
+
+/// Reads exactly one response from a keep-alive connection, asynchronously (the caller
+/// sent one request); like [`read_response`]. No timeout of its own: wrap it in one.
+///
+/// # Errors
+///
+/// On I/O errors (a reset, for example), EOF before a complete response, or malformed
+/// input.
+pub async fn read_response_async(stream: &mut tokio::net::TcpStream) -> Result<Response> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        if let Some((response, used)) = parse_response(&buf)? {
+            if used != buf.len() {
+                bail!("unexpected bytes after the response");
+            }
+            return Ok(response);
+        }
+        if stream
+            .read_buf(&mut buf)
+            .await
+            .context("reading a response")?
+            == 0
+        {
+            bail!(
+                "connection closed before a complete response: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The other examples
+// ---------------------------------------------------------------------------------------
+
+/// Environment variable that, when set, names a directory holding the example binaries
+/// (`<dir>/<name>`) for [`example_binary`], and disables its `cargo build`.
+pub const EXAMPLES_DIR_ENV: &str = "CORELOOP_EXAMPLES_DIR";
+
+/// Path of the example `name` of the `coreloop-examples` package (`"hyper_auto"`,
+/// `"axum"`, `"tls"`, …), built if needed exactly as [`http_binary`] builds the demo.
+///
+/// The first call for a name in a process runs `cargo build --workspace --locked
+/// --example <name>` for the running test's profile and target directory: it builds a
+/// missing binary, rebuilds a stale one, and is a no-op (well under a second) when nothing
+/// changed, as after CI's `cargo build --workspace --all-targets`. `--workspace` gives the
+/// feature unification of `cargo nextest run --workspace`, so neither rebuilds after the
+/// other. If [`EXAMPLES_DIR_ENV`] is set, `<dir>/<name>` is used as is.
+///
+/// # Errors
+///
+/// When the layout is not cargo's, or the build fails (cargo's output is included).
+pub fn example_binary(name: &str) -> Result<PathBuf> {
+    static BUILT: Mutex<BTreeMap<String, Result<PathBuf, String>>> = Mutex::new(BTreeMap::new());
+    // Held during the build: a second test thread asking for the same example waits for
+    // the first one's result instead of starting cargo again.
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    built
+        .entry(name.to_owned())
+        .or_insert_with(|| locate_or_build_example(name).map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(|msg| anyhow!(msg))
+}
+
+fn locate_or_build_example(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(EXAMPLES_DIR_ENV) {
+        let path = PathBuf::from(dir).join(name);
+        if !path.is_file() {
+            bail!("{EXAMPLES_DIR_ENV}: {} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let deps = exe
+        .parent()
+        .filter(|dir| dir.file_name().is_some_and(|dir| dir == "deps"))
+        .with_context(|| {
+            format!(
+                "{} is not in a cargo `deps` directory; set {EXAMPLES_DIR_ENV}",
+                exe.display()
+            )
+        })?;
+    let profile_dir = deps.parent().context("the deps directory has no parent")?;
+    let binary = profile_dir.join("examples").join(name);
+    let profile = profile_dir
+        .file_name()
+        .and_then(|dir| dir.to_str())
+        .context("profile directory name")?;
+    let parent = profile_dir
+        .parent()
+        .context("the profile directory has no parent")?;
+
+    // The environment is the test's, as for `http_binary`: the two must agree, because a
+    // build script that declares `rerun-if-env-changed` on a variable cargo sets for tests
+    // (ring's does, for `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`) reruns whenever cargo is
+    // started with a different value than last time.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--workspace",
+        "--locked",
+        "--example",
+        name,
+    ]);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    match profile {
+        "debug" => {}
+        "release" => {
+            command.arg("--release");
+        }
+        other => {
+            command.args(["--profile", other]);
+        }
+    }
+    // target/<profile> or, when cross-compiling, target/<triple>/<profile>.
+    if parent.join("CACHEDIR.TAG").exists() {
+        command.arg("--target-dir").arg(parent);
+    } else if let (Some(target_dir), Some(triple)) = (parent.parent(), parent.file_name()) {
+        command
+            .arg("--target-dir")
+            .arg(target_dir)
+            .arg("--target")
+            .arg(triple);
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cargo:?} to build the {name} example"))?;
+    if !output.status.success() {
+        bail!(
+            "`{cargo:?} build --workspace --locked --example {name}` failed ({}); the test \
+             needs that binary at {}.\n{}",
+            output.status,
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    if !binary.is_file() {
+        bail!(
+            "cargo built the {name} example but {} does not exist",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}

@@ -1,4 +1,5 @@
-//! Creating the socket pair and adopting the worker's end after re-exec.
+//! Descriptors that cross a process boundary: the socket pair and the worker's end after
+//! re-exec, and the sockets systemd passes for socket activation.
 //!
 //! The supervisor creates each pair with `SOCK_CLOEXEC | SOCK_NONBLOCK`, so no other child
 //! inherits either end, and starts the worker with its end as standard input: `std`'s
@@ -9,14 +10,16 @@
 //! duplicates it to a close-on-exec descriptor that the worker owns, and points fd 0 at
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
-//! The one `unsafe` block of coreloop is here: [`Readiness`] registers an owned descriptor
+//! The `unsafe` blocks of coreloop are here: [`take_systemd_listeners`] adopts the sockets
+//! systemd passed by number, and [`Readiness`] registers an owned descriptor
 //! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
 //! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
 //! connections it accepts with a raw `accept4` (without tokio's per-stream `epoll`
 //! registration), and channels use it to register for exactly the readiness they need.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::Interest;
@@ -71,6 +74,41 @@ pub fn inherited_channel() -> io::Result<OwnedFd> {
     let null = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
     rustix::stdio::dup2_stdin(&null)?;
     Ok(owned)
+}
+
+/// Takes ownership of the sockets systemd passed to this process (socket activation), with
+/// their names from `LISTEN_FDNAMES` (`"unknown"` when unnamed).
+///
+/// The `LISTEN_FDS` protocol hands descriptors `3 .. 3 + LISTEN_FDS` to the process whose
+/// id is `LISTEN_PID`; `sd-notify` parses the variables, checks the pid and marks every
+/// descriptor close-on-exec. Nothing here checks what kind of socket each is: the caller
+/// validates (a listening stream socket, usually).
+///
+/// # Errors
+///
+/// `AlreadyExists` on a second call in the same process (each descriptor may be owned
+/// once); `InvalidInput` for malformed variables; the `fcntl` error if a listed descriptor
+/// is not open. Returns an empty list when the variables are absent or name another
+/// process.
+pub fn take_systemd_listeners() -> io::Result<Vec<(OwnedFd, String)>> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "systemd's sockets were already taken in this process",
+        ));
+    }
+    let mut taken = Vec::new();
+    for (raw, name) in sd_notify::listen_fds_with_names()? {
+        // SAFETY: the LISTEN_FDS protocol transfers ownership of descriptors
+        // 3..3+LISTEN_FDS to the process named by LISTEN_PID; `listen_fds_with_names`
+        // returned them only because LISTEN_PID is this process, and it has just set
+        // FD_CLOEXEC on each with fcntl (which fails on a closed descriptor), so each is
+        // open. `TAKEN` makes this the only place in this process that adopts them, once.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        taken.push((fd, name));
+    }
+    Ok(taken)
 }
 
 /// An owned descriptor registered with the current tokio reactor for readiness events.

@@ -25,7 +25,8 @@
 //!   [`ChannelError::Truncated`], never a panic.
 //!
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
-//! registers an owned descriptor with tokio's reactor ([`Readiness`]).
+//! registers an owned descriptor with tokio's reactor ([`Readiness`]) and one that adopts
+//! the sockets systemd passed by number ([`take_systemd_listeners`]).
 //!
 //! The socket pair is used through rustix's `sendmsg`/`recvmsg` and our own readiness
 //! registration rather than through `tokio-seqpacket`, whose sockets register for read
@@ -40,7 +41,7 @@ mod fd;
 mod message;
 
 pub use channel::{Channel, ChannelError, Fds, TrySendError};
-pub use fd::{Readiness, inherited_channel, socketpair_cloexec};
+pub use fd::{Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
 pub use message::{
     ConnBatch, ConnMeta, MAX_BATCH, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION, PeerAddr,
     ProtocolError,

@@ -22,14 +22,19 @@ use crate::handler::{Handler, WorkerId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ListenSpec {
     Tcp(SocketAddr),
-    Unix(PathBuf),
+    Unix(PathBuf, UnixPerms),
+    /// Sockets passed by systemd (socket activation): all of them, or those with this name
+    /// in `LISTEN_FDNAMES`.
+    Systemd(Option<String>),
 }
 
 impl std::fmt::Display for ListenSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ListenSpec::Tcp(addr) => addr.fmt(f),
-            ListenSpec::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenSpec::Unix(path, _) => write!(f, "unix:{}", path.display()),
+            ListenSpec::Systemd(None) => f.write_str("systemd"),
+            ListenSpec::Systemd(Some(name)) => write!(f, "systemd:{name}"),
         }
     }
 }
@@ -51,6 +56,28 @@ pub(crate) struct Config {
     pub(crate) max_concurrent_recycles: usize,
     pub(crate) dispatch: Dispatch,
     pub(crate) distribution: Distribution,
+    pub(crate) pin_workers: bool,
+    pub(crate) pin_supervisor: Option<usize>,
+    /// Run workers as this user and group (numeric ids).
+    pub(crate) worker_ids: Option<(u32, u32)>,
+    /// Where the supervisor serves `/metrics` and `/healthz`.
+    pub(crate) metrics: Option<SocketAddr>,
+}
+
+/// Mode and owner of a unix-socket listener's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnixPerms {
+    pub(crate) mode: u32,
+    pub(crate) owner: Option<(u32, u32)>,
+}
+
+impl Default for UnixPerms {
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            owner: None,
+        }
+    }
 }
 
 impl Config {
@@ -106,6 +133,10 @@ impl Default for ServerBuilder {
                 max_concurrent_recycles: 1,
                 dispatch: Dispatch::default(),
                 distribution: Distribution::default(),
+                pin_workers: false,
+                pin_supervisor: None,
+                worker_ids: None,
+                metrics: None,
             },
         }
     }
@@ -145,11 +176,108 @@ impl ServerBuilder {
         Ok(self)
     }
 
-    /// Adds a unix-socket listener at `path`. A stale socket file left by a dead server is
-    /// replaced; a path where a live server listens, or that is not a socket, is an
+    /// Adds a unix-socket listener at `path`, its file created with mode `0600` (only its
+    /// owner, the supervisor's user, may connect; see
+    /// [`bind_unix_with`](Self::bind_unix_with)). A stale socket file left by a dead server
+    /// is replaced; a path where a live server listens, or that is not a socket, is an
     /// [`Error::Bind`] at `run()`. The file is removed when the server stops.
-    pub fn bind_unix(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.listeners.push(ListenSpec::Unix(path.into()));
+    pub fn bind_unix(self, path: impl Into<PathBuf>) -> Self {
+        self.bind_unix_with(path, 0o600, None)
+    }
+
+    /// Like [`bind_unix`](Self::bind_unix), with the socket file's permission bits and,
+    /// optionally, its owner `(uid, gid)`. They are set between `bind` and `listen`, so no
+    /// client can connect while the file still has other permissions.
+    pub fn bind_unix_with(
+        mut self,
+        path: impl Into<PathBuf>,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Self {
+        let perms = UnixPerms {
+            mode: mode & 0o7777,
+            owner,
+        };
+        self.config
+            .listeners
+            .push(ListenSpec::Unix(path.into(), perms));
+        self
+    }
+
+    /// Serves Prometheus metrics (`GET /metrics`, OpenMetrics text) and a readiness probe
+    /// (`GET /healthz`: 200 while a worker is ready and the server is not stopping, else
+    /// 503) from the supervisor at `addr`. Per worker: connections forwarded, live
+    /// connections, RSS, heartbeat lag, restarts by reason; per listener: accepts and
+    /// accept errors; the dispatch latency as a histogram. Default: off.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Address`] when `addr` does not resolve. A port in use is an
+    /// [`Error::Bind`] at `run()`.
+    pub fn metrics<A: ToSocketAddrs + std::fmt::Debug>(mut self, addr: A) -> Result<Self, Error> {
+        let resolved = addr.to_socket_addrs().ok().and_then(|mut all| all.next());
+        let Some(resolved) = resolved else {
+            return Err(Error::Address {
+                addr: format!("{addr:?}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "resolved to no address",
+                ),
+            });
+        };
+        self.config.metrics = Some(resolved);
+        Ok(self)
+    }
+
+    /// Pins worker `k` to the `k`-th CPU this process may run on (modulo their number), so
+    /// that each event loop keeps its core and its caches. Default: off.
+    pub fn pin_workers(mut self, on: bool) -> Self {
+        self.config.pin_workers = on;
+        self
+    }
+
+    /// Pins the supervisor (accepting and dispatching) to one CPU, by index among the CPUs
+    /// this process may run on. Default: not pinned.
+    pub fn pin_supervisor(mut self, cpu: Option<usize>) -> Self {
+        self.config.pin_supervisor = cpu;
+        self
+    }
+
+    /// Runs workers as user `uid` and group `gid` (supplementary groups dropped) while the
+    /// supervisor keeps its own identity: bind port 80 as root, serve as `nobody`. A worker
+    /// that finds itself still running as root when asked to drop refuses to start, which
+    /// halts the server at boot ([`Error::WorkerStart`]).
+    pub fn worker_user(mut self, uid: u32, gid: u32) -> Self {
+        self.config.worker_ids = Some((uid, gid));
+        self
+    }
+
+    /// Listens on the sockets systemd passed to the supervisor (socket activation:
+    /// `LISTEN_FDS`, `LISTEN_PID`), every one of them. Each must be a listening stream
+    /// socket (TCP or unix); anything else is an [`Error::Bind`] at `run()`, and so is
+    /// finding none. They are forwarded to workers like any listener, and their
+    /// [`Conn::listener`](crate::Conn::listener) index counts each inherited socket.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use coreloop::{Conn, Server};
+    /// # async fn hello(_: Conn) -> std::io::Result<()> { Ok(()) }
+    /// // systemd-socket-activate -l 127.0.0.1:8080 ./server
+    /// Server::builder().bind_systemd().serve(|_| hello).run()?;
+    /// # Ok::<(), coreloop::Error>(())
+    /// ```
+    pub fn bind_systemd(mut self) -> Self {
+        self.config.listeners.push(ListenSpec::Systemd(None));
+        self
+    }
+
+    /// Like [`bind_systemd`](Self::bind_systemd), only the sockets named `name` in
+    /// `LISTEN_FDNAMES` (a socket unit's `FileDescriptorName=`).
+    pub fn bind_systemd_named(mut self, name: impl Into<String>) -> Self {
+        self.config
+            .listeners
+            .push(ListenSpec::Systemd(Some(name.into())));
         self
     }
 

@@ -66,13 +66,16 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod builder;
+mod cpu;
 mod dispatch;
 mod error;
 mod handler;
 mod listener;
+mod metrics;
 mod role;
 mod shutdown;
 mod supervisor;
+mod timeout;
 mod worker;
 
 pub use builder::{Server, ServerBuilder, ServerHandle};
@@ -81,3 +84,4 @@ pub use error::{BoxError, Error};
 pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
 pub use role::is_worker;
 pub use shutdown::ShutdownSignal;
+pub use timeout::TimeoutStream;

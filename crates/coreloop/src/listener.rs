@@ -19,14 +19,15 @@ use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
-use crate::builder::{Config, ListenSpec};
+use crate::builder::{Config, ListenSpec, UnixPerms};
 use crate::dispatch::Distribution;
 use crate::error::Error;
 
 /// A bound, listening socket that the supervisor owns.
 #[derive(Debug)]
 pub(crate) struct Bound {
-    pub(crate) spec: ListenSpec,
+    /// What it is, for logs: the address, `unix:PATH`, or `systemd:NAME(address)`.
+    pub(crate) label: String,
     /// Index in the configuration's listener list (what `Conn::listener` reports).
     pub(crate) index: u16,
     /// Whether the supervisor accepts on it. In `ReusePort` mode a TCP address is only
@@ -39,6 +40,9 @@ pub(crate) struct Bound {
     unix_file: Option<(PathBuf, u64, u64)>,
 }
 
+/// A socket passed by systemd, with its `LISTEN_FDNAMES` name.
+type Inherited = (OwnedFd, String);
+
 /// Binds every configured listener; on any failure, the ones already bound are closed
 /// (and their socket files removed) before the error is returned.
 pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
@@ -46,6 +50,9 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     let nodelay = config.tcp_nodelay;
     let reuseport = config.distribution == Distribution::ReusePort;
     let mut bound = Vec::with_capacity(config.listeners.len());
+    // Sockets passed by systemd, taken on the first `Systemd` spec; each slot is emptied
+    // when a spec claims it.
+    let mut inherited: Option<io::Result<Vec<Option<Inherited>>>> = None;
     for (index, spec) in config.listeners.iter().enumerate() {
         // run() checked that the listeners fit in u16.
         let index = index as u16;
@@ -57,7 +64,7 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
                     )));
                 }
                 bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| Bound {
-                    spec: spec.clone(),
+                    label: spec.to_string(),
                     index,
                     accepts: false,
                     fd,
@@ -65,19 +72,71 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
                 })
             }
             ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay, None).map(|fd| Bound {
-                spec: spec.clone(),
+                label: spec.to_string(),
                 index,
                 accepts: true,
                 fd,
                 unix_file: None,
             }),
-            ListenSpec::Unix(path) => bind_unix(path, backlog).map(|(fd, dev, ino)| Bound {
-                spec: spec.clone(),
-                index,
-                accepts: true,
-                fd,
-                unix_file: Some((path.clone(), dev, ino)),
-            }),
+            ListenSpec::Unix(path, perms) => {
+                bind_unix(path, backlog, *perms).map(|(fd, dev, ino)| Bound {
+                    label: spec.to_string(),
+                    index,
+                    accepts: true,
+                    fd,
+                    unix_file: Some((path.clone(), dev, ino)),
+                })
+            }
+            ListenSpec::Systemd(name) => {
+                let inherited = inherited.get_or_insert_with(|| {
+                    coreloop_ipc::take_systemd_listeners()
+                        .map(|taken| taken.into_iter().map(Some).collect::<Vec<_>>())
+                });
+                let sockets = match inherited {
+                    Ok(sockets) => sockets,
+                    Err(err) => {
+                        return Err(Error::Bind {
+                            addr: spec.to_string(),
+                            source: io::Error::new(err.kind(), err.to_string()),
+                        });
+                    }
+                };
+                let mut found = 0;
+                for slot in sockets.iter_mut() {
+                    let wanted = slot
+                        .as_ref()
+                        .is_some_and(|(_, n)| name.as_ref().is_none_or(|want| want == n));
+                    if !wanted {
+                        continue;
+                    }
+                    let Some((fd, fd_name)) = slot.take() else {
+                        continue;
+                    };
+                    let local = check_inherited(&fd).map_err(|source| Error::Bind {
+                        addr: format!("{spec} (fd named {fd_name:?})"),
+                        source,
+                    })?;
+                    found += 1;
+                    bound.push(Bound {
+                        label: format!("systemd:{fd_name}({local})"),
+                        index,
+                        accepts: true,
+                        fd,
+                        unix_file: None,
+                    });
+                }
+                if found == 0 {
+                    let reason = match name {
+                        Some(name) => format!("no socket named {name:?} was passed (LISTEN_FDNAMES)"),
+                        None => "no socket was passed (LISTEN_FDS / LISTEN_PID unset or for another process)".into(),
+                    };
+                    return Err(Error::Bind {
+                        addr: spec.to_string(),
+                        source: io::Error::new(io::ErrorKind::NotFound, reason),
+                    });
+                }
+                continue;
+            }
         };
         match result {
             Ok(listener) => bound.push(listener),
@@ -90,6 +149,34 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
         }
     }
     Ok(bound)
+}
+
+/// Checks that a socket passed by systemd is a listening stream socket (TCP or unix) and
+/// makes it non-blocking; returns its address, for logs.
+fn check_inherited(fd: &OwnedFd) -> io::Result<String> {
+    use rustix::net::{SocketType, sockopt};
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    if sockopt::socket_type(fd)? != SocketType::STREAM {
+        return Err(invalid("not a stream socket".into()));
+    }
+    if !sockopt::socket_acceptconn(fd)? {
+        return Err(invalid(
+            "not a listening socket (listen() was not called)".into(),
+        ));
+    }
+    let local = rustix::net::getsockname(fd)?;
+    let label = match SocketAddr::try_from(local.clone()) {
+        Ok(inet) => inet.to_string(),
+        Err(_) if local.address_family() == rustix::net::AddressFamily::UNIX => "unix".into(),
+        Err(_) => {
+            return Err(invalid(format!(
+                "unsupported address family {:?}",
+                local.address_family()
+            )));
+        }
+    };
+    rustix::io::ioctl_fionbio(fd, true)?;
+    Ok(label)
 }
 
 /// Creates a TCP listener. `reuseport`: `None` for an ordinary listener; `Some(listen)` for
@@ -121,7 +208,7 @@ pub(crate) fn bind_tcp(
     Ok(socket.into())
 }
 
-fn bind_unix(path: &Path, backlog: i32) -> io::Result<(OwnedFd, u64, u64)> {
+fn bind_unix(path: &Path, backlog: i32, perms: UnixPerms) -> io::Result<(OwnedFd, u64, u64)> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -145,7 +232,20 @@ fn bind_unix(path: &Path, backlog: i32) -> io::Result<(OwnedFd, u64, u64)> {
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.bind(&socket2::SockAddr::unix(path)?)?;
-    socket.listen(backlog)?;
+    // Permissions before listen(): until then nobody can connect, whatever the umask gave.
+    let prepared = std::fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(perms.mode),
+    )
+    .and_then(|()| match perms.owner {
+        Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    })
+    .and_then(|()| socket.listen(backlog));
+    if let Err(err) = prepared {
+        let _ = std::fs::remove_file(path);
+        return Err(err);
+    }
     socket.set_nonblocking(true)?;
     let meta = std::fs::metadata(path)?;
     Ok((socket.into(), meta.dev(), meta.ino()))

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use coreloop_ipc::{Channel, ConnBatch, ConnMeta, MAX_BATCH, Message, TrySendError};
 use rustix::process::{Pid, Signal};
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -54,6 +55,8 @@ use crate::builder::{Command, Config};
 use crate::dispatch::{Candidate, Planner};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
+use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
+use prometheus_client::metrics::counter::Counter;
 
 /// Most connections accepted per readiness event before yielding to other tasks.
 const ACCEPT_BURST: usize = 128;
@@ -91,7 +94,30 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
         return Err(Error::Config("too many listeners".into()));
     }
     let nofile = raise_nofile_limit();
+    // The CPUs the server may use, read before the supervisor pins itself (workers
+    // inherit the affinity of their parent, so they get this list instead).
+    let cpus = crate::cpu::allowed().unwrap_or_default();
+    if let Some(index) = config.pin_supervisor {
+        match crate::cpu::for_slot(&cpus, index) {
+            Some(cpu) => match crate::cpu::set(&[cpu]) {
+                Ok(()) => info!(cpu, "supervisor pinned"),
+                Err(err) => warn!(cpu, error = %err, "cannot pin the supervisor"),
+            },
+            None => warn!("cannot pin the supervisor: no CPU is allowed"),
+        }
+    }
     let bound = listener::bind_all(&config)?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .map_err(|source| Error::Bind {
+                    addr: format!("metrics {addr}"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,7 +126,15 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
     let span = tracing::info_span!("supervisor", pid = std::process::id());
     let result = local.block_on(
         &runtime,
-        supervise(config, bound, commands, nofile).instrument(span),
+        supervise(
+            config,
+            bound,
+            metrics_listener,
+            commands,
+            nofile,
+            crate::cpu::encode(&cpus),
+        )
+        .instrument(span),
     );
     // Dropping the LocalSet drops every `Child` still held (kill_on_drop): on an error
     // path nothing is left running.
@@ -158,6 +192,13 @@ struct Worker {
     recycle_at: Option<u64>,
     /// Once draining: when the supervisor kills it if it has not exited.
     kill_at: Option<Instant>,
+    /// Connections it is serving, as it last reported.
+    live: u32,
+    /// Its slot's `forwarded` counter.
+    forwarded: Counter,
+    /// Why the supervisor is retiring it (`reload`, `recycle`, `hang`, …); `None` until
+    /// then, so an exit without a reason is a crash.
+    exit_reason: Option<&'static str>,
 }
 
 impl Worker {
@@ -175,6 +216,8 @@ impl Worker {
 struct Pending {
     fd: OwnedFd,
     meta: ConnMeta,
+    /// When it was accepted (or recovered), for the dispatch-latency histogram.
+    since: Instant,
 }
 
 /// Buffers reused by every dispatch, so that dispatching allocates nothing once warm.
@@ -203,6 +246,7 @@ struct Shared {
     changed: Notify,
     next_conn_id: Cell<u64>,
     planner: RefCell<Planner>,
+    metrics: Metrics,
     /// Signalled when a worker passes its recycling threshold.
     recycle_due: Notify,
     stopping: Cell<bool>,
@@ -213,6 +257,8 @@ struct Shared {
     rng: Cell<u64>,
     /// The supervisor's span: parent of every watcher's span, whichever task spawns it.
     span: tracing::Span,
+    /// The CPUs the server may use (`CORELOOP_CPUS`), for the workers' placement.
+    cpus: String,
 }
 
 /// Why the main loop ended.
@@ -225,8 +271,10 @@ enum Outcome {
 async fn supervise(
     config: Config,
     bound: Vec<listener::Bound>,
+    metrics_listener: Option<std::net::TcpListener>,
     mut commands: UnboundedReceiver<Command>,
     nofile: u64,
+    cpus: String,
 ) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
@@ -245,7 +293,7 @@ async fn supervise(
             reserved.push(bound);
             continue;
         }
-        let spec = bound.spec.to_string();
+        let spec = bound.label.clone();
         let listener = Listener::new(bound).map_err(|source| Error::Bind { addr: spec, source })?;
         listeners.push(listener);
     }
@@ -263,6 +311,7 @@ async fn supervise(
         changed: Notify::new(),
         next_conn_id: Cell::new(0),
         planner: RefCell::new(planner),
+        metrics: Metrics::new(),
         recycle_due: Notify::new(),
         stopping: Cell::new(false),
         booted: Cell::new(false),
@@ -271,6 +320,7 @@ async fn supervise(
         restarts: RefCell::new(VecDeque::new()),
         rng: Cell::new(seed()),
         span: tracing::Span::current(),
+        cpus,
     });
 
     for slot in 0..shared.config.workers {
@@ -302,13 +352,30 @@ async fn supervise(
         .iter()
         .map(|l| &l.bound)
         .chain(&reserved)
-        .map(|b| b.spec.to_string())
+        .map(|b| b.label.clone())
         .collect();
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
+    notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
 
     let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
     let health =
         tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
+    if let Some(listener) = metrics_listener {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                let span = shared.span.clone();
+                tokio::task::spawn_local(
+                    metrics_loop(Rc::clone(&shared), listener).instrument(span),
+                );
+            }
+            Err(err) => warn!(error = %err, "cannot serve metrics"),
+        }
+    }
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::task::spawn_local(
+            watchdog_loop(Rc::clone(&shared), period).instrument(shared.span.clone()),
+        )
+    });
 
     let outcome = loop {
         let changed = shared.changed.notified();
@@ -335,6 +402,10 @@ async fn supervise(
     };
 
     shared.stopping.set(true);
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     shared.changed.notify_waiters();
     health.abort();
     // Stop accepting: the accept task owns the listeners; aborting it closes them (and
@@ -398,6 +469,45 @@ impl Shared {
             w.kill_at.get_or_insert(kill_at);
             Rc::clone(&w.channel)
         })
+    }
+
+    /// The `STATUS=` line for systemd.
+    fn status(&self) -> String {
+        let ready = self.count(|w| w.state == State::Ready);
+        format!("serving: {ready} of {} workers ready", self.target.get())
+    }
+
+    fn set_exit_reason(&self, pid: u32, reason: &'static str) {
+        self.with_worker(pid, |w| {
+            w.exit_reason.get_or_insert(reason);
+        });
+    }
+
+    /// Brings the per-worker gauges up to date, then encodes the registry.
+    fn scrape(&self) -> String {
+        let now = Instant::now();
+        let workers = self.workers.borrow();
+        for w in workers.iter().filter(|w| w.state != State::Starting) {
+            let labels = WorkerLabels {
+                worker: w.slot as u32,
+            };
+            self.metrics
+                .live
+                .get_or_create(&labels)
+                .set(i64::from(w.live));
+            self.metrics
+                .rss
+                .get_or_create(&labels)
+                .set(i64::try_from(w.rss_kib.saturating_mul(1024)).unwrap_or(i64::MAX));
+            self.metrics
+                .heartbeat_lag
+                .get_or_create(&labels)
+                .set(now.duration_since(w.last_report).as_secs_f64());
+        }
+        let ready = workers.iter().filter(|w| w.state == State::Ready).count();
+        drop(workers);
+        self.metrics.workers_ready.set(ready as i64);
+        self.metrics.encode()
     }
 
     fn take_fatal(&self) -> Option<Error> {
@@ -528,13 +638,17 @@ impl Shared {
                     let k = batch.len();
                     match channel.try_send(&Message::Conns(batch), &fds[..k]) {
                         Ok(()) => {
+                            let now = Instant::now();
                             for &i in &indices[..k] {
                                 scratch.sent[i] = true;
+                                let waited = now.duration_since(pending[i].since);
+                                self.metrics.dispatch_latency.observe(waited.as_secs_f64());
                             }
                             let due = self
                                 .with_worker(*pid, |w| {
                                     let before = w.sent;
                                     w.sent += k as u64;
+                                    w.forwarded.inc_by(k as u64);
                                     w.recycle_at.is_some_and(|at| before < at && w.sent >= at)
                                 })
                                 .unwrap_or(false);
@@ -656,12 +770,26 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         .arg0(arg0)
         .args(args)
         .env(crate::role::ENV_WORKER_ID, slot.to_string())
+        .env(crate::cpu::ENV_CPUS, &shared.cpus)
         .stdin(Stdio::from(theirs))
         // Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
         // reaches the supervisor alone, which then drains the workers in order, instead
         // of every worker also asking to retire at once.
         .process_group(0)
+        // The service manager's variables are the supervisor's: a worker must not take
+        // systemd's sockets, nor speak to its notify socket or watchdog.
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .kill_on_drop(true);
+    if let Some((uid, gid)) = shared.config.worker_ids {
+        // std calls setgroups(0) (when we are root), setgid and setuid in the child
+        // before exec; a failure there fails the spawn.
+        command.uid(uid).gid(gid);
+    }
     let child = command.spawn().map_err(spawn_err)?;
     // `command` holds the worker's end (as stdin) until dropped.
     drop(command);
@@ -678,6 +806,11 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         sent: 0,
         closed: 0,
         rss_kib: 0,
+        live: 0,
+        forwarded: shared.metrics.forwarded.get_or_create_owned(&WorkerLabels {
+            worker: slot as u32,
+        }),
+        exit_reason: None,
         last_report: Instant::now(),
         stalled: false,
         replacing: false,
@@ -749,7 +882,11 @@ async fn watch(
         match queue.try_recv() {
             Ok(Some((Message::Conns(batch), fds))) => {
                 for (meta, fd) in batch.as_slice().iter().zip(fds) {
-                    recovered.push(Pending { fd, meta: *meta });
+                    recovered.push(Pending {
+                        fd,
+                        meta: *meta,
+                        since: Instant::now(),
+                    });
                 }
             }
             Ok(Some(_)) => {}
@@ -759,6 +896,7 @@ async fn watch(
     }
     drop(queue);
     if !recovered.is_empty() {
+        shared.metrics.recovered.inc_by(recovered.len() as u64);
         info!(
             recovered = recovered.len(),
             "re-dispatched connections the worker never took"
@@ -780,6 +918,19 @@ async fn watch(
         return;
     }
     let expected = worker.state == State::Draining && status.is_some_and(|s| s.success());
+    let reason = match worker.exit_reason {
+        Some(reason) => reason,
+        None if expected => "drained",
+        None => "crash",
+    };
+    shared
+        .metrics
+        .restarts
+        .get_or_create(&RestartLabels {
+            worker: slot as u32,
+            reason,
+        })
+        .inc();
     let uptime = worker.started.elapsed();
     if expected {
         info!(status = %described, "worker exited after draining");
@@ -860,6 +1011,7 @@ async fn on_message(
                 .with_worker(pid, |w| {
                     w.closed = closed;
                     w.rss_kib = rss_kib;
+                    w.live = live;
                     w.last_report = Instant::now();
                     std::mem::replace(&mut w.stalled, false)
                 })
@@ -886,6 +1038,7 @@ async fn on_message(
             );
             let timeout_ms = shared.timeout_ms();
             shared.mark_draining(pid);
+            shared.set_exit_reason(pid, "retire");
             shared.changed.notify_waiters();
             if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
                 debug!(error = %err, "cannot send Drain");
@@ -990,6 +1143,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
         why,
         "replacement ready; draining the old worker"
     );
+    shared.set_exit_reason(old, if why == "reload" { "reload" } else { "recycle" });
     shared.drain_worker(old).await;
     true
 }
@@ -999,6 +1153,13 @@ fn start_reload(shared: &Rc<Shared>) {
     if shared.reloading.replace(true) {
         warn!("a reload is already in progress; ignoring this one");
         return;
+    }
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        notify(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading"),
+        ]);
     }
     let shared = Rc::clone(shared);
     let span = shared.span.clone();
@@ -1019,12 +1180,14 @@ fn start_reload(shared: &Rc<Shared>) {
                 if !replace(&shared, *pid, "reload").await {
                     error!(replaced, "reload aborted");
                     shared.reloading.set(false);
+                    notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
                     return;
                 }
                 replaced += 1;
             }
             info!(replaced, "reload complete");
             shared.reloading.set(false);
+            notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
         }
         .instrument(span),
     );
@@ -1041,7 +1204,10 @@ fn scale_up(shared: &Rc<Shared>) {
         }
     }
     match spawn_worker(shared, slot) {
-        Ok(_) => info!(workers = slot + 1, "scaled up"),
+        Ok(_) => {
+            info!(workers = slot + 1, "scaled up");
+            notify(&[NotifyState::Status(&shared.status())]);
+        }
         Err(err) => {
             error!(error = %err, "cannot add a worker");
             shared.target.set(slot);
@@ -1066,9 +1232,81 @@ async fn scale_down(shared: &Rc<Shared>) {
         .map(|w| w.pid)
         .collect();
     for pid in pids {
+        shared.set_exit_reason(pid, "scale-down");
         shared.drain_worker(pid).await;
     }
     info!(workers = slot, "scaled down");
+    notify(&[NotifyState::Status(&shared.status())]);
+}
+
+/// Serves `/metrics` and `/healthz`, one short connection at a time per task.
+async fn metrics_loop(shared: Rc<Shared>, listener: tokio::net::TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving metrics on /metrics and readiness on /healthz");
+    }
+    loop {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                debug!(error = %err, "metrics accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                continue;
+            }
+        };
+        let shared = Rc::clone(&shared);
+        tokio::task::spawn_local(async move {
+            let reply = match crate::metrics::read_path(&mut stream).await.as_deref() {
+                Some("/metrics") => Reply::Metrics(shared.scrape()),
+                Some("/healthz") => Reply::Healthy(
+                    !shared.stopping.get() && shared.count(|w| w.state == State::Ready) > 0,
+                ),
+                _ => Reply::NotFound,
+            };
+            crate::metrics::write_reply(&mut stream, reply).await;
+        });
+    }
+}
+
+/// Tells systemd (through `$NOTIFY_SOCKET`, when set) about a state change. Failures are
+/// logged at debug level: the server works the same without a service manager.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(err) = sd_notify::notify(state) {
+        debug!(error = %err, "sd_notify failed");
+    }
+}
+
+/// systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` every half period, but only while
+/// every ready worker's event loop is reporting, so that systemd sees a hung pool, not
+/// just a hung supervisor. A worker that is stalled past the heartbeat timeout is killed
+/// and replaced; pings resume once every worker reports again.
+async fn watchdog_loop(shared: Rc<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut withheld = false;
+    loop {
+        tick.tick().await;
+        let stalled: Vec<(usize, u32)> = shared
+            .workers
+            .borrow()
+            .iter()
+            .filter(|w| w.state == State::Ready && w.stalled)
+            .map(|w| (w.slot, w.pid))
+            .collect();
+        let ready = shared.count(|w| w.state == State::Ready);
+        if stalled.is_empty() && ready > 0 {
+            if withheld {
+                info!("every worker reports again; resuming watchdog pings");
+                withheld = false;
+            }
+            notify(&[NotifyState::Watchdog]);
+        } else if !withheld {
+            warn!(
+                ?stalled,
+                ready, "withholding systemd watchdog pings: not every worker is answering"
+            );
+            withheld = true;
+        }
+    }
 }
 
 /// Hang detection and recycling, every half heartbeat interval.
@@ -1111,6 +1349,7 @@ async fn health_loop(shared: Rc<Shared>) {
                         "worker event loop blocked past the heartbeat timeout; killing it"
                     );
                     w.state = State::Draining;
+                    w.exit_reason = Some("hang");
                     to_kill.push(w.pid);
                 } else if silent > stall_after && !w.stalled {
                     warn!(
@@ -1165,6 +1404,18 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
     let mut scratch = Scratch::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut failing_since: Option<(Instant, u64)> = None;
+    let counters: Vec<(Counter, Counter)> = listeners
+        .iter()
+        .map(|l| {
+            let labels = ListenerLabels {
+                listener: l.bound.label.clone(),
+            };
+            (
+                shared.metrics.accepted.get_or_create_owned(&labels),
+                shared.metrics.accept_errors.get_or_create_owned(&labels),
+            )
+        })
+        .collect();
     loop {
         // Accept only while some worker can take connections; otherwise leave clients in
         // the kernel's backlog.
@@ -1194,6 +1445,7 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
             }
         };
         let listener = &listeners[index];
+        let (accepted, accept_errors) = &counters[index];
         let mut exhausted = false;
         for _ in 0..ACCEPT_BURST {
             match listener::accept(&listener.ready) {
@@ -1213,7 +1465,12 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                         listener: listener.bound.index,
                         peer,
                     };
-                    pending.push(Pending { fd, meta });
+                    accepted.inc();
+                    pending.push(Pending {
+                        fd,
+                        meta,
+                        since: Instant::now(),
+                    });
                 }
                 Err(err) => match listener::classify(&err) {
                     AcceptError::WouldBlock => {
@@ -1224,10 +1481,11 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                         debug!(error = %err, "accept: connection failed before it was taken")
                     }
                     AcceptError::Resource => {
+                        accept_errors.inc();
                         match &mut failing_since {
                             Some((_, errors)) => *errors += 1,
                             None => {
-                                error!(error = %err, listener = %listener.bound.spec, "accept failed; backing off until resources free up");
+                                error!(error = %err, listener = %listener.bound.label, "accept failed; backing off until resources free up");
                                 failing_since = Some((Instant::now(), 1));
                             }
                         }

@@ -43,6 +43,7 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 /// Entry point in a worker process. Never returns.
 pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) -> Result<(), Error> {
     let channel = coreloop_ipc::inherited_channel().map_err(Error::WorkerChannel)?;
+    let placement = place(&config, id);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -52,7 +53,13 @@ pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) ->
     let span = tracing::info_span!("worker", worker.id = id.0, worker.pid = std::process::id());
     let code = local.block_on(
         &runtime,
-        serve(config, factory, id, channel).instrument(span),
+        async move {
+            if let Err(reason) = placement {
+                return fail_start(channel, reason).await;
+            }
+            serve(config, factory, id, channel).await
+        }
+        .instrument(span),
     );
     // Dropping the LocalSet cancels the handlers still running after the deadline, which
     // closes their connections.
@@ -64,6 +71,46 @@ pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) ->
 /// After a connection closes, how long the worker waits for more closes before it reports
 /// its load: one report per burst of closes rather than one per connection.
 const REPORT_COALESCE: Duration = Duration::from_millis(2);
+
+/// Applies the configured placement before the runtime starts: CPU affinity, and a check
+/// that a requested privilege drop took effect (the supervisor set the ids at spawn).
+fn place(config: &Config, slot: usize) -> Result<(), String> {
+    if let Some((uid, gid)) = config.worker_ids {
+        let (now_uid, now_euid, now_gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        if now_uid != uid || now_euid != uid || now_gid != gid {
+            return Err(format!(
+                "asked to run as uid {uid} gid {gid}, but running as uid {now_uid} (effective {now_euid}) gid {now_gid}: refusing to serve"
+            ));
+        }
+    }
+    let cpus = std::env::var(crate::cpu::ENV_CPUS)
+        .map(|text| crate::cpu::decode(&text))
+        .unwrap_or_default();
+    if config.pin_workers {
+        if let Some(cpu) = crate::cpu::for_slot(&cpus, slot) {
+            crate::cpu::set(&[cpu]).map_err(|err| format!("cannot pin to CPU {cpu}: {err}"))?;
+        }
+    } else if config.pin_supervisor.is_some() && !cpus.is_empty() {
+        // Undo the affinity inherited from a pinned supervisor.
+        crate::cpu::set(&cpus).map_err(|err| format!("cannot restore CPU affinity: {err}"))?;
+    }
+    Ok(())
+}
+
+/// Reports a start-up failure to the supervisor; returns the exit code.
+async fn fail_start(channel: OwnedFd, reason: String) -> i32 {
+    error!(reason = %reason, "worker cannot start");
+    if let Ok(channel) = Channel::from_fd(channel) {
+        if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
+            debug!(error = %err, "cannot report the failure");
+        }
+    }
+    1
+}
 
 /// Live connections of this worker, and a way to wait until there are none.
 #[derive(Default)]
@@ -159,11 +206,6 @@ async fn serve<H: Handler>(
     }
     debug!("worker ready");
 
-    let kinds: Rc<[bool]> = config
-        .listeners
-        .iter()
-        .map(|spec| matches!(spec, ListenSpec::Unix(_)))
-        .collect();
     let tracker = Rc::new(Tracker::default());
     let channel = Rc::new(channel);
     tokio::task::spawn_local(report(
@@ -192,8 +234,7 @@ async fn serve<H: Handler>(
             received = channel.recv() => match received {
                 Ok(Some((Message::Conns(batch), fds))) => {
                     for (meta, fd) in batch.as_slice().iter().zip(fds) {
-                        let is_unix = kinds.get(usize::from(meta.listener)).copied().unwrap_or(false);
-                        start_conn(&handler, &tracker, &shutdown, id, *meta, fd, is_unix);
+                        start_conn(&handler, &tracker, &shutdown, id, *meta, fd);
                     }
                 }
                 Ok(Some((Message::Drain { timeout_ms }, _))) => {
@@ -361,9 +402,8 @@ fn start_conn<H: Handler>(
     worker: WorkerId,
     meta: ConnMeta,
     fd: OwnedFd,
-    is_unix: bool,
 ) {
-    let stream = match into_stream(fd, is_unix) {
+    let stream = match into_stream(fd, &meta.peer) {
         Ok(stream) => stream,
         Err(err) => {
             warn!(conn.id = meta.id, error = %err, "cannot adopt connection");
@@ -421,7 +461,17 @@ fn conn_span(conn_id: u64, peer: &PeerAddr) -> tracing::Span {
     }
 }
 
-fn into_stream(fd: OwnedFd, is_unix: bool) -> std::io::Result<Stream> {
+/// The peer's address family tells a unix connection from a TCP one (the listener may
+/// be a socket systemd passed, whose kind the configuration does not say); without an
+/// address, the socket itself is asked.
+fn into_stream(fd: OwnedFd, peer: &PeerAddr) -> std::io::Result<Stream> {
+    let is_unix = match peer {
+        PeerAddr::Inet(_) => false,
+        PeerAddr::Unix => true,
+        PeerAddr::Unknown => {
+            rustix::net::getsockname(&fd)?.address_family() == rustix::net::AddressFamily::UNIX
+        }
+    };
     // The acceptor accepted with SOCK_NONBLOCK, and O_NONBLOCK belongs to the open file
     // description that SCM_RIGHTS shared with us, as tokio's `from_std` requires.
     if is_unix {

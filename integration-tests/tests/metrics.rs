@@ -1,0 +1,146 @@
+//! The supervisor's Prometheus endpoint, scraped while the demo is under load: the
+//! counters add up to what the load generator sent, per-worker gauges and restart reasons
+//! appear, and `/healthz` reports readiness.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use coreloop_integration_tests::{Server, ServerConfig, get, kill, random_port};
+use rustix::process::Signal;
+
+/// Sums of every sample of each metric name in an OpenMetrics text (labels dropped).
+fn totals(text: &str) -> BTreeMap<String, f64> {
+    let mut totals = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series).to_owned();
+        if let Ok(value) = value.parse::<f64>() {
+            *totals.entry(name).or_insert(0.0) += value;
+        }
+    }
+    totals
+}
+
+fn scrape(port: u16) -> Result<(String, BTreeMap<String, f64>)> {
+    let (status, body) = get(port, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    ensure!(body.ends_with("# EOF\n"), "not OpenMetrics text: {body}");
+    let totals = totals(&body);
+    Ok((body, totals))
+}
+
+/// Starts the demo with 2 workers and metrics on a random port (retrying a taken one).
+fn start() -> Result<(Server, u16)> {
+    for _ in 0..8 {
+        let metrics_port = random_port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        match Server::start(ServerConfig::new(2).args(["--metrics", metrics.as_str()])) {
+            Ok(server) => return Ok((server, metrics_port)),
+            Err(err) if err.to_string().contains("metrics") => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    anyhow::bail!("no free port for metrics")
+}
+
+#[test]
+fn counters_add_up_to_what_the_load_sent() -> Result<()> {
+    let (server, metrics_port) = start()?;
+    let (_, before) = scrape(metrics_port)?;
+    let value =
+        |totals: &BTreeMap<String, f64>, name: &str| totals.get(name).copied().unwrap_or(0.0);
+
+    // Connection-per-request load from 4 threads.
+    const PER_THREAD: usize = 100;
+    let port = server.port();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<usize> {
+                let mut ok = 0;
+                for _ in 0..PER_THREAD {
+                    if get(port, "/")?.0 == 200 {
+                        ok += 1;
+                    }
+                }
+                Ok(ok)
+            })
+        })
+        .collect();
+    // Scrape while the load runs: the endpoint answers under load.
+    let (_, during) = scrape(metrics_port)?;
+    ensure!(
+        value(&during, "coreloop_workers_ready") == 2.0,
+        "{during:?}"
+    );
+    let mut sent = 0;
+    for thread in threads {
+        sent += thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    ensure!(sent == 4 * PER_THREAD, "only {sent} requests succeeded");
+
+    let (text, after) = scrape(metrics_port)?;
+    let delta = |name: &str| value(&after, name) - value(&before, name);
+    ensure!(
+        delta("coreloop_accepted_total") == sent as f64,
+        "accepted {} for {sent}\n{text}",
+        delta("coreloop_accepted_total")
+    );
+    ensure!(
+        delta("coreloop_forwarded_total") == sent as f64,
+        "forwarded {} for {sent}\n{text}",
+        delta("coreloop_forwarded_total")
+    );
+    ensure!(
+        delta("coreloop_dispatch_latency_seconds_count") == sent as f64,
+        "latency samples {}\n{text}",
+        delta("coreloop_dispatch_latency_seconds_count")
+    );
+    ensure!(
+        value(&after, "coreloop_accept_errors_total") == 0.0,
+        "{text}"
+    );
+    // Both workers took a share, each one's series is labelled by its slot.
+    for worker in ["0", "1"] {
+        let line = text
+            .lines()
+            .find(|line| {
+                line.starts_with(&format!("coreloop_forwarded_total{{worker=\"{worker}\"}}"))
+            })
+            .with_context(|| format!("no forwarded series for worker {worker}\n{text}"))?;
+        let count: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+        ensure!(count > 0.0, "{line}");
+    }
+    ensure!(
+        value(&after, "coreloop_worker_resident_bytes") > 0.0,
+        "{text}"
+    );
+    ensure!(
+        text.contains("coreloop_worker_heartbeat_lag_seconds{worker=\"0\"}"),
+        "{text}"
+    );
+    ensure!(get(metrics_port, "/healthz")? == (200, "ok\n".to_owned()));
+    ensure!(get(metrics_port, "/nope")?.0 == 404);
+    Ok(())
+}
+
+#[test]
+fn a_crashed_worker_is_counted_with_its_reason() -> Result<()> {
+    let (server, metrics_port) = start()?;
+    let victim = *server.worker_pids().get(&0).context("no worker 0")?;
+    let mark = server.log_mark();
+    kill(victim, Signal::KILL)?;
+    server
+        .wait_for_replacement(mark, 0, victim, Duration::from_secs(10))
+        .context("worker 0 was not replaced")?;
+    let (text, _) = scrape(metrics_port)?;
+    ensure!(
+        text.contains("coreloop_worker_restarts_total{worker=\"0\",reason=\"crash\"} 1"),
+        "{text}"
+    );
+    Ok(())
+}

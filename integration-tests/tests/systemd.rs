@@ -1,0 +1,347 @@
+//! systemd integration, with the real protocols and without systemd as init:
+//! socket activation through Debian's `systemd-socket-activate` (which binds, waits for a
+//! first client, then execs the demo with `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES`), and
+//! `sd_notify` through a `NOTIFY_SOCKET` datagram socket that the test binds itself.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use coreloop_integration_tests::{
+    Server, fd_targets, get, http_binary, random_port, unique_socket_path,
+};
+use rustix::process::Signal;
+
+const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+
+/// `.ci/run` installs Debian's `systemd` package, which provides the tool.
+fn require_socket_activate() -> Result<()> {
+    ensure!(
+        Path::new(SOCKET_ACTIVATE).exists(),
+        "{SOCKET_ACTIVATE} is missing: apt-get install systemd (.ci/run does)"
+    );
+    Ok(())
+}
+
+/// Inode of the socket listening on 127.0.0.1:`port`, from /proc/net/tcp.
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = fields.get(1)?;
+        let state = fields.get(3)?;
+        let port_hex = local.rsplit(':').next()?;
+        (u16::from_str_radix(port_hex, 16).ok()? == port && *state == "0A")
+            .then(|| fields.get(9).map(|inode| (*inode).to_owned()))?
+    })
+}
+
+/// Starts the demo under `systemd-socket-activate` on a random port with the socket named
+/// `fdname`, passing `demo_args`; returns the wrapper (which becomes the supervisor) and
+/// the port. The demo is exec'd when the first client connects.
+fn activate(fdname: &str, demo_args: &[&str]) -> Result<(Server, u16)> {
+    let binary = http_binary()?;
+    for _ in 0..16 {
+        let port = random_port();
+        let mut args = vec![
+            "-l".to_owned(),
+            format!("127.0.0.1:{port}"),
+            format!("--fdname={fdname}"),
+            "-E".to_owned(),
+            "RUST_LOG".to_owned(),
+            binary.display().to_string(),
+        ];
+        args.extend(demo_args.iter().map(|arg| (*arg).to_owned()));
+        let server = Server::spawn_binary(Path::new(SOCKET_ACTIVATE), &args, "info", false)?;
+        if server
+            .wait_for_log(
+                |line| line.contains("Listening on"),
+                Duration::from_secs(10),
+            )
+            .is_some()
+        {
+            return Ok((server, port));
+        }
+        // Most likely the port was taken: try another.
+    }
+    bail!("systemd-socket-activate did not start")
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_socket_and_workers_do_not_inherit_it() -> Result<()> {
+    require_socket_activate()?;
+    let (mut server, port) = activate("web", &["--bind", "systemd:web", "--workers", "2"])?;
+    // The first client triggers the exec and waits in the passed socket's backlog while
+    // coreloop boots: it must be served, not dropped.
+    let (status, body) = get(port, "/whoami")?;
+    ensure!(
+        status == 200 && body.starts_with("worker="),
+        "{status} {body}"
+    );
+    let serving = server
+        .wait_for_log(
+            |line| line.contains(" serving workers="),
+            Duration::from_secs(30),
+        )
+        .context("no serving line")?;
+    ensure!(
+        serving.contains(&format!("systemd:web(127.0.0.1:{port})")),
+        "{serving}"
+    );
+    let workers = server.all_worker_pids();
+    ensure!(workers.len() == 2, "{workers:?}");
+
+    // Only the supervisor holds the listening socket: the inherited descriptor was made
+    // close-on-exec, so re-exec'd workers do not get it.
+    let inode = listening_inode(port).context("no listening socket")?;
+    let target = format!("socket:[{inode}]");
+    let holds = |pid: u32| fd_targets(pid).is_ok_and(|fds| fds.values().any(|t| *t == target));
+    ensure!(holds(server.pid()), "the supervisor does not hold {target}");
+    for pid in &workers {
+        ensure!(
+            !holds(*pid),
+            "worker {pid} holds the listening socket {target}"
+        );
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        let environ = String::from_utf8_lossy(&environ);
+        ensure!(
+            !environ.contains("LISTEN_FDS="),
+            "worker {pid} inherited LISTEN_FDS"
+        );
+    }
+    for _ in 0..10 {
+        ensure!(get(port, "/")?.0 == 200);
+    }
+    server.signal(Signal::TERM)?;
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .context("no exit")?;
+    ensure!(status.success(), "{status:?}");
+    Ok(())
+}
+
+#[test]
+fn socket_activation_with_an_unknown_name_fails_clearly() -> Result<()> {
+    require_socket_activate()?;
+    let (mut server, port) = activate("web", &["--bind", "systemd:api", "--workers", "2"])?;
+    // Trigger the exec; this client is never served.
+    let _client = TcpStream::connect(("127.0.0.1", port))?;
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .context("no exit")?;
+    ensure!(!status.success(), "{status:?}");
+    let log = server.log_text();
+    ensure!(
+        log.contains("cannot listen on systemd:api") && log.contains("no socket named \"api\""),
+        "{log}"
+    );
+    ensure!(
+        server.all_worker_pids().is_empty(),
+        "workers started: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_passed_socket_that_is_not_listening_is_refused() -> Result<()> {
+    require_socket_activate()?;
+    let binary = http_binary()?;
+    let port = random_port();
+    // --accept passes each *connected* socket instead of the listening one.
+    let args = vec![
+        "--accept".to_owned(),
+        "-l".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "-E".to_owned(),
+        "RUST_LOG".to_owned(),
+        binary.display().to_string(),
+        "--bind".to_owned(),
+        "systemd".to_owned(),
+    ];
+    let server = Server::spawn_binary(Path::new(SOCKET_ACTIVATE), &args, "info", false)?;
+    server
+        .wait_for_log(
+            |line| line.contains("Listening on"),
+            Duration::from_secs(10),
+        )
+        .context("systemd-socket-activate did not start")?;
+    let mut client = TcpStream::connect(("127.0.0.1", port))?;
+    client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let line = server
+        .wait_for_log(
+            |line| line.contains("not a listening socket"),
+            Duration::from_secs(30),
+        )
+        .context("the connected socket was not refused")?;
+    ensure!(line.contains("cannot listen on systemd"), "{line}");
+    Ok(())
+}
+
+/// The test's end of `$NOTIFY_SOCKET`.
+struct Notifications {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Notifications {
+    fn bind() -> Result<Self> {
+        let path = unique_socket_path("notify");
+        let socket = UnixDatagram::bind(&path)?;
+        Ok(Self { socket, path })
+    }
+
+    /// Reads datagrams until one contains `needle`; returns it.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let remaining = deadline
+                .checked_duration_since(Instant::now())
+                .with_context(|| format!("no {needle:?} notification within {timeout:?}"))?;
+            self.socket.set_read_timeout(Some(remaining))?;
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .with_context(|| format!("waiting for {needle:?}"))?;
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+        }
+    }
+
+    /// Whether any datagram containing `needle` arrives within `window`.
+    fn any_within(&self, needle: &str, window: Duration) -> Result<bool> {
+        match self.wait_for(needle, window) {
+            Ok(_) => Ok(true),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts the demo through `env` (which execs in place) with extra environment.
+fn start_with_env(env: &[String], demo_args: &[&str]) -> Result<(Server, u16)> {
+    let binary = http_binary()?;
+    for _ in 0..16 {
+        let port = random_port();
+        let mut args: Vec<String> = env.to_vec();
+        args.push(binary.display().to_string());
+        args.extend(["--bind".to_owned(), format!("127.0.0.1:{port}")]);
+        args.extend(demo_args.iter().map(|arg| (*arg).to_owned()));
+        let mut server = Server::spawn_binary(Path::new("/usr/bin/env"), &args, "info", false)?;
+        if server
+            .wait_for_log(
+                |line| line.contains(" serving workers="),
+                Duration::from_secs(30),
+            )
+            .is_some()
+        {
+            return Ok((server, port));
+        }
+        let _ = server.wait_exit(Duration::from_secs(5));
+        if !server.log_text().contains("in use") {
+            bail!("the server did not start:\n{}", server.log_text());
+        }
+    }
+    bail!("no free port")
+}
+
+#[test]
+fn notify_reports_ready_reloading_status_and_stopping() -> Result<()> {
+    let notes = Notifications::bind()?;
+    let env = vec![format!("NOTIFY_SOCKET={}", notes.path.display())];
+    let (mut server, port) = start_with_env(&env, &["--workers", "2"])?;
+    let ready = notes.wait_for("READY=1", Duration::from_secs(10))?;
+    ensure!(
+        ready.contains("STATUS=serving: 2 of 2 workers ready"),
+        "{ready:?}"
+    );
+    // READY=1 is sent once every worker serves: a request works right away.
+    ensure!(get(port, "/")?.0 == 200);
+    for pid in server.all_worker_pids() {
+        let environ =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ"))?).into_owned();
+        ensure!(
+            !environ.contains("NOTIFY_SOCKET="),
+            "worker {pid} inherited NOTIFY_SOCKET"
+        );
+    }
+
+    server.signal(Signal::HUP)?;
+    let reloading = notes.wait_for("RELOADING=1", Duration::from_secs(10))?;
+    ensure!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
+    let ready_again = notes.wait_for("READY=1", Duration::from_secs(30))?;
+    ensure!(
+        ready_again.contains("STATUS=serving: 2 of 2"),
+        "{ready_again:?}"
+    );
+    ensure!(
+        server
+            .wait_for_log(
+                |line| line.contains("reload complete"),
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "READY=1 came before the reload completed"
+    );
+
+    server.signal(Signal::TTIN)?;
+    let scaled = notes.wait_for("STATUS=", Duration::from_secs(10))?;
+    ensure!(scaled.contains("of 3 workers"), "{scaled:?}");
+
+    server.signal(Signal::TERM)?;
+    notes.wait_for("STOPPING=1", Duration::from_secs(10))?;
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .context("no exit")?;
+    ensure!(status.success(), "{status:?}");
+    Ok(())
+}
+
+#[test]
+fn watchdog_pings_only_while_every_worker_answers() -> Result<()> {
+    let notes = Notifications::bind()?;
+    // Pings every 200 ms; workers report every 300 ms and count as stalled after 0.9 s.
+    let env = vec![
+        format!("NOTIFY_SOCKET={}", notes.path.display()),
+        "WATCHDOG_USEC=400000".to_owned(),
+    ];
+    let (server, _port) = start_with_env(&env, &["--workers", "2", "--heartbeat-timeout", "3"])?;
+    notes.wait_for("READY=1", Duration::from_secs(10))?;
+    notes.wait_for("WATCHDOG=1", Duration::from_secs(5))?;
+
+    let worker = *server.worker_pids().values().next().context("no worker")?;
+    let mark = server.log_mark();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(worker)?).context("pid")?,
+        Signal::STOP,
+    )?;
+    server
+        .wait_for_log_since(
+            mark,
+            |line| line.contains("withholding systemd watchdog pings"),
+            Duration::from_secs(5),
+        )
+        .context("pings were not withheld for a stopped worker")?;
+    // Drain pings that were already queued, then none may come while it is stopped.
+    while notes.any_within("WATCHDOG=1", Duration::from_millis(50))? {}
+    ensure!(
+        !notes.any_within("WATCHDOG=1", Duration::from_millis(1000))?,
+        "a WATCHDOG=1 was sent while a worker was stopped"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(worker)?).context("pid")?,
+        Signal::CONT,
+    )?;
+    notes.wait_for("WATCHDOG=1", Duration::from_secs(5))?;
+    Ok(())
+}
