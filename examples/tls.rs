@@ -104,6 +104,8 @@ async fn serve(
     let worker = conn.worker_id();
     let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(conn.into_stream()));
     let tls = tokio::select! {
+        // Biased: a handshake that has completed is served, even if the drain has begun.
+        biased;
         result = handshake => match result {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
@@ -171,10 +173,14 @@ fn main() -> anyhow::Result<()> {
     }
     let (cert, key) = (args.cert, args.key);
     server
-        .try_serve(move |_worker| -> anyhow::Result<_> {
-            // In the worker: the files are read here, once per worker process.
-            let acceptor = TlsAcceptor::from(Arc::new(tls_config(&cert, &key)?));
-            Ok(move |conn| serve(conn, acceptor.clone(), handshake_timeout))
+        .try_serve(move |_worker| {
+            // In the worker: the files are read here, once per worker process. The error
+            // is flattened to one line with its causes ("…: No such file or directory"):
+            // coreloop reports a factory error by its `Display`, which for an
+            // `anyhow::Error` is the outermost context only.
+            let config = tls_config(&cert, &key).map_err(|err| format!("{err:#}"))?;
+            let acceptor = TlsAcceptor::from(Arc::new(config));
+            Ok::<_, String>(move |conn| serve(conn, acceptor.clone(), handshake_timeout))
         })
         .run()?;
     Ok(())

@@ -89,21 +89,32 @@ fn locate_or_build() -> Result<PathBuf> {
         }
         return Ok(path);
     }
+    build_example("http", BINARY_ENV)
+}
+
+/// Builds example `name` for the profile the running test was built with and returns its
+/// path; `override_env` is named in the error when the layout is not cargo's.
+///
+/// cargo sets variables for test processes (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …) that
+/// build scripts may declare `rerun-if-env-changed` on (ring's does): they are removed
+/// here, so that a build started from a test is the same build as one from the shell and
+/// neither undoes the other.
+fn build_example(name: &str, override_env: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     let deps = exe
         .parent()
-        .filter(|dir| dir.file_name().is_some_and(|name| name == "deps"))
+        .filter(|dir| dir.file_name().is_some_and(|dir| dir == "deps"))
         .with_context(|| {
             format!(
-                "{} is not in a cargo `deps` directory; set {BINARY_ENV}",
+                "{} is not in a cargo `deps` directory; set {override_env}",
                 exe.display()
             )
         })?;
     let profile_dir = deps.parent().context("the deps directory has no parent")?;
-    let binary = profile_dir.join("examples").join("http");
+    let binary = profile_dir.join("examples").join(name);
     let profile = profile_dir
         .file_name()
-        .and_then(|name| name.to_str())
+        .and_then(|dir| dir.to_str())
         .context("profile directory name")?;
     let parent = profile_dir
         .parent()
@@ -116,8 +127,27 @@ fn locate_or_build() -> Result<PathBuf> {
         "--workspace",
         "--locked",
         "--example",
-        "http",
+        name,
     ]);
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        let set_for_tests = key_text.starts_with("CARGO_PKG_")
+            || key_text.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                &*key_text,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            );
+        if set_for_tests {
+            command.env_remove(&key);
+        }
+    }
     match profile {
         "debug" => {}
         "release" => {
@@ -140,10 +170,10 @@ fn locate_or_build() -> Result<PathBuf> {
     let output = command
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {cargo:?} to build the http example"))?;
+        .with_context(|| format!("cannot run {cargo:?} to build the {name} example"))?;
     if !output.status.success() {
         bail!(
-            "`{cargo:?} build --workspace --locked --example http` failed ({}); the \
+            "`{cargo:?} build --workspace --locked --example {name}` failed ({}); the \
              integration tests need that binary at {}.\n{}",
             output.status,
             binary.display(),
@@ -152,7 +182,7 @@ fn locate_or_build() -> Result<PathBuf> {
     }
     if !binary.is_file() {
         bail!(
-            "cargo built the http example but {} does not exist",
+            "cargo built the {name} example but {} does not exist",
             binary.display()
         );
     }
@@ -1705,95 +1735,5 @@ fn locate_or_build_example(name: &str) -> Result<PathBuf> {
         }
         return Ok(path);
     }
-    let exe = std::env::current_exe().context("current_exe")?;
-    let deps = exe
-        .parent()
-        .filter(|dir| dir.file_name().is_some_and(|dir| dir == "deps"))
-        .with_context(|| {
-            format!(
-                "{} is not in a cargo `deps` directory; set {EXAMPLES_DIR_ENV}",
-                exe.display()
-            )
-        })?;
-    let profile_dir = deps.parent().context("the deps directory has no parent")?;
-    let binary = profile_dir.join("examples").join(name);
-    let profile = profile_dir
-        .file_name()
-        .and_then(|dir| dir.to_str())
-        .context("profile directory name")?;
-    let parent = profile_dir
-        .parent()
-        .context("the profile directory has no parent")?;
-
-    // The environment is the test's, as for `http_binary`: the two must agree, because a
-    // build script that declares `rerun-if-env-changed` on a variable cargo sets for tests
-    // (ring's does, for `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`) reruns whenever cargo is
-    // started with a different value than last time.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(&cargo);
-    command.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-        "build",
-        "--workspace",
-        "--locked",
-        "--example",
-        name,
-    ]);
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_EXE_")
-            || matches!(
-                key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-        {
-            command.env_remove(key);
-        }
-    }
-    match profile {
-        "debug" => {}
-        "release" => {
-            command.arg("--release");
-        }
-        other => {
-            command.args(["--profile", other]);
-        }
-    }
-    // target/<profile> or, when cross-compiling, target/<triple>/<profile>.
-    if parent.join("CACHEDIR.TAG").exists() {
-        command.arg("--target-dir").arg(parent);
-    } else if let (Some(target_dir), Some(triple)) = (parent.parent(), parent.file_name()) {
-        command
-            .arg("--target-dir")
-            .arg(target_dir)
-            .arg("--target")
-            .arg(triple);
-    }
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cargo:?} to build the {name} example"))?;
-    if !output.status.success() {
-        bail!(
-            "`{cargo:?} build --workspace --locked --example {name}` failed ({}); the test \
-             needs that binary at {}.\n{}",
-            output.status,
-            binary.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    if !binary.is_file() {
-        bail!(
-            "cargo built the {name} example but {} does not exist",
-            binary.display()
-        );
-    }
-    Ok(binary)
+    build_example(name, EXAMPLES_DIR_ENV)
 }

@@ -277,10 +277,10 @@ fn a_missing_certificate_stops_the_server_at_startup() -> Result<()> {
     let text = server.log_text();
     assert!(
         text.contains(&format!(
-            "cannot read the certificates in {}",
+            "cannot read the certificates in {}: I/O error: No such file or directory",
             missing.display()
         )),
-        "the error names the file:\n{text}"
+        "the error names the file and the cause:\n{text}"
     );
     assert!(
         !text.contains(" serving workers="),

@@ -103,11 +103,21 @@ fn place(config: &Config, slot: usize) -> Result<(), String> {
 
 /// Reports a start-up failure to the supervisor; returns the exit code.
 async fn fail_start(channel: OwnedFd, reason: String) -> i32 {
-    error!(reason = %reason, "worker cannot start");
-    if let Ok(channel) = Channel::from_fd(channel) {
-        if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
-            debug!(error = %err, "cannot report the failure");
+    match Channel::from_fd(channel) {
+        Ok(channel) => report_failure(&channel, reason).await,
+        Err(err) => {
+            error!(reason = %reason, error = %err, "worker cannot start and cannot report it");
+            1
         }
+    }
+}
+
+/// Logs why this worker cannot start, tells the supervisor (`Failed`, which at boot halts
+/// the server with that reason) and returns the exit code.
+async fn report_failure(channel: &Channel, reason: String) -> i32 {
+    error!(reason = %reason, "worker cannot start");
+    if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
+        debug!(error = %err, "cannot report the failure");
     }
     1
 }
@@ -169,14 +179,7 @@ async fn serve<H: Handler>(
     };
     let handler = match factory(id) {
         Ok(handler) => Rc::new(handler),
-        Err(err) => {
-            error!(error = %err, "handler factory failed");
-            let reason = err.to_string();
-            if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
-                debug!(error = %err, "cannot report the failure");
-            }
-            return 1;
-        }
+        Err(err) => return report_failure(&channel, chain(&*err)).await,
     };
     let (mut sigterm, mut sigint) = match (
         signal(SignalKind::terminate()),
@@ -191,13 +194,7 @@ async fn serve<H: Handler>(
     // In ReusePort mode this worker listens on its own socket for every TCP address.
     let own_listeners = match bind_own_listeners(&config) {
         Ok(listeners) => listeners,
-        Err(reason) => {
-            error!(reason = %reason, "cannot listen");
-            if let Err(err) = channel.send(&Message::Failed { reason }, &[]).await {
-                debug!(error = %err, "cannot report the failure");
-            }
-            return 1;
-        }
+        Err(reason) => return report_failure(&channel, reason).await,
     };
     let pid = std::process::id();
     if let Err(err) = channel.send(&Message::Ready { pid }, &[]).await {
@@ -218,14 +215,17 @@ async fn serve<H: Handler>(
     let acceptors: Vec<_> = own_listeners
         .into_iter()
         .map(|(index, listener)| {
-            tokio::task::spawn_local(accept_own(
-                listener,
-                index,
-                Rc::clone(&handler),
-                Rc::clone(&tracker),
-                shutdown.clone(),
-                id,
-            ))
+            tokio::task::spawn_local(
+                accept_own(
+                    listener,
+                    index,
+                    Rc::clone(&handler),
+                    Rc::clone(&tracker),
+                    shutdown.clone(),
+                    id,
+                )
+                .instrument(tracing::Span::current()),
+            )
         })
         .collect();
 
@@ -432,7 +432,14 @@ fn spawn_conn<H: Handler>(
     };
     let guard = tracker.enter();
     let fut = handler.call(conn);
+    // The connection span is debug-level; when it is off, the handler still runs inside
+    // the worker's span, so its logs say which worker they come from.
     let span = conn_span(meta.id, &meta.peer);
+    let span = if span.is_disabled() {
+        tracing::Span::current()
+    } else {
+        span
+    };
     tokio::task::spawn_local(
         async move {
             match (CatchUnwind { inner: fut }).await {
@@ -485,21 +492,41 @@ fn into_stream(fd: OwnedFd, peer: &PeerAddr) -> std::io::Result<Stream> {
 }
 
 /// Client I/O failures (resets, early EOF) are routine on a public server: debug level.
+/// The causes are walked: a protocol library's error that wraps a reset is routine too.
 fn log_handler_error(err: BoxError) {
-    let routine = err.downcast_ref::<std::io::Error>().is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::UnexpectedEof
-                | std::io::ErrorKind::ConnectionAborted
-        )
+    let routine = causes(&*err).any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::TimedOut
+            )
+        })
     });
+    let error = chain(&*err);
     if routine {
-        debug!(error = %err, "connection ended with an error");
+        debug!(%error, "connection ended with an error");
     } else {
-        warn!(error = %err, "handler failed");
+        warn!(%error, "handler failed");
     }
+}
+
+/// An error and its sources, outermost first.
+fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |err| err.source())
+}
+
+/// `outer: cause: root cause`, for logs and start-up failures.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    causes(err)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
