@@ -466,9 +466,14 @@ impl Server {
     /// When the binary is unavailable, or the server exits or stays silent instead of
     /// serving (its log is in the message).
     pub fn start(config: ServerConfig) -> Result<Self> {
+        Self::start_on_free_port(|| Self::launch(&config, config.tcp.then(random_port)))
+    }
+
+    /// Runs `launch` until the server it starts logs `serving`; a server that could not
+    /// take its random port is replaced by another launch (another port).
+    fn start_on_free_port(mut launch: impl FnMut() -> Result<Self>) -> Result<Self> {
         for _ in 0..PORT_ATTEMPTS {
-            let port = config.tcp.then(random_port);
-            let mut server = Self::launch(&config, port)?;
+            let mut server = launch()?;
             let args = server.args.clone();
             if server
                 .wait_for_log(|line| line.contains(" serving workers="), STARTUP_TIMEOUT)
@@ -1631,7 +1636,7 @@ impl Server {
             Some(binary) => binary.clone(),
             None => http_binary()?,
         };
-        for _ in 0..PORT_ATTEMPTS {
+        Self::start_on_free_port(|| {
             let port = random_port();
             let mut args = vec![
                 "-c".to_owned(),
@@ -1646,20 +1651,8 @@ impl Server {
             let mut server =
                 Self::spawn_binary(Path::new("/bin/sh"), &args, &config.rust_log, config.stdin)?;
             server.port = Some(port);
-            if server
-                .wait_for_log(|line| line.contains(" serving workers="), STARTUP_TIMEOUT)
-                .is_some()
-            {
-                return Ok(server);
-            }
-            let status = server.wait_exit(Duration::from_secs(5));
-            if server.port_was_taken() {
-                continue;
-            }
-            let text = server.log_text();
-            bail!("the server did not start (args {args:?}, exit {status:?}); its log:\n{text}");
-        }
-        bail!("no free port found after {PORT_ATTEMPTS} attempts")
+            Ok(server)
+        })
     }
 }
 
