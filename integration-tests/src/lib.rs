@@ -747,6 +747,10 @@ impl Server {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.exit.is_none() && wait_pidfd(&self.pidfd, timeout) {
             self.exit = self.child.wait().ok();
+            // Its last stderr lines may still be in the pipe: let the reader take them, so
+            // that `log_text` after an exit is the whole log. Bounded: workers that outlive
+            // the supervisor (after a SIGKILL) keep the pipe open.
+            self.wait_log_closed(Duration::from_millis(500));
         }
         self.exit
     }

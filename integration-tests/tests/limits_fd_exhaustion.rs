@@ -16,8 +16,11 @@
 //!
 //! At 256 descriptors the supervisor itself never runs out: it stops accepting once every
 //! worker is at its cap. A second scenario lowers the limit to 48, where the per-worker
-//! cap falls to its floor of 1 and the supervisor's own accept bursts exhaust its table
-//! (`EMFILE`): the same must hold there, through the supervisor's accept back-off.
+//! cap falls to its floor of 1 and the supervisor's own accept bursts (up to 128
+//! connections, held until a worker has room) exhaust its table: `EMFILE` must occur
+//! (during the measured window if the first burst was large, else as the clients leave,
+//! when every freed slot starts a new burst), and the same must hold there, through the
+//! supervisor's accept back-off.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

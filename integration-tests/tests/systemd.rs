@@ -133,14 +133,19 @@ fn socket_activation_with_an_unknown_name_fails_clearly() -> Result<()> {
         .wait_exit(Duration::from_secs(30))
         .context("no exit")?;
     ensure!(!status.success(), "{status:?}");
-    let log = server.log_text();
-    ensure!(
-        log.contains("cannot listen on systemd:api") && log.contains("no socket named \"api\""),
-        "{log}"
-    );
+    // The process has exited, but its last stderr lines may still be on their way to the
+    // log reader: wait for the line rather than read the log as it stands.
+    let line = server
+        .wait_for_log(
+            |line| line.contains("cannot listen on systemd:api"),
+            Duration::from_secs(10),
+        )
+        .with_context(|| format!("no clear error:\n{}", server.log_text()))?;
+    ensure!(line.contains("no socket named \"api\""), "{line}");
     ensure!(
         server.all_worker_pids().is_empty(),
-        "workers started: {log}"
+        "workers started:\n{}",
+        server.log_text()
     );
     Ok(())
 }

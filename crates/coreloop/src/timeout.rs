@@ -457,6 +457,8 @@ mod tests {
         let mut io = pin!(TimeoutStream::new(server));
         client.write_all(b"hello").await.expect("write");
         io.as_mut().set_read_deadline(Some(Instant::now()));
+        // Well past the deadline, also for the timer driver's millisecond clock.
+        tokio::time::sleep(ms(20)).await;
         let mut buf = [0u8; 8];
         let n = io.read(&mut buf).await.expect("data is there");
         assert_eq!(&buf[..n], b"hello");
@@ -499,6 +501,27 @@ mod tests {
         client.write_all(b"ok").await.expect("write");
         let n = io.read(&mut buf).await.expect("read");
         assert_eq!(&buf[..n], b"ok");
+    }
+
+    #[tokio::test]
+    async fn changing_a_limit_during_an_abandoned_wait_restarts_the_clock() {
+        let (mut client, server) = duplex(64);
+        let mut io = pin!(TimeoutStream::new(server).with_read_timeout(Some(ms(100))));
+        let mut buf = [0u8; 8];
+        // Abandoned after 50 ms: the clock (100 ms) keeps running...
+        tokio::select! {
+            result = io.read(&mut buf) => panic!("the read must wait, got {result:?}"),
+            () = tokio::time::sleep(ms(50)) => {}
+        }
+        // ...until a limit changes: the next wait has the full new second, not the 50 ms
+        // left of the old clock.
+        io.as_mut().set_read_timeout(Some(ms(1_000)));
+        tokio::select! {
+            result = io.read(&mut buf) => panic!("the clock must restart, got {result:?}"),
+            () = tokio::time::sleep(ms(300)) => {}
+        }
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(io.read(&mut buf).await.expect("read"), 1);
     }
 
     #[tokio::test]
