@@ -1403,7 +1403,8 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
     let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
     let mut scratch = Scratch::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut failing_since: Option<(Instant, u64)> = None;
+    // An exhaustion episode: when it began, errors so far, the latest error.
+    let mut failing_since: Option<(Instant, u64, Instant)> = None;
     let counters: Vec<(Counter, Counter)> = listeners
         .iter()
         .map(|l| {
@@ -1450,14 +1451,22 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
         for _ in 0..ACCEPT_BURST {
             match listener::accept(&listener.ready) {
                 Ok((fd, peer)) => {
-                    if let Some((since, errors)) = failing_since.take() {
-                        info!(
-                            errors,
-                            failing_ms = since.elapsed().as_millis() as u64,
-                            "accepting again"
-                        );
+                    // An exhaustion episode ends once accepts have succeeded for a while,
+                    // not at the first success: under sustained pressure one error
+                    // message (and a growing backoff) rather than one per burst.
+                    let ended = failing_since
+                        .as_ref()
+                        .is_some_and(|(_, _, last)| last.elapsed() >= ACCEPT_BACKOFF_MAX);
+                    if ended {
+                        if let Some((since, errors, _)) = failing_since.take() {
+                            info!(
+                                errors,
+                                failing_ms = since.elapsed().as_millis() as u64,
+                                "accepting again"
+                            );
+                        }
+                        backoff = ACCEPT_BACKOFF_MIN;
                     }
-                    backoff = ACCEPT_BACKOFF_MIN;
                     let id = shared.next_conn_id.get();
                     shared.next_conn_id.set(id + 1);
                     let meta = ConnMeta {
@@ -1483,10 +1492,13 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                     AcceptError::Resource => {
                         accept_errors.inc();
                         match &mut failing_since {
-                            Some((_, errors)) => *errors += 1,
+                            Some((_, errors, last)) => {
+                                *errors += 1;
+                                *last = Instant::now();
+                            }
                             None => {
                                 error!(error = %err, listener = %listener.bound.label, "accept failed; backing off until resources free up");
-                                failing_since = Some((Instant::now(), 1));
+                                failing_since = Some((Instant::now(), 1, Instant::now()));
                             }
                         }
                         exhausted = true;
