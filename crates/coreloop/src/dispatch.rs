@@ -53,7 +53,7 @@ pub(crate) struct Candidate {
 pub(crate) struct Planner {
     policy: Dispatch,
     cursor: usize,
-    rng: u64,
+    rng: XorShift,
 }
 
 impl Planner {
@@ -61,7 +61,7 @@ impl Planner {
         Self {
             policy,
             cursor: 0,
-            rng: seed | 1,
+            rng: XorShift::new(seed),
         }
     }
 
@@ -129,13 +129,31 @@ impl Planner {
     }
 
     fn next_random(&mut self) -> u64 {
-        // xorshift64*: balancing only, not security.
-        let mut x = self.rng;
+        self.rng.next()
+    }
+}
+
+/// xorshift64*: the supervisor's randomness for balancing and jitter; not for security.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct XorShift(u64);
+
+impl XorShift {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        self.rng = x;
+        self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

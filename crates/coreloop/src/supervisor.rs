@@ -52,7 +52,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::builder::{Command, Config};
-use crate::dispatch::{Candidate, Planner};
+use crate::dispatch::{Candidate, Planner, XorShift};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
@@ -254,7 +254,7 @@ struct Shared {
     reloading: Cell<bool>,
     fatal: Fatal,
     restarts: RefCell<VecDeque<Instant>>,
-    rng: Cell<u64>,
+    rng: Cell<XorShift>,
     /// The supervisor's span: parent of every watcher's span, whichever task spawns it.
     span: tracing::Span,
     /// The CPUs the server may use (`CORELOOP_CPUS`), for the workers' placement.
@@ -318,7 +318,7 @@ async fn supervise(
         reloading: Cell::new(false),
         fatal: RefCell::new(None),
         restarts: RefCell::new(VecDeque::new()),
-        rng: Cell::new(seed()),
+        rng: Cell::new(XorShift::new(seed())),
         span: tracing::Span::current(),
         cpus,
     });
@@ -355,7 +355,7 @@ async fn supervise(
         .map(|b| b.label.clone())
         .collect();
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
-    notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+    shared.notify_ready();
 
     let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
     let health =
@@ -471,6 +471,11 @@ impl Shared {
         })
     }
 
+    /// `READY=1` with the current `STATUS=`: after boot and after a reload.
+    fn notify_ready(&self) {
+        notify(&[NotifyState::Ready, NotifyState::Status(&self.status())]);
+    }
+
     /// The `STATUS=` line for systemd.
     fn status(&self) -> String {
         let ready = self.count(|w| w.state == State::Ready);
@@ -524,13 +529,10 @@ impl Shared {
     }
 
     fn random_unit(&self) -> f64 {
-        // xorshift64*: jitter only, not security.
-        let mut x = self.rng.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+        let mut rng = self.rng.get();
+        let unit = rng.unit();
+        self.rng.set(rng);
+        unit
     }
 
     fn recycle_threshold(&self) -> Option<u64> {
@@ -1180,14 +1182,14 @@ fn start_reload(shared: &Rc<Shared>) {
                 if !replace(&shared, *pid, "reload").await {
                     error!(replaced, "reload aborted");
                     shared.reloading.set(false);
-                    notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+                    shared.notify_ready();
                     return;
                 }
                 replaced += 1;
             }
             info!(replaced, "reload complete");
             shared.reloading.set(false);
-            notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+            shared.notify_ready();
         }
         .instrument(span),
     );
