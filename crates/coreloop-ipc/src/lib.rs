@@ -14,6 +14,16 @@
 //!           ◀─ Ready{pid} / Status{live, closed, rss} / Retiring / Failed{reason} ─
 //! ```
 //!
+//! A binary upgrade uses the same channel between the old supervisor and the new one it
+//! started (the new executable), with the new one's end on its fd 0:
+//!
+//! ```text
+//!   old supervisor                                      new supervisor
+//!   Channel ── Listener{spec, name, remaining} + 1 fd ─▶ Channel   (one per listener)
+//!           ◀─ Ready{pid} / Failed{reason} ────────────          (its workers all serve)
+//!           ── Takeover ─────────────────────────────▶           (the old one stopped accepting)
+//! ```
+//!
 //! Ownership rules, which the types enforce:
 //! - a descriptor is sent as a [`BorrowedFd`](std::os::fd::BorrowedFd) and the sender keeps
 //!   (and later drops) its own [`OwnedFd`](std::os::fd::OwnedFd): the kernel duplicates it
@@ -43,6 +53,6 @@ mod message;
 pub use channel::{Channel, ChannelError, Fds, TrySendError};
 pub use fd::{Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
 pub use message::{
-    ConnBatch, ConnMeta, MAX_BATCH, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION, PeerAddr,
-    ProtocolError,
+    ConnBatch, ConnMeta, MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION,
+    PeerAddr, ProtocolError,
 };

@@ -15,6 +15,10 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 ///
 /// Supervisor and workers are always the same executable image (workers are started from
 /// `/proc/self/exe`), so a mismatch means corruption or a foreign peer, and is an error.
+/// The one exchange between different builds is a binary upgrade (`Listener`, `Ready`,
+/// `Failed`, `Takeover`): an upgrade to a build with another version fails its handshake
+/// cleanly and the old generation keeps serving. Change the encoding of those four only
+/// together with this number.
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Largest encoded message, in bytes. Receivers use a buffer one byte larger, so that an
@@ -27,8 +31,14 @@ pub const MAX_BATCH: usize = 32;
 /// Longest reason carried by [`Message::Failed`]; longer text is cut at a char boundary.
 const MAX_REASON_LEN: usize = 500;
 
+/// Longest `spec` or `name` of a [`Message::Listener`], in bytes. Unlike a reason, these
+/// are never cut: a cut spec would match no listener.
+pub const MAX_LISTENER_TEXT: usize = 900;
+
 const KIND_CONNS: u8 = 1;
 const KIND_DRAIN: u8 = 2;
+const KIND_LISTENER: u8 = 3;
+const KIND_TAKEOVER: u8 = 4;
 const KIND_READY: u8 = 16;
 const KIND_FAILED: u8 = 17;
 const KIND_RETIRING: u8 = 18;
@@ -156,15 +166,32 @@ pub enum Message {
         timeout_ms: u32,
     },
     /// Worker → supervisor: the handler factory ran; the worker takes connections now.
+    /// Also new supervisor → old supervisor in a binary upgrade: every new worker serves.
     Ready {
-        /// The worker's process id.
+        /// The sender's process id.
         pid: u32,
     },
     /// Worker → supervisor: the worker could not start; it exits after sending this.
+    /// Also new supervisor → old supervisor in a binary upgrade.
     Failed {
         /// Human-readable cause (cut to fit one message).
         reason: String,
     },
+    /// Old supervisor → new supervisor (binary upgrade): one listening socket, with the
+    /// configured address it was bound for. Carries exactly one descriptor.
+    Listener {
+        /// The listener as configured (`127.0.0.1:8080`, `unix:/run/app.sock`,
+        /// `systemd:web`, `metrics:127.0.0.1:9100`): what the new supervisor matches its
+        /// own configuration against.
+        spec: String,
+        /// systemd's name for the socket (`LISTEN_FDNAMES`), or empty.
+        name: String,
+        /// How many `Listener` messages follow this one.
+        remaining: u16,
+    },
+    /// Old supervisor → new supervisor (binary upgrade): the old one has stopped
+    /// accepting; the new one serves from now on.
+    Takeover,
     /// Worker → supervisor: the worker was asked to stop (a signal reached it directly)
     /// and wants a [`Message::Drain`].
     Retiring,
@@ -218,6 +245,18 @@ pub enum ProtocolError {
     /// A batch of connections was empty or larger than [`MAX_BATCH`].
     #[error("batch of {0} connections (1 to {MAX_BATCH} allowed)")]
     BatchSize(usize),
+    /// A text field is longer than [`MAX_LISTENER_TEXT`] (when encoding) or the length a
+    /// datagram announces is (when decoding).
+    #[error("{field} of {len} bytes is longer than {MAX_LISTENER_TEXT}")]
+    TextTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A text field is not UTF-8.
+    #[error("{0} is not UTF-8")]
+    Utf8(&'static str),
     /// The output buffer is smaller than the encoded message.
     #[error("buffer of {0} bytes is too small for the message")]
     BufferTooSmall(usize),
@@ -228,6 +267,7 @@ impl Message {
     pub fn fd_count(&self) -> usize {
         match self {
             Message::Conns(batch) => batch.len(),
+            Message::Listener { .. } => 1,
             _ => 0,
         }
     }
@@ -237,6 +277,8 @@ impl Message {
         match self {
             Message::Conns(_) => "Conns",
             Message::Drain { .. } => "Drain",
+            Message::Listener { .. } => "Listener",
+            Message::Takeover => "Takeover",
             Message::Ready { .. } => "Ready",
             Message::Failed { .. } => "Failed",
             Message::Retiring => "Retiring",
@@ -277,6 +319,17 @@ impl Message {
                 w.put(&[KIND_DRAIN])?;
                 w.put(&timeout_ms.to_le_bytes())?;
             }
+            Message::Listener {
+                spec,
+                name,
+                remaining,
+            } => {
+                w.put(&[KIND_LISTENER])?;
+                w.put_text("spec", spec)?;
+                w.put_text("name", name)?;
+                w.put(&remaining.to_le_bytes())?;
+            }
+            Message::Takeover => w.put(&[KIND_TAKEOVER])?,
             Message::Ready { pid } => {
                 w.put(&[KIND_READY])?;
                 w.put(&pid.to_le_bytes())?;
@@ -323,6 +376,8 @@ impl Message {
         let name = match kind {
             KIND_CONNS => "Conns",
             KIND_DRAIN => "Drain",
+            KIND_LISTENER => "Listener",
+            KIND_TAKEOVER => "Takeover",
             KIND_READY => "Ready",
             KIND_FAILED => "Failed",
             KIND_RETIRING => "Retiring",
@@ -350,6 +405,12 @@ impl Message {
             KIND_DRAIN => Message::Drain {
                 timeout_ms: u32::from_le_bytes(r.take()?),
             },
+            KIND_LISTENER => Message::Listener {
+                spec: r.take_text("spec")?,
+                name: r.take_text("name")?,
+                remaining: u16::from_le_bytes(r.take()?),
+            },
+            KIND_TAKEOVER => Message::Takeover,
             KIND_READY => Message::Ready {
                 pid: u32::from_le_bytes(r.take()?),
             },
@@ -383,6 +444,17 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// A text field: u16 length, then the bytes. Never cut.
+    fn put_text(&mut self, field: &'static str, text: &str) -> Result<(), ProtocolError> {
+        let len = text.len();
+        if len > MAX_LISTENER_TEXT {
+            return Err(ProtocolError::TextTooLong { field, len });
+        }
+        // len <= MAX_LISTENER_TEXT < u16::MAX.
+        self.put(&(len as u16).to_le_bytes())?;
+        self.put(text.as_bytes())
+    }
+
     fn put_meta(&mut self, meta: &ConnMeta) -> Result<(), ProtocolError> {
         self.put(&meta.id.to_le_bytes())?;
         self.put(&meta.listener.to_le_bytes())?;
@@ -439,6 +511,17 @@ impl<'a> Reader<'a> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take_slice(N)?);
         Ok(out)
+    }
+
+    fn take_text(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        let len = usize::from(u16::from_le_bytes(self.take()?));
+        if len > MAX_LISTENER_TEXT {
+            return Err(ProtocolError::TextTooLong { field, len });
+        }
+        let bytes = self.take_slice(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::Utf8(field))
     }
 
     fn take_meta(&mut self) -> Result<ConnMeta, ProtocolError> {
@@ -506,6 +589,14 @@ mod tests {
             any::<u32>().prop_map(|pid| Message::Ready { pid }),
             ".{0,100}".prop_map(|reason| Message::Failed { reason }),
             Just(Message::Retiring),
+            Just(Message::Takeover),
+            (".{0,100}", ".{0,40}", any::<u16>()).prop_map(|(spec, name, remaining)| {
+                Message::Listener {
+                    spec,
+                    name,
+                    remaining,
+                }
+            }),
             (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(live, closed, rss_kib)| {
                 Message::Status {
                     live,
@@ -588,6 +679,38 @@ mod tests {
             Message::decode(&[PROTOCOL_VERSION, KIND_CONNS, over]),
             Err(ProtocolError::BatchSize(usize::from(over)))
         );
+    }
+
+    #[test]
+    fn listener_text_is_never_cut() {
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let long = Message::Listener {
+            spec: "x".repeat(MAX_LISTENER_TEXT + 1),
+            name: String::new(),
+            remaining: 0,
+        };
+        assert_eq!(
+            long.encode(&mut buf),
+            Err(ProtocolError::TextTooLong {
+                field: "spec",
+                len: MAX_LISTENER_TEXT + 1
+            })
+        );
+        // Both fields at their longest still fit in one message.
+        let longest = Message::Listener {
+            spec: "s".repeat(MAX_LISTENER_TEXT),
+            name: "n".repeat(MAX_LISTENER_TEXT),
+            remaining: u16::MAX,
+        };
+        let len = longest.encode(&mut buf).unwrap();
+        assert_eq!(Message::decode(&buf[..len]).unwrap(), longest);
+        assert_eq!(longest.fd_count(), 1);
+    }
+
+    #[test]
+    fn listener_text_must_be_utf8() {
+        let bytes = [PROTOCOL_VERSION, KIND_LISTENER, 1, 0, 0xff, 0, 0, 0, 0];
+        assert_eq!(Message::decode(&bytes), Err(ProtocolError::Utf8("spec")));
     }
 
     #[test]
