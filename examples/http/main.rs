@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example http                      # 127.0.0.1:8080, one worker per CPU
 //! cargo run --release --example http -- --bind 127.0.0.1:8080 --bind unix:/tmp/demo.sock --workers 4
-//! curl http://127.0.0.1:8080/whoami                       # worker=<id> pid=<pid>
+//! curl http://127.0.0.1:8080/whoami                       # worker=<id> pid=<pid> version=<v>
 //! wrk -c64 -d10s http://127.0.0.1:8080/
 //! ```
 //!
@@ -32,7 +32,7 @@ use coreloop::{Conn, Dispatch, Distribution, Server};
 use respond::{Identity, Limits};
 
 #[derive(Debug, Parser)]
-#[command(about = "coreloop's demo HTTP/1.1 responder", version)]
+#[command(about = "coreloop's demo HTTP/1.1 responder", version = respond::VERSION)]
 struct Args {
     /// Address to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, or `systemd` /
     /// `systemd:NAME` for sockets passed by systemd (socket activation). Repeatable.
@@ -44,6 +44,14 @@ struct Args {
     /// Seconds a draining worker may take before it is killed.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Seconds the new generation of a binary upgrade (SIGUSR2) may take to serve before
+    /// it is stopped and the running one keeps serving.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    upgrade_timeout: u64,
+    /// Write the serving supervisor's pid to this file (rewritten by the new supervisor
+    /// after an upgrade; removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     /// Largest request head, bytes (larger: 431).
     #[arg(long, default_value_t = 8192)]
     max_header_bytes: usize,
@@ -204,6 +212,7 @@ fn main() -> anyhow::Result<()> {
         .pin_workers(args.pin_workers)
         .pin_supervisor(args.pin_supervisor)
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .upgrade_timeout(Duration::from_secs(args.upgrade_timeout))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat_timeout))
         .restart_limit(args.max_restarts, Duration::from_secs(args.restart_period))
         .distribution(match args.mode {
@@ -223,6 +232,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.recycle_rss_mib > 0 {
         builder = builder.recycle_above_rss(args.recycle_rss_mib * 1024 * 1024);
+    }
+    if let Some(path) = &args.pid_file {
+        builder = builder.pid_file(path);
     }
     if let Some(workers) = args.workers {
         builder = builder.workers(usize::from(workers));

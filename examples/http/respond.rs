@@ -106,6 +106,14 @@ impl Default for Limits {
     }
 }
 
+/// The demo's version, shown by `/whoami` and `--version`: `CORELOOP_DEMO_VERSION` at
+/// build time, else the package version. Set it to tell two builds apart across a binary
+/// upgrade: `CORELOOP_DEMO_VERSION=2 cargo build --release --example http`, then SIGUSR2.
+pub(crate) const VERSION: &str = match option_env!("CORELOOP_DEMO_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Who is answering: shown by `/whoami`.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
@@ -783,7 +791,7 @@ async fn answer(
     match path {
         "/" => reply(out, 200, b"Hello, world!", None),
         "/whoami" => {
-            let body = format!("worker={} pid={}", who.worker, who.pid);
+            let body = format!("worker={} pid={} version={VERSION}", who.worker, who.pid);
             reply(out, 200, body.as_bytes(), None);
         }
         "/discard" => {

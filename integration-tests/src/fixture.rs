@@ -41,6 +41,12 @@ pub struct CommonArgs {
     /// Crash-loop window, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub restart_period: u64,
+    /// Seconds the new generation of a binary upgrade may take to serve.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub upgrade_timeout: f64,
+    /// Write the serving supervisor's pid here.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
 }
 
 impl CommonArgs {
@@ -63,7 +69,11 @@ impl CommonArgs {
             .workers(self.workers)
             .shutdown_timeout(secs("shutdown-timeout", self.shutdown_timeout)?)
             .heartbeat_timeout(secs("heartbeat-timeout", self.heartbeat_timeout)?)
-            .restart_limit(self.max_restarts, Duration::from_secs(self.restart_period));
+            .restart_limit(self.max_restarts, Duration::from_secs(self.restart_period))
+            .upgrade_timeout(secs("upgrade-timeout", self.upgrade_timeout)?);
+        if let Some(path) = &self.pid_file {
+            builder = builder.pid_file(path);
+        }
         for bind in &self.binds {
             builder = match bind.strip_prefix("unix:") {
                 Some(path) => builder.bind_unix(PathBuf::from(path)),
@@ -146,6 +156,43 @@ pub async fn respond(stream: &mut Stream, status: u16, body: &str) -> std::io::R
 /// The `/whoami` body: `worker=<id> pid=<pid>`.
 pub fn whoami(worker: usize) -> String {
     format!("worker={worker} pid={}", std::process::id())
+}
+
+/// `main()` of the versioned fixtures (`fixture-v1`, `fixture-v2`): two builds of one
+/// server that differ only in the version `/whoami` reports (`worker=<id> pid=<pid>
+/// version=<version>`), for binary-upgrade tests. `/sleep?ms=N` answers after N ms.
+///
+/// # Errors
+///
+/// Bad flags, or the server's error.
+pub fn versioned_main(version: &'static str) -> anyhow::Result<()> {
+    #[derive(Debug, clap::Parser)]
+    #[command(about = "coreloop test fixture: a server with a version")]
+    struct Args {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+    let args = <Args as clap::Parser>::parse();
+    init_logging();
+    tracing::info!(version, "fixture version");
+    args.common
+        .builder()?
+        .serve(move |worker| {
+            let worker = worker.get();
+            move |mut conn: coreloop::Conn| async move {
+                let Some(target) = read_request(conn.stream_mut()).await? else {
+                    return Ok(());
+                };
+                if path_of(&target) == "/sleep" {
+                    let ms = query_ms(&target).unwrap_or(1000);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let body = format!("{} version={version}", whoami(worker));
+                respond(conn.stream_mut(), 200, &body).await
+            }
+        })
+        .run()?;
+    Ok(())
 }
 
 /// The value of `ms=N` in a request target's query.

@@ -43,6 +43,11 @@ fn listening_inode(port: u16) -> Option<String> {
 /// `fdname`, passing `demo_args`; returns the wrapper (which becomes the supervisor) and
 /// the port. The demo is exec'd when the first client connects.
 fn activate(fdname: &str, demo_args: &[&str]) -> Result<(Server, u16)> {
+    activate_with_env(fdname, &[], demo_args)
+}
+
+/// Like [`activate`], with extra `VAR=VALUE` settings for the demo's environment.
+fn activate_with_env(fdname: &str, env: &[String], demo_args: &[&str]) -> Result<(Server, u16)> {
     let binary = http_binary()?;
     for _ in 0..16 {
         let port = random_port();
@@ -52,8 +57,11 @@ fn activate(fdname: &str, demo_args: &[&str]) -> Result<(Server, u16)> {
             format!("--fdname={fdname}"),
             "-E".to_owned(),
             "RUST_LOG".to_owned(),
-            binary.display().to_string(),
         ];
+        for setting in env {
+            args.extend(["-E".to_owned(), setting.clone()]);
+        }
+        args.push(binary.display().to_string());
         args.extend(demo_args.iter().map(|arg| (*arg).to_owned()));
         let server = Server::spawn_binary(Path::new(SOCKET_ACTIVATE), &args, "info", false)?;
         if server
@@ -349,4 +357,77 @@ fn watchdog_pings_only_while_every_worker_answers() -> Result<()> {
     )?;
     notes.wait_for("WATCHDOG=1", Duration::from_secs(5))?;
     Ok(())
+}
+
+#[test]
+fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid() -> Result<()> {
+    require_socket_activate()?;
+    let notes = Notifications::bind()?;
+    let env = [format!("NOTIFY_SOCKET={}", notes.path.display())];
+    let (mut server, port) =
+        activate_with_env("web", &env, &["--bind", "systemd:web", "--workers", "2"])?;
+    ensure!(get(port, "/")?.0 == 200);
+    notes.wait_for("READY=1", Duration::from_secs(30))?;
+    let old = server.pid();
+    let mark = server.log_mark();
+
+    server.signal(Signal::USR2)?;
+    let reloading = notes.wait_for("RELOADING=1", Duration::from_secs(10))?;
+    ensure!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
+    // The old supervisor names its successor as the main process, with READY=1.
+    let handed = notes.wait_for("MAINPID=", Duration::from_secs(60))?;
+    ensure!(handed.contains("READY=1"), "{handed:?}");
+    let new: u32 = handed
+        .lines()
+        .find_map(|line| line.strip_prefix("MAINPID="))
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no MAINPID in {handed:?}"))?;
+    ensure!(new != old, "MAINPID={new} is the old supervisor");
+    let guard = KillOnDrop(new);
+    let serving = server.expect_log_since(
+        mark,
+        "the new supervisor's `serving` line",
+        |line| {
+            line.contains(&format!("supervisor{{pid={new}}}")) && line.contains(" serving workers=")
+        },
+        Duration::from_secs(30),
+    )?;
+    // It serves the socket systemd passed to the old one, by the same name.
+    ensure!(
+        serving.contains(&format!("systemd:web(127.0.0.1:{port})")),
+        "{serving}"
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .context("the old supervisor did not exit")?;
+    ensure!(status.success(), "{status:?}");
+    // The old one said nothing that would make systemd think the service stops.
+    ensure!(
+        !notes.any_within("STOPPING=1", Duration::from_millis(300))?,
+        "STOPPING=1 sent during the upgrade"
+    );
+    for _ in 0..10 {
+        ensure!(get(port, "/")?.0 == 200);
+    }
+    // The new supervisor is the one systemd stops.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(new)?).context("pid")?,
+        Signal::TERM,
+    )?;
+    notes.wait_for("STOPPING=1", Duration::from_secs(10))?;
+    drop(guard);
+    Ok(())
+}
+
+/// Kills a process this test did not start directly (a supervisor started by an upgrade)
+/// when dropped, and waits for it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if coreloop_integration_tests::is_alive(self.0) {
+            let _ = coreloop_integration_tests::kill(self.0, Signal::KILL);
+        }
+        coreloop_integration_tests::wait_for_exit(self.0, Duration::from_secs(10));
+    }
 }

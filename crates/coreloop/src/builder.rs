@@ -62,6 +62,10 @@ pub(crate) struct Config {
     pub(crate) worker_ids: Option<(u32, u32)>,
     /// Where the supervisor serves `/metrics` and `/healthz`.
     pub(crate) metrics: Option<SocketAddr>,
+    /// How long a new generation may take to serve in a binary upgrade.
+    pub(crate) upgrade_timeout: Duration,
+    /// Where the serving supervisor writes its process id.
+    pub(crate) pid_file: Option<PathBuf>,
 }
 
 /// Mode and owner of a unix-socket listener's file.
@@ -137,6 +141,8 @@ impl Default for ServerBuilder {
                 pin_supervisor: None,
                 worker_ids: None,
                 metrics: None,
+                upgrade_timeout: Duration::from_secs(30),
+                pid_file: None,
             },
         }
     }
@@ -362,6 +368,24 @@ impl ServerBuilder {
         self
     }
 
+    /// How long the new generation of a binary upgrade (SIGUSR2 or
+    /// [`ServerHandle::upgrade`]) may take until all its workers serve; past it, the new
+    /// generation is stopped and the running one keeps serving. Default: 30 s.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.config.upgrade_timeout = timeout;
+        self
+    }
+
+    /// Writes the serving supervisor's process id to `path` (like nginx's `pid` and
+    /// gunicorn's `--pid`): once the server serves, and again by the new supervisor after
+    /// a binary upgrade, so `kill -USR2 $(cat path)` always reaches the current one. The
+    /// file is replaced atomically and removed when the server stops. Not needed under
+    /// systemd, which tracks the main process itself.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.pid_file = Some(path.into());
+        self
+    }
+
     /// Who accepts TCP connections: the supervisor, forwarding them
     /// ([`Distribution::Forward`], the default), or each worker on its own `SO_REUSEPORT`
     /// socket ([`Distribution::ReusePort`]).
@@ -508,10 +532,13 @@ pub(crate) enum Command {
     AddWorker,
     /// One worker fewer (never below one).
     RemoveWorker,
+    /// Binary upgrade: start the executable on disk as a new supervisor, hand it the
+    /// listeners, and stop once it serves.
+    Upgrade,
 }
 
 /// Controls a running server from any thread of the supervisor process, like the signals
-/// do (SIGTERM, SIGHUP, SIGTTIN, SIGTTOU). Cheap to clone.
+/// do (SIGTERM, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2). Cheap to clone.
 ///
 /// Each method returns whether the command reached a running supervisor; the supervisor
 /// acts on it asynchronously and logs what it does.
@@ -541,5 +568,17 @@ impl ServerHandle {
     /// Drains and removes one worker, never the last (as SIGTTOU does).
     pub fn remove_worker(&self) -> bool {
         self.commands.send(Command::RemoveWorker).is_ok()
+    }
+
+    /// Upgrades to the executable now on disk without dropping a connection (as SIGUSR2
+    /// does): the running supervisor starts it as a new supervisor and hands it the
+    /// listening sockets; once every new worker serves, the old generation stops
+    /// accepting, drains and exits, and `run()` returns `Ok(())` in the old process. If
+    /// the new generation fails, or is not serving within the
+    /// [upgrade timeout](ServerBuilder::upgrade_timeout), it is stopped and the old one
+    /// keeps serving. One upgrade at a time: a request during an upgrade is refused (and
+    /// logged).
+    pub fn upgrade(&self) -> bool {
+        self.commands.send(Command::Upgrade).is_ok()
     }
 }

@@ -71,6 +71,19 @@ pub enum Error {
         /// The period.
         period: Duration,
     },
+    /// This process was started as the new supervisor of a binary upgrade, and taking the
+    /// listeners over from the running one failed; the running one keeps serving.
+    #[error("binary upgrade: {0}")]
+    Upgrade(String),
+    /// The pid file could not be written.
+    #[error("cannot write the pid file {path}: {source}")]
+    PidFile {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The write error.
+        #[source]
+        source: io::Error,
+    },
     /// This process was started as a worker, but its channel to the supervisor is unusable.
     #[error("worker channel unusable: {0}")]
     WorkerChannel(#[source] io::Error),

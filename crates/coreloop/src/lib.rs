@@ -42,7 +42,8 @@
 //!
 //! Workers are the same executable started again by the supervisor (never `fork()`ed from a
 //! process that has a runtime). So `main()` runs in every worker up to [`Server::run`]:
-//! keep everything before `run()` free of side effects. See [`ServerBuilder`].
+//! keep everything before `run()` free of side effects. See [`ServerBuilder`]. A binary
+//! upgrade starts the program once more, as the new supervisor ([`is_upgrading`]).
 //!
 //! # Signals
 //!
@@ -54,6 +55,7 @@
 //! | second SIGINT, SIGQUIT | stop at once |
 //! | SIGHUP | rolling restart of every worker, each replacement ready first |
 //! | SIGTTIN / SIGTTOU | one worker more / fewer |
+//! | SIGUSR2 | binary upgrade: start the executable now on disk as a new supervisor, hand it the listeners, drain and exit once it serves; roll back if it fails |
 //!
 //! [`ServerHandle`] offers the same from code. Workers run in their own process group, so
 //! a terminal's Ctrl-C reaches the supervisor only. See `docs/operating.md`.
@@ -76,6 +78,7 @@ mod role;
 mod shutdown;
 mod supervisor;
 mod timeout;
+mod upgrade;
 mod worker;
 
 pub use builder::{Server, ServerBuilder, ServerHandle};
@@ -85,3 +88,4 @@ pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
 pub use role::is_worker;
 pub use shutdown::ShutdownSignal;
 pub use timeout::TimeoutStream;
+pub use upgrade::is_upgrading;

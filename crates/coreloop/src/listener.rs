@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use coreloop_ipc::PeerAddr;
 use coreloop_ipc::Readiness;
@@ -23,11 +24,37 @@ use crate::builder::{Config, ListenSpec, UnixPerms};
 use crate::dispatch::Distribution;
 use crate::error::Error;
 
+/// Whether this process may remove the unix-socket files of its listeners when they
+/// close. A supervisor owns them, except around a binary upgrade: the new supervisor owns
+/// them only once it has taken over (if it is rolled back, the running server still uses
+/// the files), and the old one gives them up when it hands over.
+static OWNS_SOCKET_FILES: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether this process removes its unix-socket files when its listeners close.
+pub(crate) fn own_socket_files(owns: bool) {
+    OWNS_SOCKET_FILES.store(owns, Ordering::SeqCst);
+}
+
+/// A listening socket handed over by the previous supervisor in a binary upgrade.
+#[derive(Debug)]
+pub(crate) struct Adopted {
+    /// The configured listener it was bound for ([`ListenSpec`]'s display form, or
+    /// `metrics:ADDR`).
+    pub(crate) spec: String,
+    /// systemd's name for it, or empty.
+    pub(crate) name: String,
+    pub(crate) fd: OwnedFd,
+}
+
 /// A bound, listening socket that the supervisor owns.
 #[derive(Debug)]
 pub(crate) struct Bound {
     /// What it is, for logs: the address, `unix:PATH`, or `systemd:NAME(address)`.
     pub(crate) label: String,
+    /// The configured listener it serves ([`ListenSpec`]'s display form) and, for a
+    /// socket from systemd, its name: what a binary upgrade hands over with it.
+    pub(crate) spec: String,
+    pub(crate) name: String,
     /// Index in the configuration's listener list (what `Conn::listener` reports).
     pub(crate) index: u16,
     /// Whether the supervisor accepts on it. In `ReusePort` mode a TCP address is only
@@ -45,7 +72,12 @@ type Inherited = (OwnedFd, String);
 
 /// Binds every configured listener; on any failure, the ones already bound are closed
 /// (and their socket files removed) before the error is returned.
-pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
+///
+/// In the new supervisor of a binary upgrade, `adopted` holds the previous supervisor's
+/// sockets: a configured listener with a socket there takes it over instead of binding
+/// (the address stays open throughout); one without is bound anew; adopted sockets that
+/// no listener claims are closed.
+pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Adopted>) -> Result<Vec<Bound>, Error> {
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
     let nodelay = config.tcp_nodelay;
     let reuseport = config.distribution == Distribution::ReusePort;
@@ -56,6 +88,20 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
     for (index, spec) in config.listeners.iter().enumerate() {
         // run() checked that the listeners fit in u16.
         let index = index as u16;
+        let key = spec.to_string();
+        if adopted.iter().any(|a| a.spec == key) {
+            let reserved = reuseport && matches!(spec, ListenSpec::Tcp(_));
+            let mut rest = Vec::with_capacity(adopted.len());
+            for taken in std::mem::take(adopted) {
+                if taken.spec != key {
+                    rest.push(taken);
+                    continue;
+                }
+                bound.push(adopt(spec, index, taken, reserved)?);
+            }
+            *adopted = rest;
+            continue;
+        }
         let result = match spec {
             ListenSpec::Tcp(addr) if reuseport => {
                 if addr.port() == 0 {
@@ -64,7 +110,9 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
                     )));
                 }
                 bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| Bound {
-                    label: spec.to_string(),
+                    label: key.clone(),
+                    spec: key.clone(),
+                    name: String::new(),
                     index,
                     accepts: false,
                     fd,
@@ -72,7 +120,9 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
                 })
             }
             ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay, None).map(|fd| Bound {
-                label: spec.to_string(),
+                label: key.clone(),
+                spec: key.clone(),
+                name: String::new(),
                 index,
                 accepts: true,
                 fd,
@@ -80,7 +130,9 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
             }),
             ListenSpec::Unix(path, perms) => {
                 bind_unix(path, backlog, *perms).map(|(fd, dev, ino)| Bound {
-                    label: spec.to_string(),
+                    label: key.clone(),
+                    spec: key.clone(),
+                    name: String::new(),
                     index,
                     accepts: true,
                     fd,
@@ -119,6 +171,8 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
                     found += 1;
                     bound.push(Bound {
                         label: format!("systemd:{fd_name}({local})"),
+                        spec: key.clone(),
+                        name: fd_name,
                         index,
                         accepts: true,
                         fd,
@@ -149,6 +203,44 @@ pub(crate) fn bind_all(config: &Config) -> Result<Vec<Bound>, Error> {
         }
     }
     Ok(bound)
+}
+
+/// Takes over a socket the previous supervisor handed over for `spec`.
+fn adopt(spec: &ListenSpec, index: u16, taken: Adopted, reserved: bool) -> Result<Bound, Error> {
+    let bind_err = |source| Error::Bind {
+        addr: format!("{spec} (handed over)"),
+        source,
+    };
+    let local = if reserved {
+        // A reuseport reservation is bound, not listening: nothing to accept from.
+        rustix::io::ioctl_fionbio(&taken.fd, true).map_err(|err| bind_err(err.into()))?;
+        taken.spec.clone()
+    } else {
+        check_inherited(&taken.fd).map_err(bind_err)?
+    };
+    let label = match spec {
+        ListenSpec::Systemd(_) => format!("systemd:{}({local})", taken.name),
+        _ => taken.spec.clone(),
+    };
+    // The socket file of a unix listener stays where it is; remember its identity so
+    // that the file is removed when this server stops (once it owns the files).
+    let unix_file = match spec {
+        ListenSpec::Unix(path, _) => std::fs::symlink_metadata(path)
+            .ok()
+            .filter(|meta| meta.file_type().is_socket())
+            .map(|meta| (path.clone(), meta.dev(), meta.ino())),
+        _ => None,
+    };
+    debug!(listener = %label, "listener taken over from the previous supervisor");
+    Ok(Bound {
+        label,
+        spec: taken.spec,
+        name: taken.name,
+        index,
+        accepts: !reserved,
+        fd: taken.fd,
+        unix_file,
+    })
 }
 
 /// Checks that a socket passed by systemd is a listening stream socket (TCP or unix) and
@@ -253,6 +345,9 @@ fn bind_unix(path: &Path, backlog: i32, perms: UnixPerms) -> io::Result<(OwnedFd
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        if !OWNS_SOCKET_FILES.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some((path, dev, ino)) = &self.unix_file {
             let ours = std::fs::symlink_metadata(path)
                 .is_ok_and(|meta| meta.dev() == *dev && meta.ino() == *ino);

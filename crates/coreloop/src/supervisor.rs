@@ -37,6 +37,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
 use std::rc::Rc;
@@ -56,6 +57,7 @@ use crate::dispatch::{Candidate, Planner, XorShift};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
+use crate::upgrade::{Handover, Successor};
 use prometheus_client::metrics::counter::Counter;
 
 /// Most connections accepted per readiness event before yielding to other tasks.
@@ -80,6 +82,46 @@ const FD_RESERVE: u64 = 64;
 
 /// Entry point in the supervisor process.
 pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Result<(), Error> {
+    // The path this program was started from, read before anything can replace the file:
+    // a binary upgrade runs whatever is at this path then.
+    let exe = std::env::current_exe();
+    // A new supervisor started by a binary upgrade: its socket files belong to the
+    // running server until the handover.
+    let predecessor = crate::upgrade::predecessor()?;
+    if predecessor.is_some() {
+        listener::own_socket_files(false);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let upgrade = match predecessor {
+        Some(fd) => {
+            let _entered = runtime.enter();
+            Some(Channel::from_fd(fd).map_err(|err| Error::Upgrade(format!("channel: {err}")))?)
+        }
+        None => None,
+    };
+    let result = run_in(config, commands, &runtime, upgrade.as_ref(), exe);
+    if let (Err(err), Some(channel)) = (&result, &upgrade) {
+        // The running supervisor waits for Ready or Failed; tell it why, so that its log
+        // says. (Ignored after the handover: nobody reads the channel any more.)
+        let reason = err.to_string();
+        let msg = Message::Failed { reason };
+        let _ = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), channel.send(&msg, &[])).await
+        });
+    }
+    result
+}
+
+fn run_in(
+    config: Config,
+    commands: UnboundedReceiver<Command>,
+    runtime: &tokio::runtime::Runtime,
+    upgrade: Option<&Channel>,
+    exe: std::io::Result<std::path::PathBuf>,
+) -> Result<(), Error> {
     if config.workers == 0 {
         return Err(Error::Config(
             "the number of workers must be at least 1".into(),
@@ -106,33 +148,47 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
             None => warn!("cannot pin the supervisor: no CPU is allowed"),
         }
     }
-    let bound = listener::bind_all(&config)?;
+    let mut adopted = match upgrade {
+        Some(channel) => runtime.block_on(crate::upgrade::receive_listeners(channel))?,
+        None => Vec::new(),
+    };
+    let bound = listener::bind_all(&config, &mut adopted)?;
     let metrics_listener = match config.metrics {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-                .map_err(|source| Error::Bind {
-                    addr: format!("metrics {addr}"),
-                    source,
-                })?,
-        ),
+        Some(addr) => {
+            let spec = format!("metrics:{addr}");
+            let listener = match adopted.iter().position(|a| a.spec == spec) {
+                Some(i) => Ok(std::net::TcpListener::from(adopted.swap_remove(i).fd)),
+                None => std::net::TcpListener::bind(addr),
+            };
+            Some(
+                listener
+                    .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                    .map_err(|source| Error::Bind {
+                        addr: format!("metrics {addr}"),
+                        source,
+                    })?,
+            )
+        }
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?;
+    for unused in adopted {
+        info!(listener = %unused.spec, "no longer configured; closing the socket handed over for it");
+    }
     let local = tokio::task::LocalSet::new();
     let span = tracing::info_span!("supervisor", pid = std::process::id());
     let result = local.block_on(
-        &runtime,
+        runtime,
         supervise(
-            config,
-            bound,
-            metrics_listener,
+            Boot {
+                config,
+                bound,
+                metrics_listener,
+                nofile,
+                cpus: crate::cpu::encode(&cpus),
+                upgrade,
+                exe,
+            },
             commands,
-            nofile,
-            crate::cpu::encode(&cpus),
         )
         .instrument(span),
     );
@@ -259,6 +315,16 @@ struct Shared {
     span: tracing::Span,
     /// The CPUs the server may use (`CORELOOP_CPUS`), for the workers' placement.
     cpus: String,
+    /// Cleared (and `stop_accepting` notified) to make the accept task return its
+    /// listeners: a binary upgrade's handover.
+    accepting: Cell<bool>,
+    stop_accepting: Notify,
+    /// A binary upgrade is in progress; `successor` holds the new supervisor once it
+    /// serves, for the main task to hand over to.
+    upgrading: Cell<bool>,
+    successor: RefCell<Option<Successor>>,
+    /// The executable a binary upgrade starts, or why it is unknown.
+    exe: Result<PathBuf, String>,
 }
 
 /// Why the main loop ended.
@@ -266,16 +332,32 @@ enum Outcome {
     Graceful,
     Immediate,
     Failed(Error),
+    /// A binary upgrade: this supervisor handed over to a new one.
+    Upgraded(Box<Successor>),
 }
 
-async fn supervise(
+/// What [`run`] prepared for the main task.
+struct Boot<'a> {
     config: Config,
     bound: Vec<listener::Bound>,
     metrics_listener: Option<std::net::TcpListener>,
-    mut commands: UnboundedReceiver<Command>,
     nofile: u64,
     cpus: String,
-) -> Result<(), Error> {
+    /// The channel to the running supervisor, when this one was started by an upgrade.
+    upgrade: Option<&'a Channel>,
+    exe: std::io::Result<PathBuf>,
+}
+
+async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> Result<(), Error> {
+    let Boot {
+        config,
+        bound,
+        metrics_listener,
+        nofile,
+        cpus,
+        upgrade,
+        exe,
+    } = boot;
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let mut sigquit = signal(SignalKind::quit()).map_err(Error::Signal)?;
@@ -284,6 +366,37 @@ async fn supervise(
         .map_err(Error::Signal)?;
     let mut sigttou = signal(SignalKind::from_raw(rustix::process::Signal::TTOU.as_raw()))
         .map_err(Error::Signal)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(Error::Signal)?;
+
+    // What a binary upgrade hands over: a duplicate of every listening socket (the
+    // reuseport reservations and the metrics socket included), in configuration order.
+    let mut handover = Vec::with_capacity(bound.len() + 1);
+    for b in &bound {
+        let fd = b.fd.try_clone().map_err(|source| Error::Bind {
+            addr: b.label.clone(),
+            source,
+        })?;
+        handover.push(Handover {
+            spec: b.spec.clone(),
+            name: b.name.clone(),
+            fd,
+        });
+    }
+    if let (Some(listener), Some(addr)) = (&metrics_listener, config.metrics) {
+        let fd = listener
+            .try_clone()
+            .map_err(|source| Error::Bind {
+                addr: format!("metrics {addr}"),
+                source,
+            })?
+            .into();
+        handover.push(Handover {
+            spec: format!("metrics:{addr}"),
+            name: String::new(),
+            fd,
+        });
+    }
+    let handover = Rc::new(handover);
 
     let mut listeners = Vec::with_capacity(bound.len());
     // Reserved (bound, not listening) sockets stay open as long as the supervisor runs.
@@ -321,6 +434,11 @@ async fn supervise(
         rng: Cell::new(XorShift::new(seed())),
         span: tracing::Span::current(),
         cpus,
+        accepting: Cell::new(true),
+        stop_accepting: Notify::new(),
+        upgrading: Cell::new(false),
+        successor: RefCell::new(None),
+        exe: exe.map_err(|err| err.to_string()),
     });
 
     for slot in 0..shared.config.workers {
@@ -347,6 +465,43 @@ async fn supervise(
             _ = sigquit.recv() => { shared.stop_now().await; return Ok(()); }
         }
     }
+    if let Some(channel) = upgrade {
+        // Every new worker serves: tell the running supervisor, and accept nothing until
+        // it has stopped accepting and says so.
+        let ready = Message::Ready {
+            pid: std::process::id(),
+        };
+        let mut gone = channel.send(&ready, &[]).await.is_err();
+        if !gone {
+            info!("every worker serves; waiting for the running supervisor to hand over");
+        }
+        while !gone {
+            let changed = shared.changed.notified();
+            if let Some(err) = shared.take_fatal() {
+                drop(changed);
+                shared.stop_now().await;
+                return Err(err);
+            }
+            tokio::select! {
+                msg = channel.recv() => match msg {
+                    Ok(Some((Message::Takeover, _))) => break,
+                    Ok(Some((other, _))) => debug!(message = other.kind_name(), "unexpected message from the running supervisor"),
+                    Ok(None) | Err(_) => gone = true,
+                },
+                () = changed => {}
+                _ = sigterm.recv() => { shared.stop_now().await; return Ok(()); }
+                _ = sigint.recv() => { shared.stop_now().await; return Ok(()); }
+                _ = sigquit.recv() => { shared.stop_now().await; return Ok(()); }
+            }
+        }
+        if gone {
+            warn!("the running supervisor went away before handing over; taking over");
+        }
+        listener::own_socket_files(true);
+        // systemd: this process is the service's main process now (the old supervisor
+        // said so too; with NotifyAccess=all this also covers an old one that died).
+        notify(&[NotifyState::MainPid(std::process::id())]);
+    }
     shared.booted.set(true);
     let addrs: Vec<String> = listeners
         .iter()
@@ -354,23 +509,38 @@ async fn supervise(
         .chain(&reserved)
         .map(|b| b.label.clone())
         .collect();
-    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
+    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), "serving");
     shared.notify_ready();
-
-    let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
-    let health =
-        tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
-    if let Some(listener) = metrics_listener {
-        match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => {
-                let span = shared.span.clone();
-                tokio::task::spawn_local(
-                    metrics_loop(Rc::clone(&shared), listener).instrument(span),
-                );
+    if let Some(path) = &shared.config.pid_file {
+        if let Err(err) = crate::upgrade::write_pid_file(path) {
+            if upgrade.is_none() {
+                shared.stop_now().await;
+                return Err(err);
             }
-            Err(err) => warn!(error = %err, "cannot serve metrics"),
+            error!(error = %err, "cannot write the pid file");
         }
     }
+
+    let mut accept = Some(tokio::task::spawn_local(accept_loop(
+        Rc::clone(&shared),
+        listeners,
+    )));
+    let health =
+        tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
+    let metrics = match metrics_listener.map(tokio::net::TcpListener::from_std) {
+        Some(Ok(listener)) => {
+            let span = shared.span.clone();
+            Some(tokio::task::spawn_local(
+                metrics_loop(Rc::clone(&shared), listener).instrument(span),
+            ))
+        }
+        Some(Err(err)) => {
+            warn!(error = %err, "cannot serve metrics");
+            None
+        }
+        None => None,
+    };
+    let mut upgrade_task = None;
     let watchdog = sd_notify::watchdog_enabled().map(|period| {
         tokio::task::spawn_local(
             watchdog_loop(Rc::clone(&shared), period).instrument(shared.span.clone()),
@@ -382,6 +552,17 @@ async fn supervise(
         if let Some(err) = shared.take_fatal() {
             break Outcome::Failed(err);
         }
+        let successor = shared.successor.borrow_mut().take();
+        if let Some(successor) = successor {
+            match hand_over(&shared, successor, accept.take()).await {
+                Ok(successor) => break Outcome::Upgraded(Box::new(successor)),
+                Err(listeners) => {
+                    let task = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
+                    accept = Some(task);
+                    continue;
+                }
+            }
+        }
         let command = tokio::select! {
             () = changed => continue,
             _ = sigterm.recv() => { info!(signal = "SIGTERM", "graceful shutdown"); Command::Stop { graceful: true } }
@@ -390,6 +571,7 @@ async fn supervise(
             _ = sighup.recv() => { info!(signal = "SIGHUP", "reload"); Command::Reload }
             _ = sigttin.recv() => { info!(signal = "SIGTTIN", "add a worker"); Command::AddWorker }
             _ = sigttou.recv() => { info!(signal = "SIGTTOU", "remove a worker"); Command::RemoveWorker }
+            _ = sigusr2.recv() => { info!(signal = "SIGUSR2", "binary upgrade"); Command::Upgrade }
             Some(command) = commands.recv() => { info!(?command, "command from the server handle"); command }
         };
         match command {
@@ -398,23 +580,57 @@ async fn supervise(
             Command::Reload => start_reload(&shared),
             Command::AddWorker => scale_up(&shared),
             Command::RemoveWorker => scale_down(&shared).await,
+            Command::Upgrade => {
+                if let Some(task) = start_upgrade(&shared, &handover) {
+                    upgrade_task = Some(task);
+                }
+            }
         }
     };
 
+    // An upgrade still in progress ends with this server: dropping the task kills the
+    // new supervisor, which never accepted anything.
+    if let Some(task) = upgrade_task {
+        task.abort();
+        let _ = task.await;
+    }
+    // The duplicates kept for a handover would keep the sockets open (and clients
+    // queueing) after the listeners close.
+    drop(handover);
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     shared.stopping.set(true);
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    if !matches!(outcome, Outcome::Upgraded(_)) {
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     shared.changed.notify_waiters();
     health.abort();
     // Stop accepting: the accept task owns the listeners; aborting it closes them (and
-    // removes unix socket files).
-    accept.abort();
-    let _ = accept.await;
+    // removes unix socket files). After a handover it has already returned them.
+    if let Some(accept) = accept {
+        accept.abort();
+        let _ = accept.await;
+    }
+    // An upgrade that completed in the meantime is cancelled (the new supervisor killed).
+    drop(shared.successor.borrow_mut().take());
+    if let Some(path) = &shared.config.pid_file {
+        crate::upgrade::remove_pid_file(path);
+    }
 
     match outcome {
-        Outcome::Graceful => {
+        Outcome::Graceful | Outcome::Upgraded(_) => {
+            let upgraded_to = match outcome {
+                Outcome::Upgraded(successor) => {
+                    let pid = successor.pid;
+                    successor.release();
+                    Some(pid)
+                }
+                _ => None,
+            };
             let drained = shared.drain_all();
             tokio::select! {
                 () = drained => {}
@@ -422,7 +638,13 @@ async fn supervise(
                 _ = sigquit.recv() => { warn!("SIGQUIT: stopping now"); shared.stop_now().await; }
                 Some(Command::Stop { graceful: false }) = commands.recv() => { shared.stop_now().await; }
             }
-            info!("stopped");
+            match upgraded_to {
+                Some(pid) => info!(
+                    upgrade.pid = pid,
+                    "upgrade complete; this generation has stopped"
+                ),
+                None => info!("stopped"),
+            }
             Ok(())
         }
         Outcome::Immediate => {
@@ -745,7 +967,7 @@ impl Shared {
 /// SIGKILL to a worker the supervisor has not reaped yet (a watcher removes a worker from
 /// the pool before it reaps it, and nobody else reaps our children, so the pid cannot
 /// have been reused).
-fn kill(pid: u32) {
+pub(crate) fn kill(pid: u32) {
     if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
@@ -786,6 +1008,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
+        .env_remove(crate::upgrade::ENV_UPGRADE)
         .kill_on_drop(true);
     if let Some((uid, gid)) = shared.config.worker_ids {
         // std calls setgroups(0) (when we are root), setgid and setuid in the child
@@ -1079,7 +1302,7 @@ fn count_restart(shared: &Shared) -> Result<(), Error> {
     Ok(())
 }
 
-fn describe(status: Option<ExitStatus>) -> String {
+pub(crate) fn describe(status: Option<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         None => "unknown status".into(),
@@ -1150,19 +1373,110 @@ async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
     true
 }
 
+/// `RELOADING=1` for systemd (which wants the monotonic time with it), then `READY=1`
+/// when done.
+fn notify_reloading(status: &str) {
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        notify(&[NotifyState::Reloading, now, NotifyState::Status(status)]);
+    }
+}
+
+/// SIGUSR2: binary upgrade. Starts the new generation in a task; when it serves, the task
+/// leaves it in `shared.successor` for the main task to [`hand_over`] to. Returns the
+/// task, or `None` when the request is refused.
+fn start_upgrade(
+    shared: &Rc<Shared>,
+    handover: &Rc<Vec<Handover>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if shared.upgrading.get() {
+        warn!("an upgrade is already in progress; ignoring this request");
+        return None;
+    }
+    let exe = match &shared.exe {
+        Ok(exe) => exe.clone(),
+        Err(err) => {
+            error!(error = %err, "cannot upgrade: the path of this executable is unknown");
+            return None;
+        }
+    };
+    shared.upgrading.set(true);
+    notify_reloading("upgrading");
+    let shared = Rc::clone(shared);
+    let handover = Rc::clone(handover);
+    let span = shared.span.clone();
+    Some(tokio::task::spawn_local(
+        async move {
+            let timeout = shared.config.upgrade_timeout;
+            match crate::upgrade::start_successor(&exe, &handover, timeout).await {
+                Ok(successor) => {
+                    info!(upgrade.pid = successor.pid, "the new generation serves");
+                    *shared.successor.borrow_mut() = Some(successor);
+                    shared.changed.notify_waiters();
+                }
+                Err(reason) => {
+                    error!(%reason, "upgrade failed; this generation keeps serving");
+                    shared.upgrading.set(false);
+                    shared.notify_ready();
+                }
+            }
+        }
+        .instrument(span),
+    ))
+}
+
+/// Binary upgrade, old side, once the new generation serves: stops accepting (the accept
+/// task returns the listeners once what it took is queued to workers), tells the new
+/// supervisor to take over, and tells systemd which process is the main one now.
+///
+/// If the new supervisor is gone by then, returns the listeners to accept on again.
+async fn hand_over(
+    shared: &Rc<Shared>,
+    successor: Successor,
+    accept: Option<tokio::task::JoinHandle<Vec<Listener>>>,
+) -> Result<Successor, Vec<Listener>> {
+    shared.accepting.set(false);
+    shared.stop_accepting.notify_one();
+    // The accept task (there is one until a handover succeeds) does not panic; were it
+    // gone, there would be nothing to resume.
+    let listeners = match accept {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    match successor.channel.send(&Message::Takeover, &[]).await {
+        Ok(()) => {
+            // The socket files are the new supervisor's now.
+            listener::own_socket_files(false);
+            drop(listeners);
+            let status = format!("upgraded: pid {} serves; draining", successor.pid);
+            notify(&[
+                NotifyState::MainPid(successor.pid),
+                NotifyState::Ready,
+                NotifyState::Status(&status),
+            ]);
+            info!(
+                upgrade.pid = successor.pid,
+                "handed over to the new generation; draining this one"
+            );
+            Ok(successor)
+        }
+        Err(err) => {
+            error!(upgrade.pid = successor.pid, error = %err, "the new supervisor went away at the handover; this generation keeps serving");
+            tokio::task::spawn_local(successor.abandon());
+            shared.accepting.set(true);
+            shared.upgrading.set(false);
+            shared.notify_ready();
+            Err(listeners)
+        }
+    }
+}
+
 /// SIGHUP: rolling replacement of every worker, one at a time.
 fn start_reload(shared: &Rc<Shared>) {
     if shared.reloading.replace(true) {
         warn!("a reload is already in progress; ignoring this one");
         return;
     }
-    if let Ok(now) = NotifyState::monotonic_usec_now() {
-        notify(&[
-            NotifyState::Reloading,
-            now,
-            NotifyState::Status("reloading"),
-        ]);
-    }
+    notify_reloading("reloading");
     let shared = Rc::clone(shared);
     let span = shared.span.clone();
     tokio::task::spawn_local(
@@ -1401,7 +1715,9 @@ async fn health_loop(shared: Rc<Shared>) {
 }
 
 /// Accepts from every listener while some worker can take a connection.
-async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
+/// Returns the listeners when `shared.accepting` is cleared (a binary upgrade's handover),
+/// once every connection it accepted is queued to a worker.
+async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) -> Vec<Listener> {
     let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
     let mut scratch = Scratch::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -1424,24 +1740,32 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
         // the kernel's backlog.
         loop {
             let changed = shared.changed.notified();
+            if !shared.accepting.get() {
+                return listeners;
+            }
             if shared.count(|w| w.can_take(shared.cap)) > 0 {
                 break;
             }
             changed.await;
         }
-        // Wait for any listener to be readable.
+        // Wait for any listener to be readable, or to be told to stop.
+        let mut stop = pin!(shared.stop_accepting.notified());
         let ready = std::future::poll_fn(|cx| {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
             for (index, listener) in listeners.iter().enumerate() {
                 if let Poll::Ready(result) = listener.ready.poll_read_ready(cx) {
-                    return Poll::Ready(result.map(|()| index));
+                    return Poll::Ready(Some(result.map(|()| index)));
                 }
             }
             Poll::Pending
         })
         .await;
         let index = match ready {
-            Ok(ready) => ready,
-            Err(err) => {
+            None => continue,
+            Some(Ok(ready)) => ready,
+            Some(Err(err)) => {
                 error!(error = %err, "listener readiness failed; backing off");
                 tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
                 continue;

@@ -1,6 +1,6 @@
 //! Fixture: a coreloop server driven through its [`coreloop::ServerHandle`]. A thread of
 //! the supervisor reads commands from stdin, one per line (`reload`, `add`, `remove`,
-//! `stop`, `kill`), and calls the handle; each call is logged as
+//! `upgrade`, `stop`, `kill`), and calls the handle; each call is logged as
 //! `handle command command=<name> sent=<bool>`.
 //!
 //! Paths: `/whoami`, and `/sleep?ms=N` (answers after N ms without blocking the worker).
@@ -28,6 +28,7 @@ fn command_loop(handle: &ServerHandle) {
             "reload" => handle.reload(),
             "add" => handle.add_worker(),
             "remove" => handle.remove_worker(),
+            "upgrade" => handle.upgrade(),
             "stop" => handle.stop(true),
             "kill" => handle.stop(false),
             "" => continue,
@@ -56,9 +57,9 @@ fn main() -> anyhow::Result<()> {
             fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
         }
     });
-    // Workers run this same `main()` with the supervisor channel as stdin: only the
-    // supervisor may read commands from it.
-    if !coreloop::is_worker() {
+    // Workers, and the new supervisor of a binary upgrade, run this same `main()` with a
+    // channel as stdin: only the supervisor the test started may read commands from it.
+    if !coreloop::is_worker() && !coreloop::is_upgrading() {
         let handle = server.handle();
         std::thread::Builder::new()
             .name("stdin-commands".into())

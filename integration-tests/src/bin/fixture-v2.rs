@@ -1,0 +1,5 @@
+//! Fixture: version 2 of a server with a version in `/whoami` (binary-upgrade tests).
+
+fn main() -> anyhow::Result<()> {
+    coreloop_integration_tests::fixture::versioned_main("2.0.0-test")
+}
