@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use coreloop_integration_tests::{
-    Server, fd_targets, get, http_binary, random_port, unique_socket_path,
+    Server, fd_targets, get, http_binary, log_field, random_port, unique_socket_path,
 };
 use rustix::process::Signal;
 
@@ -372,18 +372,26 @@ fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid(
     let mark = server.log_mark();
 
     server.signal(Signal::USR2)?;
+    // Stopped at the end whatever happens: the new supervisor is not our child.
+    let started = server.expect_log_since(
+        mark,
+        "`new supervisor started`",
+        |line| line.contains(" new supervisor started "),
+        Duration::from_secs(30),
+    )?;
+    let new: u32 = log_field(&started, "upgrade.pid")
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no upgrade.pid in {started:?}"))?;
+    let guard = KillOnDrop(new);
     let reloading = notes.wait_for("RELOADING=1", Duration::from_secs(10))?;
     ensure!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
     // The old supervisor names its successor as the main process, with READY=1.
     let handed = notes.wait_for("MAINPID=", Duration::from_secs(60))?;
     ensure!(handed.contains("READY=1"), "{handed:?}");
-    let new: u32 = handed
-        .lines()
-        .find_map(|line| line.strip_prefix("MAINPID="))
-        .and_then(|pid| pid.parse().ok())
-        .with_context(|| format!("no MAINPID in {handed:?}"))?;
-    ensure!(new != old, "MAINPID={new} is the old supervisor");
-    let guard = KillOnDrop(new);
+    ensure!(
+        handed.lines().any(|line| line == format!("MAINPID={new}")),
+        "{handed:?} does not name the new supervisor {new} (the old one is {old})"
+    );
     let serving = server.expect_log_since(
         mark,
         "the new supervisor's `serving` line",

@@ -357,6 +357,8 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
         let attempt: u32 = log_field(&started, "upgrade.pid")
             .and_then(|pid| pid.parse().ok())
             .context("upgrade.pid")?;
+        // Should this test fail before the rollback, the attempt must not outlive it.
+        let _attempt = NewSupervisor(attempt);
         if case.contains("never") {
             // One upgrade at a time.
             server.signal(Signal::USR2)?;

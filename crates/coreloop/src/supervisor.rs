@@ -494,13 +494,23 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
                 _ = sigquit.recv() => { shared.stop_now().await; return Ok(()); }
             }
         }
+        listener::own_socket_files(true);
         if gone {
             warn!("the running supervisor went away before handing over; taking over");
+            // systemd: the old supervisor could not say `MAINPID=` (accepted from this
+            // process with NotifyAccess=all); otherwise it says so itself.
+            notify(&[NotifyState::MainPid(std::process::id())]);
         }
-        listener::own_socket_files(true);
-        // systemd: this process is the service's main process now (the old supervisor
-        // said so too; with NotifyAccess=all this also covers an old one that died).
-        notify(&[NotifyState::MainPid(std::process::id())]);
+    }
+    // The pid file exists by the time the log says `serving`.
+    if let Some(path) = &shared.config.pid_file {
+        if let Err(err) = crate::upgrade::write_pid_file(path) {
+            if upgrade.is_none() {
+                shared.stop_now().await;
+                return Err(err);
+            }
+            error!(error = %err, "cannot write the pid file");
+        }
     }
     shared.booted.set(true);
     let addrs: Vec<String> = listeners
@@ -511,15 +521,6 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         .collect();
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), "serving");
     shared.notify_ready();
-    if let Some(path) = &shared.config.pid_file {
-        if let Err(err) = crate::upgrade::write_pid_file(path) {
-            if upgrade.is_none() {
-                shared.stop_now().await;
-                return Err(err);
-            }
-            error!(error = %err, "cannot write the pid file");
-        }
-    }
 
     let mut accept = Some(tokio::task::spawn_local(accept_loop(
         Rc::clone(&shared),
