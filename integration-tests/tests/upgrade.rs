@@ -408,6 +408,46 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
 }
 
 #[test]
+fn a_stop_during_an_upgrade_stops_the_new_generation_too() -> Result<()> {
+    let dir = Dir::new("cancel")?;
+    let app = dir.install(Path::new(env!("CARGO_BIN_EXE_fixture-v1")), "app")?;
+    let mut server = Server::start(ServerConfig::new(2).binary(&app).rust_log("info"))?;
+    // A new binary that never becomes ready keeps the upgrade in progress.
+    dir.install_script("app", "exec sleep 600")?;
+    let mark = server.log_mark();
+    server.signal(Signal::USR2)?;
+    let started = server.expect_log_since(
+        mark,
+        "`new supervisor started`",
+        |line| line.contains(" new supervisor started "),
+        UPGRADE,
+    )?;
+    let attempt = NewSupervisor(
+        log_field(&started, "upgrade.pid")
+            .and_then(|pid| pid.parse().ok())
+            .context("upgrade.pid")?,
+    );
+    ensure!(is_alive(attempt.0), "the new supervisor is not running");
+    server.signal(Signal::TERM)?;
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .context("no exit")?;
+    ensure!(status.success(), "{status:?}");
+    server.expect_log_since(
+        mark,
+        "`the upgrade in progress is cancelled`",
+        |line| line.contains("the upgrade in progress is cancelled"),
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        wait_for_exit(attempt.0, Duration::from_secs(5)),
+        "the new supervisor {} outlived the stopped server",
+        attempt.0
+    );
+    Ok(())
+}
+
+#[test]
 fn server_handle_upgrade_hands_over() -> Result<()> {
     let dir = Dir::new("handle")?;
     let app = dir.install(Path::new(env!("CARGO_BIN_EXE_fixture-handle")), "app")?;

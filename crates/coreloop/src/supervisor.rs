@@ -592,6 +592,9 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
     // An upgrade still in progress ends with this server: dropping the task kills the
     // new supervisor, which never accepted anything.
     if let Some(task) = upgrade_task {
+        if !task.is_finished() && !matches!(outcome, Outcome::Upgraded(_)) {
+            info!("stopping: the upgrade in progress is cancelled and its new supervisor killed");
+        }
         task.abort();
         let _ = task.await;
     }
