@@ -295,27 +295,22 @@ fn two_upgrades_in_a_row_under_keep_alive_and_per_request_load_fail_no_request()
 
 #[test]
 fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
+    // The demo, under keep-alive and per-request load, "upgraded" to broken binaries.
     let dir = Dir::new("rollback")?;
-    let failstart = Path::new(env!("CARGO_BIN_EXE_fixture-failstart"));
-    let app = dir.install(failstart, "app")?;
-    let broken = dir.join("database-down");
+    let demo = http_binary()?;
+    let app = dir.install(&demo, "app")?;
     let server = Server::start(
         ServerConfig::new(2)
             .binary(&app)
-            .args([
-                "--fail-if-exists",
-                &broken.display().to_string(),
-                "--upgrade-timeout",
-                "3",
-            ])
+            .args(["--upgrade-timeout", "3"])
             .rust_log("info"),
     )?;
     let old = server.pid();
     let serving = workers_of(&server, old);
-    let load = Load::start(server.port(), 3, 0)?;
+    let load = Load::start(server.port(), 2, 2)?;
     wait_served(&load, &serving, 10)?;
 
-    /// What breaks the next upgrade, and the reason the log must give.
+    /// The binary installed before the next upgrade, and the reason the log must give.
     type Case<'a> = (&'a str, &'a dyn Fn() -> Result<()>, &'a str);
     let cases: [Case<'_>; 3] = [
         (
@@ -327,20 +322,17 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
             "exit code 3",
         ),
         (
+            // A server that takes the same flags and whose handler factory fails.
             "a new worker fails to start",
             &|| {
-                dir.install(failstart, "app")?;
-                std::fs::write(&broken, b"")?;
-                Ok(())
+                dir.install(Path::new(env!("CARGO_BIN_EXE_fixture-failstart")), "app")
+                    .map(drop)
             },
             "database unreachable",
         ),
         (
             "the new binary never becomes ready",
-            &|| {
-                std::fs::remove_file(&broken)?;
-                dir.install_script("app", "exec sleep 600").map(drop)
-            },
+            &|| dir.install_script("app", "exec sleep 600").map(drop),
             "upgrade timeout",
         ),
     ];
@@ -398,7 +390,7 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
     }
 
     // And a good binary still upgrades afterwards.
-    dir.install(failstart, "app")?;
+    dir.install(&demo, "app")?;
     let new = upgrade(&server, old)?;
     wait_served(&load, &workers_of(&server, new.0), 20)?;
     let report = load.finish();

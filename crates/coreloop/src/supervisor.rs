@@ -1465,7 +1465,7 @@ async fn hand_over(
         }
         Err(err) => {
             error!(upgrade.pid = successor.pid, error = %err, "the new supervisor went away at the handover; this generation keeps serving");
-            tokio::task::spawn_local(successor.abandon());
+            tokio::task::spawn_local(successor.abandon(crate::upgrade::EXIT_GRACE));
             shared.accepting.set(true);
             shared.upgrading.set(false);
             shared.notify_ready();

@@ -49,7 +49,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the old supervisor waits for a failed new generation to exit by itself
 /// before it kills it.
-const EXIT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Whether this process is the new supervisor of a binary upgrade, started by the running
 /// one (on SIGUSR2 or [`ServerHandle::upgrade`](crate::ServerHandle::upgrade)).
@@ -160,10 +160,10 @@ impl Successor {
         self.done = true;
     }
 
-    /// Stops a new generation that failed: waits a little for it to exit by itself, then
-    /// kills it, and reaps it. Its workers exit when they see their supervisor gone.
-    pub(crate) async fn abandon(mut self) -> String {
-        let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
+    /// Stops a new generation that failed: waits up to `grace` for it to exit by itself,
+    /// then kills it, and reaps it. Its workers exit when they see their supervisor gone.
+    pub(crate) async fn abandon(mut self, grace: Duration) -> String {
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 kill(self.pid);
@@ -243,18 +243,26 @@ pub(crate) async fn start_successor(
     };
     match handshake(&successor, listeners, timeout).await {
         Ok(()) => Ok(successor),
-        Err(reason) => {
-            let how = successor.abandon().await;
+        Err((reason, timed_out)) => {
+            // One that reported or exited is on its way out; a silent one is killed now.
+            let grace = if timed_out {
+                Duration::ZERO
+            } else {
+                EXIT_GRACE
+            };
+            let how = successor.abandon(grace).await;
             Err(format!("{reason} (new supervisor pid {pid}: {how})"))
         }
     }
 }
 
+/// Sends the listeners and waits for `Ready`. The error says why not, and whether it is
+/// because the timeout passed.
 async fn handshake(
     successor: &Successor,
     listeners: &[Handover],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), (String, bool)> {
     let exchange = async {
         let total = listeners.len();
         for (i, listener) in listeners.iter().enumerate() {
@@ -290,13 +298,13 @@ async fn handshake(
             }
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "the new generation was not serving within the upgrade timeout ({timeout:?})"
-            ))
-        })
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result.map_err(|reason: String| (reason, false)),
+        Err(_) => Err((
+            format!("the new generation was not serving within the upgrade timeout ({timeout:?})"),
+            true,
+        )),
+    }
 }
 
 /// Writes `pid` to `path` atomically (a temporary file renamed over it).
