@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use coreloop::ShutdownSignal;
-use coreloop_ipc::{MAX_BATCH, MAX_MESSAGE_LEN, Message, ProtocolError};
+use coreloop_ipc::{MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, ProtocolError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "../../examples/http/respond.rs"]
@@ -34,7 +34,8 @@ const MAX_REASON_LEN: usize = 500;
 ///   behaviour, so the round trip is checked against the cut reason);
 /// - the encoding is canonical: when nothing was cut or replaced (reason valid UTF-8 of at
 ///   most `MAX_REASON_LEN` bytes), the encoding is byte-for-byte the input;
-/// - a `Conns` batch holds 1 to `MAX_BATCH` connections and needs as many descriptors.
+/// - a `Conns` batch holds 1 to `MAX_BATCH` connections and needs as many descriptors; a
+///   `Listener` needs one, with texts of at most `MAX_LISTENER_TEXT` bytes; others none.
 pub fn check_message(data: &[u8]) {
     let msg = match Message::decode(data) {
         Ok(msg) => msg,
@@ -52,6 +53,10 @@ pub fn check_message(data: &[u8]) {
                 batch.len()
             );
             assert_eq!(msg.fd_count(), batch.len());
+        }
+        Message::Listener { spec, name, .. } => {
+            assert!(spec.len() <= MAX_LISTENER_TEXT && name.len() <= MAX_LISTENER_TEXT);
+            assert_eq!(msg.fd_count(), 1);
         }
         _ => assert_eq!(msg.fd_count(), 0),
     }
