@@ -601,7 +601,9 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
     // The duplicates kept for a handover would keep the sockets open (and clients
     // queueing) after the listeners close.
     drop(handover);
-    if let Some(metrics) = metrics {
+    // After a handover the new supervisor answers `/metrics` and `/healthz` on the same
+    // socket; otherwise they go on answering (`/healthz`: not ready) during the drain.
+    if let (Some(metrics), Outcome::Upgraded(_)) = (metrics, &outcome) {
         metrics.abort();
     }
     shared.stopping.set(true);
@@ -1439,7 +1441,9 @@ async fn hand_over(
     accept: Option<tokio::task::JoinHandle<Vec<Listener>>>,
 ) -> Result<Successor, Vec<Listener>> {
     shared.accepting.set(false);
+    // Whether it waits for a listener or for a worker with room.
     shared.stop_accepting.notify_one();
+    shared.changed.notify_waiters();
     // The accept task (there is one until a handover succeeds) does not panic; were it
     // gone, there would be nothing to resume.
     let listeners = match accept {
