@@ -243,8 +243,9 @@ fn adopt(spec: &ListenSpec, index: u16, taken: Adopted, reserved: bool) -> Resul
     })
 }
 
-/// Checks that a socket passed by systemd is a listening stream socket (TCP or unix) and
-/// makes it non-blocking; returns its address, for logs.
+/// Checks that a socket passed by systemd, or handed over by the previous supervisor, is
+/// a listening stream socket (TCP or unix) and makes it non-blocking; returns its
+/// address, for logs.
 fn check_inherited(fd: &OwnedFd) -> io::Result<String> {
     use rustix::net::{SocketType, sockopt};
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
