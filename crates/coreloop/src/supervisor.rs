@@ -183,6 +183,8 @@ struct Worker {
     channel: Rc<Channel>,
     /// Our duplicate of the worker's end: what it has not read yet.
     queue: Rc<Queue>,
+    /// Since when its queue has been found unread (see [`Shared::all_busy`]).
+    unread_since: Option<Instant>,
     state: State,
     started: Instant,
     /// Connections handed to it, and the count it last reported finished.
@@ -548,6 +550,34 @@ impl Shared {
         })
     }
 
+    /// Whether every worker that can take a connection has not yet read what it was sent:
+    /// each is busy in a handler, and a connection sent now would wait behind it.
+    ///
+    /// A worker counts as busy once its queue has stayed unread for a poll interval: one
+    /// that simply has not been scheduled yet since the last send is not.
+    fn all_busy(&self) -> bool {
+        let now = Instant::now();
+        let mut takers = 0;
+        let mut busy = 0;
+        for w in self
+            .workers
+            .borrow_mut()
+            .iter_mut()
+            .filter(|w| w.can_take(self.cap))
+        {
+            takers += 1;
+            if w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
+                let since = *w.unread_since.get_or_insert(now);
+                if now.duration_since(since) >= POLL_INTERVAL {
+                    busy += 1;
+                }
+            } else {
+                w.unread_since = None;
+            }
+        }
+        takers > 0 && busy == takers
+    }
+
     fn timeout_ms(&self) -> u32 {
         u32::try_from(self.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX)
     }
@@ -813,6 +843,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         pid,
         channel: Rc::clone(&channel),
         queue: Rc::clone(&queue),
+        unread_since: None,
         state: State::Starting,
         started: Instant::now(),
         sent: 0,
@@ -1414,6 +1445,9 @@ async fn health_loop(shared: Rc<Shared>) {
 /// could usefully wake for each (see [`accept_loop`]). It is also the most a connection
 /// waits in the kernel's queue because of polling.
 const POLL_INTERVAL: Duration = Duration::from_micros(250);
+/// Longest the accept loop holds accepted connections while every worker is busy in a
+/// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
+const HOLD_MAX: Duration = Duration::from_millis(20);
 
 /// Accept errors of one kind of exhaustion, handled once per episode.
 struct AcceptState {
@@ -1581,6 +1615,9 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                     continue;
                 }
                 for (index, source) in sources.iter().enumerate() {
+                    if pending.len() >= ACCEPT_BURST {
+                        break;
+                    }
                     let (count, out) = state.burst(&shared, index, source, &mut pending);
                     accepted += count;
                     exhausted |= out;
@@ -1590,7 +1627,7 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                 }
                 // Back to readiness, unless a listener cannot be registered: it would
                 // never be waited for, so keep polling it.
-                if accepted <= 1 || exhausted {
+                if (accepted <= 1 && pending.is_empty()) || exhausted {
                     stop_polling(ticker, &mut sources, &mut polling);
                 }
             }
@@ -1639,7 +1676,34 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
                 }
             }
         }
-        if !pending.is_empty() {
+        // Every worker busy in a handler: hold the connections (and leave new ones in the
+        // kernel's queue) for the first worker that gets back to its channel, checked at
+        // every tick, rather than queue them behind a handler of unknown length. One
+        // shared queue instead of one per worker: a short request is not stuck behind a
+        // long one while another worker is free. Bounded by HOLD_MAX.
+        let hold = !exhausted
+            && !pending.is_empty()
+            && pending[0].since.elapsed() < HOLD_MAX
+            && shared.all_busy();
+        let hold = hold
+            && match &ticker {
+                Some(ticker) if !polling => match ticker.start(POLL_INTERVAL) {
+                    Ok(()) => {
+                        polling = true;
+                        for source in &mut sources {
+                            source.ready = None;
+                        }
+                        true
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "cannot start the timerfd");
+                        false
+                    }
+                },
+                Some(_) => true,
+                None => false,
+            };
+        if !pending.is_empty() && !hold {
             shared.dispatch_all(&mut pending, &mut scratch).await;
         }
         if exhausted {
