@@ -362,10 +362,12 @@ async fn supervise(
         .chain(&reserved)
         .map(|b| b.label.clone())
         .collect();
+    // Built now, so that its descriptors exist before the server says it is serving.
+    let accept_loop = accept_loop(Rc::clone(&shared), listeners);
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, "serving");
     shared.notify_ready();
 
-    let accept = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
+    let accept = tokio::task::spawn_local(accept_loop);
     let health =
         tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
     if let Some(listener) = metrics_listener {
@@ -917,6 +919,10 @@ async fn watch(
     };
     shared.changed.notify_waiters();
     let Some(worker) = removed else { return };
+    // What decides on the replacement; the rest (the queue's other reference among it) is
+    // released now, so the dead worker's channel closes before its replacement starts.
+    let (state, exit_reason, started) = (worker.state, worker.exit_reason, worker.started);
+    drop(worker);
     let described = describe(status);
 
     // Take back what the worker never read and give it to live workers.
@@ -960,8 +966,8 @@ async fn watch(
         shared.fail(Error::WorkerStart { id: slot, reason });
         return;
     }
-    let expected = worker.state == State::Draining && status.is_some_and(|s| s.success());
-    let reason = match worker.exit_reason {
+    let expected = state == State::Draining && status.is_some_and(|s| s.success());
+    let reason = match exit_reason {
         Some(reason) => reason,
         None if expected => "drained",
         None => "crash",
@@ -974,7 +980,7 @@ async fn watch(
             reason,
         })
         .inc();
-    let uptime = worker.started.elapsed();
+    let uptime = started.elapsed();
     if expected {
         info!(status = %described, "worker exited after draining");
     } else {
@@ -1550,7 +1556,26 @@ impl AcceptState {
 /// since tokio's timers are too coarse), so that each wake-up forwards a batch, one
 /// message per worker. A poll that finds at most one connection registers the listeners
 /// again and returns to readiness. Polling delays a connection by at most one interval.
-async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
+fn accept_loop(
+    shared: Rc<Shared>,
+    listeners: Vec<Listener>,
+) -> impl std::future::Future<Output = ()> {
+    let ticker = match coreloop_ipc::Ticker::new() {
+        Ok(ticker) => Some(ticker),
+        Err(err) => {
+            warn!(error = %err, "cannot create a timerfd; accepting on readiness only");
+            None
+        }
+    };
+    accept_with(shared, listeners, ticker)
+}
+
+/// The body of [`accept_loop`].
+async fn accept_with(
+    shared: Rc<Shared>,
+    listeners: Vec<Listener>,
+    ticker: Option<coreloop_ipc::Ticker>,
+) {
     let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
     let mut scratch = Scratch::default();
     let counters: Vec<(Counter, Counter)> = listeners
@@ -1577,13 +1602,6 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) {
             ready: Some(ready),
         })
         .collect();
-    let ticker = match coreloop_ipc::Ticker::new() {
-        Ok(ticker) => Some(ticker),
-        Err(err) => {
-            warn!(error = %err, "cannot create a timerfd; accepting on readiness only");
-            None
-        }
-    };
     let mut polling = false;
     let mut last_wake = Instant::now();
     loop {
