@@ -264,7 +264,8 @@ class Server:
             hint = ("cargo build --release --examples" if Path(argv[0]).parent == BIN
                     else "bench/run installs it")
             raise RuntimeError(f"{argv[0]} not found ({hint})")
-        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"),
+                   **SERVERS[self.name].get("env", {}))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env, cwd=self.tmp, start_new_session=True)
@@ -801,10 +802,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--loads", default=",".join(LOADS), help=f"comma list from {','.join(LOADS)}")
     ap.add_argument("--stall-settle", type=float, default=4.0, metavar="SECS",
                     help="stalled load: seconds between SIGSTOP and the start of wrk (default 4)")
+    ap.add_argument("--baseline", metavar="BIN",
+                    help="also run server 'coreloop-base': this build of examples/http (e.g. a "
+                         "copy built from main), interleaved with the others, for A/B runs")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="also run server NAME: the current examples/http with extra "
+                         "space-separated ARGS (e.g. 'pinned=--pin-workers'); words of the "
+                         "form VAR=VALUE go to its environment instead; repeatable")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
     ap.add_argument("--no-doc", action="store_true",
                     help="do not rewrite docs/benchmarks.md and docs/benchmarks.svg")
     a = ap.parse_args(argv)
+    extra = []
+    if a.baseline:
+        base = Path(a.baseline).resolve()
+        if not os.access(base, os.X_OK):
+            ap.error(f"--baseline {base}: not an executable")
+        SERVERS["coreloop-base"] = dict(
+            SERVERS["coreloop"],
+            argv=lambda p, w, t: [str(base), "--bind", f"{HOST}:{p}", "--workers", str(w)],
+            what=f"coreloop baseline build ({base})",
+        )
+        extra.append("coreloop-base")
+    for spec in a.variant:
+        name, sep, args = spec.partition("=")
+        if not sep or not name or name in SERVERS:
+            ap.error(f"--variant {spec!r}: want a new NAME=ARGS")
+        words = args.split()
+        env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w))
+        more = [w for w in words if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)]
+        SERVERS[name] = dict(
+            SERVERS["coreloop"],
+            argv=lambda p, w, t, more=more: [
+                str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w), *more],
+            env=env,
+            what=f"coreloop with {args}",
+        )
+        extra.append(name)
+    if extra and a.servers == ",".join(s for s in SERVERS if s not in extra):
+        a.servers = ",".join(SERVERS)
+    elif extra:
+        a.servers = ",".join([a.servers, *extra])
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
     a.duration = a.duration if a.duration is not None else (2 if a.quick else 8)
     if a.workers is None:

@@ -294,49 +294,7 @@ impl Channel {
     }
 
     fn recv_once(&self) -> Result<Recv, ChannelError> {
-        // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
-        let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
-        let result = rustix::net::recvmsg(
-            &self.read,
-            &mut [IoSliceMut::new(&mut bytes)],
-            &mut control,
-            flags,
-        );
-        let received = match result {
-            Ok(received) => received,
-            Err(rustix::io::Errno::AGAIN) => return Ok(Recv::Empty),
-            Err(err) => return Err(ChannelError::Io(err.into())),
-        };
-        let mut fds = Fds::default();
-        for message in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(arrived) = message {
-                arrived.for_each(|fd| fds.push(fd));
-            }
-        }
-        let truncated = received.flags.contains(ReturnFlags::TRUNC);
-        let control_truncated = received.flags.contains(ReturnFlags::CTRUNC);
-        if truncated || control_truncated {
-            return Err(ChannelError::Truncated {
-                data: truncated,
-                control: control_truncated,
-            });
-        }
-        let data = &bytes[..received.bytes.min(bytes.len())];
-        if data.is_empty() && fds.is_empty() {
-            return Ok(Recv::Closed);
-        }
-        let msg = Message::decode(data)?;
-        if msg.fd_count() != fds.len() {
-            return Err(ChannelError::FdCount {
-                kind: msg.kind_name(),
-                expected: msg.fd_count(),
-                got: fds.len(),
-            });
-        }
-        Ok(Recv::Message(msg, fds))
+        recv_once(self.read.as_fd())
     }
 }
 
@@ -344,4 +302,88 @@ impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
     }
+}
+
+/// The supervisor's duplicate of a worker's end of its channel: not registered with the
+/// reactor, so the supervisor's sends into it wake nothing on the supervisor's side.
+///
+/// It serves two purposes. While the worker lives, [`Queue::unread_bytes`] tells how much
+/// the worker has not read yet (a worker busy in a handler does not read its channel, so
+/// its queue stays non-empty); after the worker died, [`Queue::try_recv`] takes back what it
+/// never read.
+#[derive(Debug)]
+pub struct Queue {
+    fd: OwnedFd,
+}
+
+impl Queue {
+    /// Wraps a duplicate of the worker's end of a channel.
+    pub fn new(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    /// Bytes queued to the worker that it has not read yet (`FIONREAD`, which for a
+    /// seqpacket socket sums every queued datagram); 0 means it has read everything.
+    ///
+    /// # Errors
+    ///
+    /// The `ioctl` error.
+    pub fn unread_bytes(&self) -> io::Result<u64> {
+        Ok(rustix::io::ioctl_fionread(&self.fd)?)
+    }
+
+    /// Receives a message still queued, without waiting: `Ok(None)` when the queue is
+    /// empty. Used to take back what a dead worker never read.
+    ///
+    /// # Errors
+    ///
+    /// As [`Channel::recv`].
+    pub fn try_recv(&self) -> Result<Option<(Message, Fds)>, ChannelError> {
+        match recv_once(self.fd.as_fd())? {
+            Recv::Message(msg, fds) => Ok(Some((msg, fds))),
+            Recv::Empty | Recv::Closed => Ok(None),
+        }
+    }
+}
+
+/// One non-blocking receive on `fd`, with every check of the receive path.
+fn recv_once(fd: BorrowedFd<'_>) -> Result<Recv, ChannelError> {
+    // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
+    let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
+    let result = rustix::net::recvmsg(fd, &mut [IoSliceMut::new(&mut bytes)], &mut control, flags);
+    let received = match result {
+        Ok(received) => received,
+        Err(rustix::io::Errno::AGAIN) => return Ok(Recv::Empty),
+        Err(err) => return Err(ChannelError::Io(err.into())),
+    };
+    let mut fds = Fds::default();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(arrived) = message {
+            arrived.for_each(|fd| fds.push(fd));
+        }
+    }
+    let truncated = received.flags.contains(ReturnFlags::TRUNC);
+    let control_truncated = received.flags.contains(ReturnFlags::CTRUNC);
+    if truncated || control_truncated {
+        return Err(ChannelError::Truncated {
+            data: truncated,
+            control: control_truncated,
+        });
+    }
+    let data = &bytes[..received.bytes.min(bytes.len())];
+    if data.is_empty() && fds.is_empty() {
+        return Ok(Recv::Closed);
+    }
+    let msg = Message::decode(data)?;
+    if msg.fd_count() != fds.len() {
+        return Err(ChannelError::FdCount {
+            kind: msg.kind_name(),
+            expected: msg.fd_count(),
+            got: fds.len(),
+        });
+    }
+    Ok(Recv::Message(msg, fds))
 }

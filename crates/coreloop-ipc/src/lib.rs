@@ -49,10 +49,12 @@ mod channel;
 #[allow(unsafe_code)]
 mod fd;
 mod message;
+mod timer;
 
-pub use channel::{Channel, ChannelError, Fds, TrySendError};
+pub use channel::{Channel, ChannelError, Fds, Queue, TrySendError};
 pub use fd::{Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
 pub use message::{
     ConnBatch, ConnMeta, MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION,
     PeerAddr, ProtocolError,
 };
+pub use timer::Ticker;

@@ -6,7 +6,7 @@ use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
 use coreloop_ipc::{
-    Channel, ChannelError, ConnBatch, ConnMeta, MAX_BATCH, Message, PeerAddr, TrySendError,
+    Channel, ChannelError, ConnBatch, ConnMeta, MAX_BATCH, Message, PeerAddr, Queue, TrySendError,
     socketpair_cloexec,
 };
 use tokio_seqpacket::UnixSeqpacket;
@@ -228,7 +228,8 @@ async fn what_a_dead_reader_left_queued_can_be_taken_back() {
     sup.send(&msg, &[writer.as_fd()]).await.unwrap();
     drop(writer);
     drop(worker_end); // the worker dies without reading
-    let queue = Channel::from_fd(kept).unwrap();
+    let queue = Queue::new(kept);
+    assert!(queue.unread_bytes().unwrap() > 0);
     let (got, fds) = queue
         .try_recv()
         .unwrap()
@@ -242,4 +243,40 @@ async fn what_a_dead_reader_left_queued_can_be_taken_back() {
         .unwrap();
     assert_eq!(text, "rescued");
     assert!(queue.try_recv().unwrap().is_none());
+    assert_eq!(queue.unread_bytes().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_queue_tells_whether_the_reader_has_read_everything() {
+    let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+    let queue = Queue::new(worker_end.try_clone().unwrap());
+    let (sup, worker) = (
+        Channel::from_fd(sup_end).unwrap(),
+        Channel::from_fd(worker_end).unwrap(),
+    );
+    assert_eq!(queue.unread_bytes().unwrap(), 0);
+    sup.send(&Message::Drain { timeout_ms: 1 }, &[])
+        .await
+        .unwrap();
+    sup.send(&Message::Drain { timeout_ms: 2 }, &[])
+        .await
+        .unwrap();
+    let two = queue.unread_bytes().unwrap();
+    assert!(two > 0);
+    worker.recv().await.unwrap().expect("first message");
+    let one = queue.unread_bytes().unwrap();
+    assert!(one > 0 && one < two, "{one} of {two}");
+    worker.recv().await.unwrap().expect("second message");
+    assert_eq!(queue.unread_bytes().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_ticker_ticks_until_stopped_and_again_once_restarted() {
+    let ticker = coreloop_ipc::Ticker::new().unwrap();
+    ticker.start(std::time::Duration::from_micros(100)).unwrap();
+    assert!(ticker.tick().await.unwrap() >= 1);
+    assert!(ticker.tick().await.unwrap() >= 1);
+    ticker.stop().unwrap();
+    ticker.start(std::time::Duration::from_micros(100)).unwrap();
+    assert!(ticker.tick().await.unwrap() >= 1);
 }

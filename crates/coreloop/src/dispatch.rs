@@ -46,6 +46,15 @@ pub(crate) struct Candidate {
     pub(crate) load: u64,
     /// Connections it may still take (0: not eligible).
     pub(crate) room: u64,
+    /// It has not read everything already sent to it: its event loop is busy (or it is
+    /// reading right now). Workers with an empty queue are preferred.
+    pub(crate) queued: bool,
+}
+
+impl Candidate {
+    fn eligible(&self, idle_only: bool) -> bool {
+        self.room > 0 && !(idle_only && self.queued)
+    }
 }
 
 /// Picks workers according to a [`Dispatch`] policy.
@@ -71,11 +80,14 @@ impl Planner {
         if n == 0 {
             return None;
         }
+        // A worker that has not read what it was sent is busy in a handler: whatever it
+        // gets now waits behind that handler. Prefer the others while any has room.
+        let idle_only = candidates.iter().any(|c| c.eligible(true));
         let chosen = match self.policy {
             Dispatch::RoundRobin => {
                 let found = (0..n)
                     .map(|k| (self.cursor + k) % n)
-                    .find(|&i| candidates[i].room > 0);
+                    .find(|&i| candidates[i].eligible(idle_only));
                 if let Some(i) = found {
                     self.cursor = i + 1;
                 }
@@ -85,7 +97,7 @@ impl Planner {
                 let start = self.cursor;
                 let found = (0..n)
                     .map(|k| (start + k) % n)
-                    .filter(|&i| candidates[i].room > 0)
+                    .filter(|&i| candidates[i].eligible(idle_only))
                     .min_by_key(|&i| candidates[i].load);
                 if let Some(i) = found {
                     self.cursor = i + 1;
@@ -93,15 +105,15 @@ impl Planner {
                 found
             }
             Dispatch::PowerOfTwoChoices => {
-                let eligible = candidates.iter().filter(|c| c.room > 0).count();
+                let eligible = candidates.iter().filter(|c| c.eligible(idle_only)).count();
                 match eligible {
                     0 => None,
-                    1 => candidates.iter().position(|c| c.room > 0),
+                    1 => candidates.iter().position(|c| c.eligible(idle_only)),
                     _ => {
-                        let a = self.nth_eligible(candidates, eligible);
-                        let mut b = self.nth_eligible(candidates, eligible);
+                        let a = self.nth_eligible(candidates, eligible, idle_only);
+                        let mut b = self.nth_eligible(candidates, eligible, idle_only);
                         while b == a {
-                            b = self.nth_eligible(candidates, eligible);
+                            b = self.nth_eligible(candidates, eligible, idle_only);
                         }
                         Some(if candidates[b].load < candidates[a].load {
                             b
@@ -118,12 +130,17 @@ impl Planner {
         Some(chosen)
     }
 
-    fn nth_eligible(&mut self, candidates: &[Candidate], eligible: usize) -> usize {
+    fn nth_eligible(
+        &mut self,
+        candidates: &[Candidate],
+        eligible: usize,
+        idle_only: bool,
+    ) -> usize {
         let k = (self.next_random() % eligible as u64) as usize;
         candidates
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.room > 0)
+            .filter(|(_, c)| c.eligible(idle_only))
             .nth(k)
             .map_or(0, |(i, _)| i)
     }
@@ -164,7 +181,11 @@ mod tests {
     fn candidates(loads: &[(u64, u64)]) -> Vec<Candidate> {
         loads
             .iter()
-            .map(|&(load, room)| Candidate { load, room })
+            .map(|&(load, room)| Candidate {
+                load,
+                room,
+                queued: false,
+            })
             .collect()
     }
 
@@ -211,6 +232,28 @@ mod tests {
         assert_eq!(picks[0], 0);
         assert!(picks.iter().all(|&i| i != 2));
         assert_eq!(picks.len(), 20);
+    }
+
+    #[test]
+    fn a_worker_that_has_not_read_its_queue_gets_nothing_while_another_has_room() {
+        for policy in [
+            Dispatch::RoundRobin,
+            Dispatch::LeastConnections,
+            Dispatch::PowerOfTwoChoices,
+        ] {
+            let mut cands = candidates(&[(0, 100), (10, 100), (0, 100)]);
+            cands[0].queued = true;
+            let picks = plan(policy, &mut cands, 12);
+            assert!(picks.iter().all(|&i| i != 0), "{policy:?}: {picks:?}");
+            // Every worker busy: still dispatched, as before.
+            let mut cands = candidates(&[(3, 100), (1, 100)]);
+            cands.iter_mut().for_each(|c| c.queued = true);
+            assert_eq!(plan(policy, &mut cands, 4).len(), 4, "{policy:?}");
+            // A busy worker with room beats an idle one without.
+            let mut cands = candidates(&[(0, 100), (0, 0)]);
+            cands[0].queued = true;
+            assert_eq!(plan(policy, &mut cands, 2), [0, 0], "{policy:?}");
+        }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! never borrowed across an `.await`. The tasks are:
 //!
 //! - **accept** ([`accept_loop`]): waits until some worker can take a connection and some
-//!   listener is readable, then accepts in bursts with raw `accept4` and hands each socket
-//!   to [`Shared::dispatch`]. Accept errors from exhausted resources (`EMFILE`, …) are
+//!   listener is readable, then accepts in bursts with raw `accept4` and hands the sockets
+//!   to [`Shared::dispatch_all`]. Under a high connection rate it stops waking per
+//!   connection and polls the listeners every [`POLL_INTERVAL`] instead, so that each
+//!   wake-up forwards a batch. Accept errors from exhausted resources (`EMFILE`, …) are
 //!   logged once per episode and retried after a growing pause, never in a spin.
 //! - **one watcher per worker** ([`watch`]): reads the worker's channel (`Ready`, `Failed`,
 //!   `Retiring`, `Status`), reaps the process (`tokio::process`: no zombies), takes back the
@@ -29,9 +31,11 @@
 //!
 //! # Dispatch
 //!
-//! Round-robin over workers that are ready, not stalled, and below their connection cap,
-//! using a non-blocking send: a worker whose queue is full is skipped rather than waited
-//! on. When no worker can take a connection the accept loop waits and the kernel's backlog
+//! The [`Dispatch`](crate::Dispatch) policy over workers that are ready, not stalled, and
+//! below their connection cap, preferring those that have read everything sent to them
+//! (a worker whose event loop is busy in a handler does not read its channel; `FIONREAD`
+//! on the supervisor's duplicate of its end tells), using a non-blocking send: a worker
+//! whose queue is full is skipped rather than waited on. When no worker can take a connection the accept loop waits and the kernel's backlog
 //! holds new clients. The supervisor's copy of a descriptor is closed once it is queued.
 
 use std::cell::{Cell, RefCell};
@@ -44,7 +48,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use coreloop_ipc::{Channel, ConnBatch, ConnMeta, MAX_BATCH, Message, TrySendError};
+use coreloop_ipc::{Channel, ConnBatch, ConnMeta, MAX_BATCH, Message, Queue, TrySendError};
 use rustix::process::{Pid, Signal};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
@@ -233,6 +237,10 @@ struct Worker {
     slot: usize,
     pid: u32,
     channel: Rc<Channel>,
+    /// Our duplicate of the worker's end: what it has not read yet.
+    queue: Rc<Queue>,
+    /// Since when its queue has been found unread (see [`Shared::all_busy`]).
+    unread_since: Option<Instant>,
     state: State,
     started: Instant,
     /// Connections handed to it, and the count it last reported finished.
@@ -519,13 +527,12 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         .chain(&reserved)
         .map(|b| b.label.clone())
         .collect();
+    // Built now, so that its descriptors exist before the server says it is serving.
+    let accept_task = accept_loop(Rc::clone(&shared), Source::registered(listeners));
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), "serving");
     shared.notify_ready();
 
-    let mut accept = Some(tokio::task::spawn_local(accept_loop(
-        Rc::clone(&shared),
-        listeners,
-    )));
+    let mut accept = Some(tokio::task::spawn_local(accept_task));
     let health =
         tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
     let metrics = match metrics_listener.map(tokio::net::TcpListener::from_std) {
@@ -558,7 +565,8 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
             match hand_over(&shared, successor, accept.take()).await {
                 Ok(successor) => break Outcome::Upgraded(Box::new(successor)),
                 Err(listeners) => {
-                    let task = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), listeners));
+                    let sources = Source::unregistered(listeners);
+                    let task = tokio::task::spawn_local(accept_loop(Rc::clone(&shared), sources));
                     accept = Some(task);
                     continue;
                 }
@@ -770,6 +778,34 @@ impl Shared {
         })
     }
 
+    /// Whether every worker that can take a connection has not yet read what it was sent:
+    /// each is busy in a handler, and a connection sent now would wait behind it.
+    ///
+    /// A worker counts as busy once its queue has stayed unread for a poll interval: one
+    /// that simply has not been scheduled yet since the last send is not.
+    fn all_busy(&self) -> bool {
+        let now = Instant::now();
+        let mut takers = 0;
+        let mut busy = 0;
+        for w in self
+            .workers
+            .borrow_mut()
+            .iter_mut()
+            .filter(|w| w.can_take(self.cap))
+        {
+            takers += 1;
+            if w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
+                let since = *w.unread_since.get_or_insert(now);
+                if now.duration_since(since) >= POLL_INTERVAL {
+                    busy += 1;
+                }
+            } else {
+                w.unread_since = None;
+            }
+        }
+        takers > 0 && busy == takers
+    }
+
     fn timeout_ms(&self) -> u32 {
         u32::try_from(self.config.shutdown_timeout.as_millis()).unwrap_or(u32::MAX)
     }
@@ -831,9 +867,12 @@ impl Shared {
                 } else {
                     0
                 };
+                // An error here (there is none for a socket) only loses the preference.
+                let queued = room > 0 && w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0);
                 scratch.candidates.push(Candidate {
                     load: w.open(),
                     room,
+                    queued,
                 });
                 scratch
                     .channels
@@ -1026,12 +1065,14 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
     drop(command);
     let pid = child.id().unwrap_or(0);
     let channel = Rc::new(Channel::from_fd(ours).map_err(spawn_err)?);
-    let queue = Channel::from_fd(queue).map_err(spawn_err)?;
+    let queue = Rc::new(Queue::new(queue));
     let recycle_at = shared.recycle_threshold();
     shared.workers.borrow_mut().push(Worker {
         slot,
         pid,
         channel: Rc::clone(&channel),
+        queue: Rc::clone(&queue),
+        unread_since: None,
         state: State::Starting,
         started: Instant::now(),
         sent: 0,
@@ -1065,7 +1106,7 @@ async fn watch(
     pid: u32,
     mut child: tokio::process::Child,
     channel: Rc<Channel>,
-    queue: Channel,
+    queue: Rc<Queue>,
 ) {
     let mut failure: Option<String> = None;
     let mut channel_ok = true;
@@ -1105,6 +1146,10 @@ async fn watch(
     };
     shared.changed.notify_waiters();
     let Some(worker) = removed else { return };
+    // What decides on the replacement; the rest (the queue's other reference among it) is
+    // released now, so the dead worker's channel closes before its replacement starts.
+    let (state, exit_reason, started) = (worker.state, worker.exit_reason, worker.started);
+    drop(worker);
     let described = describe(status);
 
     // Take back what the worker never read and give it to live workers.
@@ -1148,8 +1193,8 @@ async fn watch(
         shared.fail(Error::WorkerStart { id: slot, reason });
         return;
     }
-    let expected = worker.state == State::Draining && status.is_some_and(|s| s.success());
-    let reason = match worker.exit_reason {
+    let expected = state == State::Draining && status.is_some_and(|s| s.success());
+    let reason = match exit_reason {
         Some(reason) => reason,
         None if expected => "drained",
         None => "crash",
@@ -1162,7 +1207,7 @@ async fn watch(
             reason,
         })
         .inc();
-    let uptime = worker.started.elapsed();
+    let uptime = started.elapsed();
     if expected {
         info!(status = %described, "worker exited after draining");
     } else {
@@ -1438,8 +1483,8 @@ fn start_upgrade(
 async fn hand_over(
     shared: &Rc<Shared>,
     successor: Successor,
-    accept: Option<tokio::task::JoinHandle<Vec<Listener>>>,
-) -> Result<Successor, Vec<Listener>> {
+    accept: Option<tokio::task::JoinHandle<Vec<listener::Bound>>>,
+) -> Result<Successor, Vec<listener::Bound>> {
     shared.accepting.set(false);
     // Whether it waits for a listener or for a worker with room.
     shared.stop_accepting.notify_one();
@@ -1722,93 +1767,64 @@ async fn health_loop(shared: Rc<Shared>) {
     }
 }
 
-/// Accepts from every listener while some worker can take a connection.
-/// Returns the listeners when `shared.accepting` is cleared (a binary upgrade's handover),
-/// once every connection it accepted is queued to a worker.
-async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) -> Vec<Listener> {
-    let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
-    let mut scratch = Scratch::default();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    // An exhaustion episode: when it began, errors so far, the latest error.
-    let mut failing_since: Option<(Instant, u64, Instant)> = None;
-    let counters: Vec<(Counter, Counter)> = listeners
-        .iter()
-        .map(|l| {
-            let labels = ListenerLabels {
-                listener: l.bound.label.clone(),
-            };
-            (
-                shared.metrics.accepted.get_or_create_owned(&labels),
-                shared.metrics.accept_errors.get_or_create_owned(&labels),
-            )
-        })
-        .collect();
-    loop {
-        // Accept only while some worker can take connections; otherwise leave clients in
-        // the kernel's backlog.
-        loop {
-            let changed = shared.changed.notified();
-            if !shared.accepting.get() {
-                return listeners;
-            }
-            if shared.count(|w| w.can_take(shared.cap)) > 0 {
-                break;
-            }
-            changed.await;
-        }
-        // Wait for any listener to be readable, or to be told to stop.
-        let mut stop = pin!(shared.stop_accepting.notified());
-        let ready = std::future::poll_fn(|cx| {
-            if stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            for (index, listener) in listeners.iter().enumerate() {
-                if let Poll::Ready(result) = listener.ready.poll_read_ready(cx) {
-                    return Poll::Ready(Some(result.map(|()| index)));
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        let index = match ready {
-            None => continue,
-            Some(Ok(ready)) => ready,
-            Some(Err(err)) => {
-                error!(error = %err, "listener readiness failed; backing off");
-                tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
-                continue;
-            }
-        };
-        let listener = &listeners[index];
-        let (accepted, accept_errors) = &counters[index];
-        let mut exhausted = false;
+/// How often the accept loop polls the listeners while connections arrive faster than it
+/// could usefully wake for each (see [`accept_loop`]). It is also the most a connection
+/// waits in the kernel's queue because of polling.
+const POLL_INTERVAL: Duration = Duration::from_micros(250);
+/// Longest the accept loop holds accepted connections while every worker is busy in a
+/// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
+const HOLD_MAX: Duration = Duration::from_millis(20);
+
+/// Accept errors of one kind of exhaustion, handled once per episode.
+struct AcceptState {
+    backoff: Duration,
+    /// An exhaustion episode: when it began, errors so far, the latest error.
+    failing_since: Option<(Instant, u64, Instant)>,
+    counters: Vec<(Counter, Counter)>,
+}
+
+impl AcceptState {
+    /// Accepts from `listener` until the queue is empty, `ACCEPT_BURST` connections or an
+    /// exhaustion error; returns how many were accepted, and whether resources ran out.
+    fn burst(
+        &mut self,
+        shared: &Shared,
+        index: usize,
+        source: &Source,
+        pending: &mut Vec<Pending>,
+    ) -> (usize, bool) {
+        let (accepted, accept_errors) = &self.counters[index];
+        let mut count = 0;
+        let listener = &source.bound;
         for _ in 0..ACCEPT_BURST {
-            match listener::accept(&listener.ready) {
+            match listener::accept(&listener.fd) {
                 Ok((fd, peer)) => {
                     // An exhaustion episode ends once accepts have succeeded for a while,
                     // not at the first success: under sustained pressure one error
                     // message (and a growing backoff) rather than one per burst.
-                    let ended = failing_since
+                    let ended = self
+                        .failing_since
                         .as_ref()
                         .is_some_and(|(_, _, last)| last.elapsed() >= ACCEPT_BACKOFF_MAX);
                     if ended {
-                        if let Some((since, errors, _)) = failing_since.take() {
+                        if let Some((since, errors, _)) = self.failing_since.take() {
                             info!(
                                 errors,
                                 failing_ms = since.elapsed().as_millis() as u64,
                                 "accepting again"
                             );
                         }
-                        backoff = ACCEPT_BACKOFF_MIN;
+                        self.backoff = ACCEPT_BACKOFF_MIN;
                     }
                     let id = shared.next_conn_id.get();
                     shared.next_conn_id.set(id + 1);
                     let meta = ConnMeta {
                         id,
-                        listener: listener.bound.index,
+                        listener: listener.index,
                         peer,
                     };
                     accepted.inc();
+                    count += 1;
                     pending.push(Pending {
                         fd,
                         meta,
@@ -1817,7 +1833,9 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) -> Vec<Listen
                 }
                 Err(err) => match listener::classify(&err) {
                     AcceptError::WouldBlock => {
-                        listener.ready.clear_read_ready();
+                        if let Some(ready) = &source.ready {
+                            ready.clear_read_ready();
+                        }
                         break;
                     }
                     AcceptError::Connection => {
@@ -1825,30 +1843,290 @@ async fn accept_loop(shared: Rc<Shared>, listeners: Vec<Listener>) -> Vec<Listen
                     }
                     AcceptError::Resource => {
                         accept_errors.inc();
-                        match &mut failing_since {
+                        match &mut self.failing_since {
                             Some((_, errors, last)) => {
                                 *errors += 1;
                                 *last = Instant::now();
                             }
                             None => {
-                                error!(error = %err, listener = %listener.bound.label, "accept failed; backing off until resources free up");
-                                failing_since = Some((Instant::now(), 1, Instant::now()));
+                                error!(error = %err, listener = %listener.label, "accept failed; backing off until resources free up");
+                                self.failing_since = Some((Instant::now(), 1, Instant::now()));
                             }
                         }
-                        exhausted = true;
-                        break;
+                        return (count, true);
                     }
                 },
             }
         }
-        if !pending.is_empty() {
+        (count, false)
+    }
+}
+
+/// Accepts from every listener while some worker can take a connection.
+///
+/// # Interrupt mitigation
+///
+/// At a low rate the loop wakes on listener readiness and forwards each connection at
+/// once. When connections come faster than one per [`POLL_INTERVAL`] (a wake-up finds
+/// several, or comes within an interval of the previous one), waking for each one costs
+/// more than the connection itself: the supervisor and then a worker are scheduled once
+/// per connection, on cores that the workers need. The loop then takes the listeners out
+/// of the reactor (a registered listener wakes the thread on every new connection, whether
+/// or not a task waits for it) and polls them once per interval instead (a `timerfd`,
+/// since tokio's timers are too coarse), so that each wake-up forwards a batch, one
+/// message per worker. A poll that finds at most one connection registers the listeners
+/// again and returns to readiness. Polling delays a connection by at most one interval.
+///
+/// Returns the listeners when `shared.accepting` is cleared (a binary upgrade's
+/// handover), once every connection it accepted is queued to a worker.
+fn accept_loop(
+    shared: Rc<Shared>,
+    sources: Vec<Source>,
+) -> impl std::future::Future<Output = Vec<listener::Bound>> {
+    let ticker = match coreloop_ipc::Ticker::new() {
+        Ok(ticker) => Some(ticker),
+        Err(err) => {
+            warn!(error = %err, "cannot create a timerfd; accepting on readiness only");
+            None
+        }
+    };
+    accept_with(shared, sources, ticker)
+}
+
+/// The body of [`accept_loop`].
+async fn accept_with(
+    shared: Rc<Shared>,
+    mut sources: Vec<Source>,
+    ticker: Option<coreloop_ipc::Ticker>,
+) -> Vec<listener::Bound> {
+    let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
+    let mut scratch = Scratch::default();
+    let counters: Vec<(Counter, Counter)> = sources
+        .iter()
+        .map(|s| {
+            let labels = ListenerLabels {
+                listener: s.bound.label.clone(),
+            };
+            (
+                shared.metrics.accepted.get_or_create_owned(&labels),
+                shared.metrics.accept_errors.get_or_create_owned(&labels),
+            )
+        })
+        .collect();
+    let mut state = AcceptState {
+        backoff: ACCEPT_BACKOFF_MIN,
+        failing_since: None,
+        counters,
+    };
+    let mut polling = false;
+    let mut last_wake = Instant::now();
+    loop {
+        if !shared.accepting.get() {
+            // A handover: what was accepted (held, say) goes to this generation's
+            // workers; clients not yet accepted are the next generation's.
+            if !pending.is_empty() {
+                shared.dispatch_all(&mut pending, &mut scratch).await;
+            }
+            return sources.into_iter().map(|source| source.bound).collect();
+        }
+        // Accept only while some worker can take connections; otherwise leave clients in
+        // the kernel's backlog.
+        loop {
+            let changed = shared.changed.notified();
+            if !shared.accepting.get() {
+                break;
+            }
+            if shared.count(|w| w.can_take(shared.cap)) > 0 {
+                break;
+            }
+            // The ticker would wake us for nothing meanwhile.
+            if polling {
+                if let Some(ticker) = &ticker {
+                    stop_polling(ticker, &mut sources, &mut polling);
+                }
+            }
+            changed.await;
+        }
+        let mut accepted = 0;
+        let mut exhausted = false;
+        match (&ticker, polling) {
+            _ if !shared.accepting.get() => continue,
+            (Some(ticker), true) => {
+                let tick = tokio::select! {
+                    tick = ticker.tick() => tick,
+                    () = shared.stop_accepting.notified() => continue,
+                };
+                if let Err(err) = tick {
+                    warn!(error = %err, "timerfd failed; accepting on readiness");
+                    polling = false;
+                    if !register(&mut sources) {
+                        tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                    }
+                    continue;
+                }
+                for (index, source) in sources.iter().enumerate() {
+                    if pending.len() >= ACCEPT_BURST {
+                        break;
+                    }
+                    let (count, out) = state.burst(&shared, index, source, &mut pending);
+                    accepted += count;
+                    exhausted |= out;
+                    if out {
+                        break;
+                    }
+                }
+                // Back to readiness, unless a listener cannot be registered: it would
+                // never be waited for, so keep polling it.
+                if (accepted <= 1 && pending.is_empty()) || exhausted {
+                    stop_polling(ticker, &mut sources, &mut polling);
+                }
+            }
+            _ => {
+                if sources.iter().any(|s| s.ready.is_none()) && !register(&mut sources) {
+                    // Out of descriptors: try again shortly rather than never wait for
+                    // that listener.
+                    tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
+                }
+                // Wait for any listener to be readable, or to be told to stop.
+                let mut stop = pin!(shared.stop_accepting.notified());
+                let ready = std::future::poll_fn(|cx| {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    for (index, source) in sources.iter().enumerate() {
+                        let Some(ready) = &source.ready else { continue };
+                        if let Poll::Ready(result) = ready.poll_read_ready(cx) {
+                            return Poll::Ready(Some(result.map(|()| index)));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                let index = match ready {
+                    None => continue,
+                    Some(Ok(ready)) => ready,
+                    Some(Err(err)) => {
+                        error!(error = %err, "listener readiness failed; backing off");
+                        tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                        continue;
+                    }
+                };
+                let now = Instant::now();
+                let since_last = now.duration_since(last_wake);
+                last_wake = now;
+                (accepted, exhausted) = state.burst(&shared, index, &sources[index], &mut pending);
+                if let Some(ticker) = &ticker {
+                    if !exhausted && (accepted > 1 || since_last < POLL_INTERVAL) {
+                        match ticker.start(POLL_INTERVAL) {
+                            Ok(()) => {
+                                polling = true;
+                                // Registered listeners would wake us for every connection.
+                                for source in &mut sources {
+                                    source.ready = None;
+                                }
+                            }
+                            Err(err) => warn!(error = %err, "cannot start the timerfd"),
+                        }
+                    }
+                }
+            }
+        }
+        // Every worker busy in a handler: hold the connections (and leave new ones in the
+        // kernel's queue) for the first worker that gets back to its channel, checked at
+        // every tick, rather than queue them behind a handler of unknown length. One
+        // shared queue instead of one per worker: a short request is not stuck behind a
+        // long one while another worker is free. Bounded by HOLD_MAX.
+        let hold = !exhausted
+            && !pending.is_empty()
+            && pending[0].since.elapsed() < HOLD_MAX
+            && shared.all_busy();
+        let hold = hold
+            && match &ticker {
+                Some(ticker) if !polling => match ticker.start(POLL_INTERVAL) {
+                    Ok(()) => {
+                        polling = true;
+                        for source in &mut sources {
+                            source.ready = None;
+                        }
+                        true
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "cannot start the timerfd");
+                        false
+                    }
+                },
+                Some(_) => true,
+                None => false,
+            };
+        if !pending.is_empty() && !hold {
             shared.dispatch_all(&mut pending, &mut scratch).await;
         }
         if exhausted {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-        } else {
+            tokio::time::sleep(state.backoff).await;
+            state.backoff = (state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+        } else if !polling {
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
+/// if a listener cannot be registered, since it would never be waited for.
+fn stop_polling(ticker: &coreloop_ipc::Ticker, sources: &mut [Source], polling: &mut bool) {
+    if !register(sources) {
+        return;
+    }
+    *polling = false;
+    if let Err(err) = ticker.stop() {
+        warn!(error = %err, "cannot stop the timerfd");
+    }
+}
+
+/// A listener as the accept loop holds it: registered with the reactor only while the
+/// loop waits for readiness (see [`accept_loop`]).
+struct Source {
+    bound: listener::Bound,
+    ready: Option<coreloop_ipc::Readiness>,
+}
+
+impl Source {
+    fn registered(listeners: Vec<Listener>) -> Vec<Source> {
+        listeners
+            .into_iter()
+            .map(|Listener { bound, ready }| Source {
+                bound,
+                ready: Some(ready),
+            })
+            .collect()
+    }
+
+    /// Sockets given back by a handover that did not happen: the accept loop registers
+    /// them before it waits.
+    fn unregistered(bound: Vec<listener::Bound>) -> Vec<Source> {
+        bound
+            .into_iter()
+            .map(|bound| Source { bound, ready: None })
+            .collect()
+    }
+}
+
+/// Registers every listener that is not registered with the reactor; `false` if one could
+/// not be (out of descriptors): the caller keeps polling it and tries again later.
+fn register(sources: &mut [Source]) -> bool {
+    let mut all = true;
+    for source in sources.iter_mut().filter(|s| s.ready.is_none()) {
+        match source
+            .bound
+            .fd
+            .try_clone()
+            .and_then(|fd| coreloop_ipc::Readiness::new(fd, tokio::io::Interest::READABLE))
+        {
+            Ok(ready) => source.ready = Some(ready),
+            Err(err) => {
+                warn!(listener = %source.bound.label, error = %err, "cannot register listener");
+                all = false;
+            }
+        }
+    }
+    all
 }
