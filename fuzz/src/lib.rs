@@ -35,7 +35,7 @@ const MAX_REASON_LEN: usize = 500;
 /// - the encoding is canonical: when nothing was cut or replaced (reason valid UTF-8 of at
 ///   most `MAX_REASON_LEN` bytes), the encoding is byte-for-byte the input;
 /// - a `Conns` batch holds 1 to `MAX_BATCH` connections and needs as many descriptors; a
-///   `Listener` needs one, with texts of at most `MAX_LISTENER_TEXT` bytes; others none.
+///   `Listener` (texts of at most `MAX_LISTENER_TEXT` bytes) and `LoopClock` need one; others none.
 pub fn check_message(data: &[u8]) {
     let msg = match Message::decode(data) {
         Ok(msg) => msg,
@@ -58,6 +58,7 @@ pub fn check_message(data: &[u8]) {
             assert!(spec.len() <= MAX_LISTENER_TEXT && name.len() <= MAX_LISTENER_TEXT);
             assert_eq!(msg.fd_count(), 1);
         }
+        Message::LoopClock => assert_eq!(msg.fd_count(), 1),
         _ => assert_eq!(msg.fd_count(), 0),
     }
 

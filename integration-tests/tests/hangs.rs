@@ -135,3 +135,70 @@ fn blocked_worker_is_bypassed_then_killed_and_replaced() -> anyhow::Result<()> {
     assert_eq!(zombie_children(server.pid()), Vec::<u32>::new(), "zombies");
     Ok(())
 }
+
+/// A worker stuck in a handler for a while (shorter than any hang detection) gets no new
+/// connection while the other is free: the supervisor sees its event loop has been awake
+/// too long (the shared loop clock) before it has sent it anything, even though its queue
+/// is empty and its count of connections is as low as the other's.
+#[test]
+fn a_worker_busy_in_a_handler_gets_no_new_connection() -> anyhow::Result<()> {
+    // Default heartbeat timeout (10 s): reports are judged late only after 3 s, so only
+    // the loop clock can keep requests away from the blocked worker within 1.5 s.
+    let server = Server::start(
+        ServerConfig::new(2)
+            .binary(env!("CARGO_BIN_EXE_fixture-block"))
+            .rust_log("info"),
+    )?;
+    let port = server.port();
+    let mark = server.log_mark();
+    let mut blocked_conn = connect(port)?;
+    blocked_conn.write_all(b"GET /block?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let blocking = server.expect_log_since(
+        mark,
+        "`blocking the event loop` from a worker",
+        |line| line.contains(" blocking the event loop"),
+        Duration::from_secs(10),
+    )?;
+    let blocked: u32 = log_field(&blocking, "worker.pid")
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no worker.pid in {blocking:?}"))?;
+    // The supervisor calls a loop stuck once it has been awake for 5 ms (shorter waits
+    // are a busy worker, merely less preferred): let that much time pass. It is the
+    // condition itself, not an event that could be awaited instead.
+    std::thread::sleep(Duration::from_millis(20));
+    let started = Instant::now();
+    // Four clients, one request per connection, until the block is over.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while started.elapsed() < Duration::from_millis(1200) {
+                    let sent = Instant::now();
+                    let outcome = timed_get(port, "/whoami", Duration::from_secs(5));
+                    seen.push((outcome, sent.elapsed()));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for client in clients {
+        for (outcome, took) in client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))?
+        {
+            let Outcome::Answered(200, body) = &outcome else {
+                anyhow::bail!("{outcome:?}");
+            };
+            let (_, pid) = parse_whoami(body).context("bad /whoami body")?;
+            ensure!(
+                pid != blocked && took < PROMPT,
+                "a request went to the blocked worker {blocked} (answered by {pid} in {took:?})"
+            );
+            answered += 1;
+        }
+    }
+    ensure!(answered >= 20, "only {answered} requests in 1.2 s");
+    eprintln!("{answered} requests answered by the free worker while the other was blocked");
+    Ok(())
+}

@@ -11,7 +11,8 @@
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
 //! The `unsafe` blocks of coreloop are here: [`take_systemd_listeners`] adopts the sockets
-//! systemd passed by number, and [`Readiness`] registers an owned descriptor
+//! systemd passed by number, [`LoopClock`] maps one word of memory that a worker and its
+//! supervisor share, and [`Readiness`] registers an owned descriptor
 //! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
 //! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
 //! connections it accepts with a raw `accept4` (without tokio's per-stream `epoll`
@@ -179,5 +180,153 @@ impl Readiness {
 impl AsFd for Readiness {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.inner.get_ref().as_fd()
+    }
+}
+
+/// One word of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
+/// when the worker's event loop last woke up (`CLOCK_MONOTONIC` nanoseconds), or 0 while
+/// it sleeps in the reactor.
+///
+/// The worker writes it from its runtime's park and unpark hooks (two stores per wake-up,
+/// no system call); the supervisor reads it when it picks a worker. A loop that has been
+/// awake for a long time is inside a handler that does not yield (or has a long batch of
+/// work): the supervisor learns that before it has sent the worker anything, which no
+/// message could tell it, since the worker cannot send while it is busy.
+#[derive(Debug)]
+pub struct LoopClock {
+    word: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    fd: OwnedFd,
+}
+
+// SAFETY: the only access to the mapped word is through `AtomicU64`, which is safe to share
+// between threads (and processes); the mapping lives as long as the value.
+unsafe impl Send for LoopClock {}
+// SAFETY: as above: `&LoopClock` offers atomic loads and stores only.
+unsafe impl Sync for LoopClock {}
+
+/// Size of the shared memory: one `u64`.
+const CLOCK_LEN: usize = std::mem::size_of::<u64>();
+
+impl LoopClock {
+    /// Creates the shared word (a new close-on-exec `memfd`), marked asleep.
+    ///
+    /// # Errors
+    ///
+    /// The error of `memfd_create`, `ftruncate` or `mmap`.
+    pub fn create() -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create("coreloop-loop-clock", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, CLOCK_LEN as u64)?;
+        Self::map(fd)
+    }
+
+    /// Maps a word created by [`create`](Self::create) in another process (its descriptor,
+    /// received over the channel).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` when the descriptor is not a file of at least 8 bytes; the `mmap`
+    /// error.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let stat = rustix::fs::fstat(&fd)?;
+        if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the loop clock is not a file of 8 bytes",
+            ));
+        }
+        Self::map(fd)
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Self> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        // SAFETY: a new shared mapping chosen by the kernel (null hint), so it overlaps no
+        // memory Rust knows about; `fd` is a regular file of at least `CLOCK_LEN` bytes
+        // (created so, or checked by `from_fd`), so the whole length is backed.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                CLOCK_LEN,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }?;
+        let word = std::ptr::NonNull::new(ptr.cast::<std::sync::atomic::AtomicU64>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { word, fd })
+    }
+
+    fn word(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: `word` points at the start of a live mapping of `CLOCK_LEN` bytes, page
+        // aligned (so aligned for `AtomicU64`), unmapped only in `drop`; the memory is only
+        // ever accessed atomically, by this process and the peer alike.
+        unsafe { self.word.as_ref() }
+    }
+
+    /// The descriptor, to send to the peer.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The worker's loop woke up now.
+    pub fn woke(&self) {
+        self.word().store(monotonic_ns(), Ordering::Release);
+    }
+
+    /// The worker's loop is about to sleep.
+    pub fn sleeping(&self) {
+        self.word().store(0, Ordering::Release);
+    }
+
+    /// How long the worker's loop has been awake without sleeping, or `None` if it sleeps.
+    pub fn awake_for(&self) -> Option<std::time::Duration> {
+        match self.word().load(Ordering::Acquire) {
+            0 => None,
+            since => Some(std::time::Duration::from_nanos(
+                monotonic_ns().saturating_sub(since),
+            )),
+        }
+    }
+}
+
+impl Drop for LoopClock {
+    fn drop(&mut self) {
+        // SAFETY: the mapping of `CLOCK_LEN` bytes made in `map`; no reference into it
+        // outlives `self` (`word()` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.word.as_ptr().cast(), CLOCK_LEN) };
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (never 0: the clock starts at boot, long before).
+fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_mappings_see_one_word() {
+        let worker = LoopClock::create().unwrap();
+        let supervisor = LoopClock::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(supervisor.awake_for(), None);
+        worker.woke();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let awake = supervisor.awake_for().expect("awake");
+        assert!(awake >= std::time::Duration::from_millis(2), "{awake:?}");
+        worker.sleeping();
+        assert_eq!(supervisor.awake_for(), None);
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_clock_is_refused() {
+        let (a, _b) = socketpair_cloexec().unwrap();
+        assert!(LoopClock::from_fd(a).is_err());
     }
 }

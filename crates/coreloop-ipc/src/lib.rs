@@ -11,7 +11,7 @@
 //!   ──────────                                          ────────
 //!   Channel ── Conns[{id, listener, peer} × k] + k fds ──▶ Channel   (1 ≤ k ≤ MAX_BATCH)
 //!           ── Drain{timeout_ms} ────────────────────────▶           (always the last)
-//!           ◀─ Ready{pid} / Status{live, closed, rss} / Retiring / Failed{reason} ─
+//!           ◀─ LoopClock + 1 fd (first) / Ready{pid} / Status{live, closed, rss} / Retiring / Failed{reason} ─
 //! ```
 //!
 //! A binary upgrade uses the same channel between the old supervisor and the new one it
@@ -35,8 +35,9 @@
 //!   [`ChannelError::Truncated`], never a panic.
 //!
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
-//! registers an owned descriptor with tokio's reactor ([`Readiness`]) and one that adopts
-//! the sockets systemd passed by number ([`take_systemd_listeners`]).
+//! registers an owned descriptor with tokio's reactor ([`Readiness`]), one that adopts
+//! the sockets systemd passed by number ([`take_systemd_listeners`]), and the mapping of
+//! the word a worker and its supervisor share ([`LoopClock`]).
 //!
 //! The socket pair is used through rustix's `sendmsg`/`recvmsg` and our own readiness
 //! registration rather than through `tokio-seqpacket`, whose sockets register for read
@@ -52,7 +53,7 @@ mod message;
 mod timer;
 
 pub use channel::{Channel, ChannelError, Fds, Queue, TrySendError};
-pub use fd::{Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
+pub use fd::{LoopClock, Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
 pub use message::{
     ConnBatch, ConnMeta, MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION,
     PeerAddr, ProtocolError,

@@ -43,6 +43,7 @@ const KIND_READY: u8 = 16;
 const KIND_FAILED: u8 = 17;
 const KIND_RETIRING: u8 = 18;
 const KIND_STATUS: u8 = 19;
+const KIND_LOOP_CLOCK: u8 = 20;
 
 const PEER_UNKNOWN: u8 = 0;
 const PEER_UNIX: u8 = 1;
@@ -177,6 +178,9 @@ pub enum Message {
         /// Human-readable cause (cut to fit one message).
         reason: String,
     },
+    /// Worker → supervisor, before `Ready`: the descriptor of the worker's
+    /// [`LoopClock`](crate::LoopClock). Carries exactly one descriptor.
+    LoopClock,
     /// Old supervisor → new supervisor (binary upgrade): one listening socket, with the
     /// configured address it was bound for. Carries exactly one descriptor.
     Listener {
@@ -267,7 +271,7 @@ impl Message {
     pub fn fd_count(&self) -> usize {
         match self {
             Message::Conns(batch) => batch.len(),
-            Message::Listener { .. } => 1,
+            Message::Listener { .. } | Message::LoopClock => 1,
             _ => 0,
         }
     }
@@ -279,6 +283,7 @@ impl Message {
             Message::Drain { .. } => "Drain",
             Message::Listener { .. } => "Listener",
             Message::Takeover => "Takeover",
+            Message::LoopClock => "LoopClock",
             Message::Ready { .. } => "Ready",
             Message::Failed { .. } => "Failed",
             Message::Retiring => "Retiring",
@@ -330,6 +335,7 @@ impl Message {
                 w.put(&remaining.to_le_bytes())?;
             }
             Message::Takeover => w.put(&[KIND_TAKEOVER])?,
+            Message::LoopClock => w.put(&[KIND_LOOP_CLOCK])?,
             Message::Ready { pid } => {
                 w.put(&[KIND_READY])?;
                 w.put(&pid.to_le_bytes())?;
@@ -378,6 +384,7 @@ impl Message {
             KIND_DRAIN => "Drain",
             KIND_LISTENER => "Listener",
             KIND_TAKEOVER => "Takeover",
+            KIND_LOOP_CLOCK => "LoopClock",
             KIND_READY => "Ready",
             KIND_FAILED => "Failed",
             KIND_RETIRING => "Retiring",
@@ -411,6 +418,7 @@ impl Message {
                 remaining: u16::from_le_bytes(r.take()?),
             },
             KIND_TAKEOVER => Message::Takeover,
+            KIND_LOOP_CLOCK => Message::LoopClock,
             KIND_READY => Message::Ready {
                 pid: u32::from_le_bytes(r.take()?),
             },
@@ -590,6 +598,7 @@ mod tests {
             ".{0,100}".prop_map(|reason| Message::Failed { reason }),
             Just(Message::Retiring),
             Just(Message::Takeover),
+            Just(Message::LoopClock),
             (".{0,100}", ".{0,40}", any::<u16>()).prop_map(|(spec, name, remaining)| {
                 Message::Listener {
                     spec,

@@ -46,14 +46,28 @@ pub(crate) struct Candidate {
     pub(crate) load: u64,
     /// Connections it may still take (0: not eligible).
     pub(crate) room: u64,
-    /// It has not read everything already sent to it: its event loop is busy (or it is
-    /// reading right now). Workers with an empty queue are preferred.
-    pub(crate) queued: bool,
+    /// How busy its event loop looks right now; the least busy workers with room are
+    /// the only ones considered.
+    pub(crate) busy: Busy,
+}
+
+/// How busy a worker's event loop looks to the supervisor, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) enum Busy {
+    /// Asleep, or awake only briefly, with nothing unread: takes a connection at once.
+    #[default]
+    Idle,
+    /// Has not read everything sent to it yet, or has been awake for a while: whatever it
+    /// gets now waits behind what it is doing.
+    Working,
+    /// Awake far longer than any short request takes: inside a handler that does not
+    /// yield. Gets nothing while another worker with room is less busy.
+    Stuck,
 }
 
 impl Candidate {
-    fn eligible(&self, idle_only: bool) -> bool {
-        self.room > 0 && !(idle_only && self.queued)
+    fn eligible(&self, level: Busy) -> bool {
+        self.room > 0 && self.busy <= level
     }
 }
 
@@ -80,14 +94,19 @@ impl Planner {
         if n == 0 {
             return None;
         }
-        // A worker that has not read what it was sent is busy in a handler: whatever it
-        // gets now waits behind that handler. Prefer the others while any has room.
-        let idle_only = candidates.iter().any(|c| c.eligible(true));
+        // A busy worker's new connections wait behind what it is doing: consider only the
+        // least busy workers that have room.
+        let level = candidates
+            .iter()
+            .filter(|c| c.room > 0)
+            .map(|c| c.busy)
+            .min()
+            .unwrap_or_default();
         let chosen = match self.policy {
             Dispatch::RoundRobin => {
                 let found = (0..n)
                     .map(|k| (self.cursor + k) % n)
-                    .find(|&i| candidates[i].eligible(idle_only));
+                    .find(|&i| candidates[i].eligible(level));
                 if let Some(i) = found {
                     self.cursor = i + 1;
                 }
@@ -97,7 +116,7 @@ impl Planner {
                 let start = self.cursor;
                 let found = (0..n)
                     .map(|k| (start + k) % n)
-                    .filter(|&i| candidates[i].eligible(idle_only))
+                    .filter(|&i| candidates[i].eligible(level))
                     .min_by_key(|&i| candidates[i].load);
                 if let Some(i) = found {
                     self.cursor = i + 1;
@@ -105,15 +124,15 @@ impl Planner {
                 found
             }
             Dispatch::PowerOfTwoChoices => {
-                let eligible = candidates.iter().filter(|c| c.eligible(idle_only)).count();
+                let eligible = candidates.iter().filter(|c| c.eligible(level)).count();
                 match eligible {
                     0 => None,
-                    1 => candidates.iter().position(|c| c.eligible(idle_only)),
+                    1 => candidates.iter().position(|c| c.eligible(level)),
                     _ => {
-                        let a = self.nth_eligible(candidates, eligible, idle_only);
-                        let mut b = self.nth_eligible(candidates, eligible, idle_only);
+                        let a = self.nth_eligible(candidates, eligible, level);
+                        let mut b = self.nth_eligible(candidates, eligible, level);
                         while b == a {
-                            b = self.nth_eligible(candidates, eligible, idle_only);
+                            b = self.nth_eligible(candidates, eligible, level);
                         }
                         Some(if candidates[b].load < candidates[a].load {
                             b
@@ -130,17 +149,12 @@ impl Planner {
         Some(chosen)
     }
 
-    fn nth_eligible(
-        &mut self,
-        candidates: &[Candidate],
-        eligible: usize,
-        idle_only: bool,
-    ) -> usize {
+    fn nth_eligible(&mut self, candidates: &[Candidate], eligible: usize, level: Busy) -> usize {
         let k = (self.next_random() % eligible as u64) as usize;
         candidates
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.eligible(idle_only))
+            .filter(|(_, c)| c.eligible(level))
             .nth(k)
             .map_or(0, |(i, _)| i)
     }
@@ -184,7 +198,7 @@ mod tests {
             .map(|&(load, room)| Candidate {
                 load,
                 room,
-                queued: false,
+                busy: Busy::Idle,
             })
             .collect()
     }
@@ -242,17 +256,32 @@ mod tests {
             Dispatch::PowerOfTwoChoices,
         ] {
             let mut cands = candidates(&[(0, 100), (10, 100), (0, 100)]);
-            cands[0].queued = true;
+            cands[0].busy = Busy::Working;
             let picks = plan(policy, &mut cands, 12);
             assert!(picks.iter().all(|&i| i != 0), "{policy:?}: {picks:?}");
             // Every worker busy: still dispatched, as before.
             let mut cands = candidates(&[(3, 100), (1, 100)]);
-            cands.iter_mut().for_each(|c| c.queued = true);
+            cands.iter_mut().for_each(|c| c.busy = Busy::Working);
             assert_eq!(plan(policy, &mut cands, 4).len(), 4, "{policy:?}");
             // A busy worker with room beats an idle one without.
             let mut cands = candidates(&[(0, 100), (0, 0)]);
-            cands[0].queued = true;
+            cands[0].busy = Busy::Working;
             assert_eq!(plan(policy, &mut cands, 2), [0, 0], "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn a_stuck_worker_gets_nothing_while_a_merely_busy_one_has_room() {
+        for policy in [
+            Dispatch::RoundRobin,
+            Dispatch::LeastConnections,
+            Dispatch::PowerOfTwoChoices,
+        ] {
+            let mut cands = candidates(&[(0, 100), (40, 100)]);
+            cands[0].busy = Busy::Stuck;
+            cands[1].busy = Busy::Working;
+            let picks = plan(policy, &mut cands, 10);
+            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
         }
     }
 

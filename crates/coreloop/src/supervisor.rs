@@ -57,7 +57,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::builder::{Command, Config};
-use crate::dispatch::{Candidate, Planner, XorShift};
+use crate::dispatch::{Busy, Candidate, Planner, XorShift};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
@@ -241,6 +241,8 @@ struct Worker {
     queue: Rc<Queue>,
     /// Since when its queue has been found unread (see [`Shared::all_busy`]).
     unread_since: Option<Instant>,
+    /// When its event loop last woke up, shared with it (`LoopClock`, sent before `Ready`).
+    clock: Option<coreloop_ipc::LoopClock>,
     state: State,
     started: Instant,
     /// Connections handed to it, and the count it last reported finished.
@@ -269,6 +271,25 @@ impl Worker {
     /// Connections handed to it that it has not reported closed.
     fn open(&self) -> u64 {
         self.sent.saturating_sub(self.closed)
+    }
+
+    /// How busy its event loop looks: stuck when it has been awake far longer than a
+    /// short request takes (a handler that does not yield), busy when it has not read
+    /// everything sent to it or has been awake a while. An error reading the queue (there
+    /// is none for a socket) only loses the information.
+    fn busy(&self) -> Busy {
+        let awake = self
+            .clock
+            .as_ref()
+            .and_then(coreloop_ipc::LoopClock::awake_for)
+            .unwrap_or_default();
+        if awake >= AWAKE_STUCK {
+            Busy::Stuck
+        } else if awake >= AWAKE_BUSY || self.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
+            Busy::Working
+        } else {
+            Busy::Idle
+        }
     }
 
     fn can_take(&self, cap: u64) -> bool {
@@ -867,12 +888,10 @@ impl Shared {
                 } else {
                     0
                 };
-                // An error here (there is none for a socket) only loses the preference.
-                let queued = room > 0 && w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0);
                 scratch.candidates.push(Candidate {
                     load: w.open(),
                     room,
-                    queued,
+                    busy: if room > 0 { w.busy() } else { Busy::Idle },
                 });
                 scratch
                     .channels
@@ -1073,6 +1092,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         channel: Rc::clone(&channel),
         queue: Rc::clone(&queue),
         unread_since: None,
+        clock: None,
         state: State::Starting,
         started: Instant::now(),
         sent: 0,
@@ -1114,6 +1134,13 @@ async fn watch(
         tokio::select! {
             status = child.wait() => break status,
             received = channel.recv(), if channel_ok => match received {
+                Ok(Some((Message::LoopClock, fds))) => match fds.into_iter().next().map(coreloop_ipc::LoopClock::from_fd) {
+                    Some(Ok(clock)) => {
+                        shared.with_worker(pid, |w| w.clock = Some(clock));
+                    }
+                    Some(Err(err)) => warn!(error = %err, "unusable loop clock from worker"),
+                    None => warn!("loop clock without its descriptor"),
+                },
                 Ok(Some((msg, _))) => on_message(&shared, slot, pid, &channel, msg, &mut failure).await,
                 Ok(None) => channel_ok = false,
                 Err(err) => {
@@ -1771,6 +1798,13 @@ async fn health_loop(shared: Rc<Shared>) {
 /// could usefully wake for each (see [`accept_loop`]). It is also the most a connection
 /// waits in the kernel's queue because of polling.
 const POLL_INTERVAL: Duration = Duration::from_micros(250);
+/// A worker whose event loop has been awake this long without going back to sleep is
+/// busy: connections go to others while any is free (see [`Shared::try_dispatch_all`]).
+/// Short requests keep a loop awake for tens of microseconds.
+const AWAKE_BUSY: Duration = Duration::from_micros(500);
+/// A worker whose event loop has been awake this long is stuck in a handler: it gets
+/// nothing while a less busy worker has room.
+const AWAKE_STUCK: Duration = Duration::from_millis(5);
 /// Longest the accept loop holds accepted connections while every worker is busy in a
 /// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
 const HOLD_MAX: Duration = Duration::from_millis(20);

@@ -44,10 +44,25 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) -> Result<(), Error> {
     let channel = coreloop_ipc::inherited_channel().map_err(Error::WorkerChannel)?;
     let placement = place(&config, id);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?;
+    // When the event loop last woke up, shared with the supervisor so that it sends
+    // nothing new to a loop stuck in a handler (see `coreloop_ipc::LoopClock`). Without
+    // it the worker still works; the supervisor then judges by the channel alone.
+    let clock = match coreloop_ipc::LoopClock::create() {
+        Ok(clock) => Some(std::sync::Arc::new(clock)),
+        Err(err) => {
+            warn!(error = %err, "cannot create the loop clock");
+            None
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    if let Some(clock) = &clock {
+        let (woke, sleeping) = (std::sync::Arc::clone(clock), std::sync::Arc::clone(clock));
+        builder
+            .on_thread_unpark(move || woke.woke())
+            .on_thread_park(move || sleeping.sleeping());
+    }
+    let runtime = builder.build().map_err(Error::Runtime)?;
     let local = tokio::task::LocalSet::new();
     let id = WorkerId(id);
     let span = tracing::info_span!("worker", worker.id = id.0, worker.pid = std::process::id());
@@ -57,7 +72,7 @@ pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) ->
             if let Err(reason) = placement {
                 return fail_start(channel, reason).await;
             }
-            serve(config, factory, id, channel).await
+            serve(config, factory, id, channel, clock).await
         }
         .instrument(span),
     );
@@ -172,6 +187,7 @@ async fn serve<H: Handler>(
     factory: Factory<H>,
     id: WorkerId,
     channel: OwnedFd,
+    clock: Option<std::sync::Arc<coreloop_ipc::LoopClock>>,
 ) -> i32 {
     let channel = match Channel::from_fd(channel) {
         Ok(channel) => channel,
@@ -200,6 +216,12 @@ async fn serve<H: Handler>(
         Err(reason) => return report_failure(&channel, reason).await,
     };
     let pid = std::process::id();
+    if let Some(clock) = &clock {
+        if let Err(err) = channel.send(&Message::LoopClock, &[clock.as_fd()]).await {
+            error!(error = %err, "cannot send the loop clock");
+            return 1;
+        }
+    }
     if let Err(err) = channel.send(&Message::Ready { pid }, &[]).await {
         error!(error = %err, "cannot report ready");
         return 1;
