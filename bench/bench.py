@@ -5,7 +5,7 @@ Run it through ``bench/run`` (installs wrk/nginx/gnuplot, builds the examples). 
 
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
-                           [--loads keepalive,close,idle,skewed,stalled] [--out DIR]
+                           [--loads keepalive,close,idle,skewed,stalled,skewed-open] [--out DIR]
 
 Every run: start the server on a fresh 127.0.0.1 port, wait until it answers ``/``, run one
 load with wrk, sample the server's process tree from /proc, stop it (SIGTERM, SIGKILL after
@@ -113,6 +113,10 @@ SERVERS: dict[str, dict] = {
 }
 REUSEPORT_PEER = "reuseport"  # the denominator of the CPU and skewed-p99 ratios
 
+# Offered rate of the open-loop load, per worker: about half of what two workers serve
+# under the closed-loop skewed load on the 2-core reference machine.
+OPEN_RATE_PER_WORKER = 1500
+
 # Loads: wrk arguments (besides -d and the URL) and which servers take part.
 LOADS: dict[str, dict] = {
     "keepalive": dict(wrk=["-t2", "-c64", "--latency", "-s", str(BENCH / "report.lua")],
@@ -127,13 +131,22 @@ LOADS: dict[str, dict] = {
     "stalled": dict(wrk=["-t2", "-c64", "--latency", "-s", str(BENCH / "report.lua"),
                          "-H", "Connection: close"],
                     what="the close load while one worker process is SIGSTOPped (W=2 only)"),
+    # Open loop (examples/openloop.rs): requests start on a fixed schedule whatever the
+    # server does, and latency counts from the scheduled start, so a request stuck behind
+    # a long one shows. A closed loop at saturation (`skewed`) cannot show it: there every
+    # server's mean latency is clients / throughput (Little's law), whoever picks workers.
+    "skewed-open": dict(openloop=["--burn-every", "200", "--burn-ms", "5"],
+                        rate_per_worker=OPEN_RATE_PER_WORKER,
+                        what=f"open loop, {OPEN_RATE_PER_WORKER:,} requests/s per worker, one "
+                             "connection each, 1 in 200 is /burn?ms=5; p99 of all requests, and "
+                             "of the cheap ones (what waits behind a burn)"),
 }
 LOAD_ORDER = list(LOADS)
 
 
 def takes_part(server: str, load: str, workers: int) -> bool:
     s = SERVERS[server]
-    if load == "skewed":
+    if load in ("skewed", "skewed-open"):
         return s["burn"]
     if load == "stalled":
         return s["stall"] and workers == 2
@@ -423,8 +436,14 @@ def cont(key: tuple[int, int]) -> None:
             pass
 
 
-def run_wrk(load: str, port: int, duration: int) -> dict:
-    argv = ["wrk", *LOADS[load]["wrk"], "-d", f"{duration}s", f"http://{HOST}:{port}/"]
+def run_wrk(load: str, port: int, duration: int, workers: int = 1) -> dict:
+    spec = LOADS[load]
+    if "openloop" in spec:
+        rate = spec["rate_per_worker"] * workers
+        argv = [str(BIN / "openloop"), "--addr", f"{HOST}:{port}", "--rate", str(rate),
+                "--duration", str(duration), *spec["openloop"]]
+    else:
+        argv = ["wrk", *spec["wrk"], "-d", f"{duration}s", f"http://{HOST}:{port}/"]
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30,
                            stdin=subprocess.DEVNULL, cwd=BENCH)
@@ -470,7 +489,7 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
             # intervals late as stalled: 3 s by default) before the load starts.
             time.sleep(settle)
         before = srv.tree()
-        wrk = run_wrk(load, srv.port, duration)
+        wrk = run_wrk(load, srv.port, duration, workers)
         after = srv.tree()
         if stopped_key:
             rec["stopped_pid_alive_at_end"] = alive(stopped_key)
@@ -519,7 +538,7 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
 
 
 # --------------------------------------------------------------------------- aggregation
-METRICS = ["rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "cpu_cores",
+METRICS = ["rps", "p50_us", "p99_us", "p999_us", "cheap_p99_us", "cpu_us_per_req", "cpu_cores",
            "rss_max_kib", "rss_sum_kib", "errors", "stall_fraction"]
 
 
@@ -559,6 +578,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                           if rp and rp["cpu_us_per_req"] and m["cpu_us_per_req"] else None)
         m["p99_ratio"] = (m["p99_us"] / rp["p99_us"]
                           if rp and rp["p99_us"] and m["p99_us"] else None)
+        m["cheap_p99_ratio"] = (m["cheap_p99_us"] / rp["cheap_p99_us"]
+                                if rp and rp.get("cheap_p99_us") and m.get("cheap_p99_us") else None)
     med.sort(key=lambda m: (LOAD_ORDER.index(m["load"]), m["workers"], list(SERVERS).index(m["server"])))
     return med
 
@@ -663,8 +684,11 @@ def markdown(results: dict) -> str:
                 bits.append(f"throughput {c['rps_ratio']:.2f}× the best peer ({c['best_peer']})")
             if c["cpu_ratio"] is not None:
                 bits.append(f"CPU per request {c['cpu_ratio']:.2f}× reuseport's")
-            if load == "skewed" and c["p99_ratio"] is not None:
+            if load in ("skewed", "skewed-open") and c["p99_ratio"] is not None:
                 bits.append(f"p99 {c['p99_ratio']:.2f}× reuseport's")
+            if c.get("cheap_p99_ratio") is not None:
+                bits.append(f"p99 of the cheap requests {fmt_ms(c['cheap_p99_us'])} ms, "
+                            f"{c['cheap_p99_ratio']:.2f}× reuseport's")
             if stalled and c["stall_fraction"] is not None:
                 bits.append(f"keeps {100 * c['stall_fraction']:.0f}% of its close throughput")
             if bits:
@@ -676,8 +700,8 @@ def markdown(results: dict) -> str:
             out.append("Failed runs: " + "; ".join(f"{s}: {f}" for s, f in fails))
         out.append("")
     if "skewed" in cfg["loads"] and "nginx" in cfg["servers"]:
-        out.append("nginx takes no part in `skewed`: it cannot burn CPU per request, so its "
-                   "`/burn` would be as cheap as `/`.")
+        out.append("nginx takes no part in `skewed` and `skewed-open`: it cannot burn CPU per "
+                   "request, so its `/burn` would be as cheap as `/`.")
         out.append("")
     notes = sorted({f"{r['server']} ({r['load']}, W={r['workers']}, round {r['round']}): {n}"
                     for r in results["runs"] for n in r.get("notes", [])})
@@ -731,7 +755,8 @@ def chart(results: dict, workdir: Path) -> str | None:
             files[s].write_text("\n".join(rows) + "\n")
         return loads, files
 
-    all_loads = [l for l in LOAD_ORDER if any(m["load"] == l for m in med)]
+    # skewed-open runs at a fixed offered rate: its throughput and CPU say nothing.
+    all_loads = [l for l in LOAD_ORDER if l != "skewed-open" and any(m["load"] == l for m in med)]
     rps = panel("rps", all_loads, lambda v: f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}")
     cpu = panel("cpu_us_per_req", [l for l in all_loads if l not in ("skewed", "stalled")],
                 lambda v: f"{v:.1f}" if v < 10 else f"{v:.0f}")
@@ -777,7 +802,7 @@ set offsets 0,0,graph 0.10,0
 {plot(rps, 0.89, 0.53, 'requests per second (median, higher is better)', '%.0s%c', True)}
 unset label 1
 {plot(cpu, 0.42, 0.09, 'server CPU µs per request (median, lower is better)', '%g', False,
-      'skewed (≈250 µs/req, mostly the 5 ms burn) and stalled are in the tables only')}
+      'skewed (≈250 µs/req, mostly the 5 ms burn), stalled and skewed-open are in the tables only')}
 unset multiplot
 """
     gp = workdir / "chart.gp"
@@ -946,7 +971,8 @@ def main(argv: list[str]) -> int:
             config=dict(rounds=args.rounds, duration=args.duration, workers=args.workers,
                         servers=args.servers, loads=args.loads, idle_connections=IDLE_CONNS,
                         stall_settle_s=args.stall_settle,
-                        loads_wrk={l: LOADS[l]["wrk"] for l in args.loads},
+                        loads_wrk={l: LOADS[l].get("wrk") or ["openloop", *LOADS[l]["openloop"]]
+                                   for l in args.loads},
                         servers_what={s: SERVERS[s]["what"] for s in args.servers},
                         clk_tck=CLK_TCK),
             machine=machine,
