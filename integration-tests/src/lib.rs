@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal};
 
@@ -988,6 +988,65 @@ pub fn wait_pidfd(pidfd: &impl AsFd, timeout: Duration) -> bool {
             Err(rustix::io::Errno::INTR) => {}
             Err(_) => return false,
         }
+    }
+}
+
+/// A supervisor a binary upgrade started: not this test's child, so no [`Server`] stops
+/// it. Dropped, it is SIGKILLed if still alive (its workers follow, as they do whenever
+/// their supervisor dies) and waited for.
+#[derive(Debug)]
+pub struct NewSupervisor(pub u32);
+
+impl NewSupervisor {
+    /// Stops it with SIGTERM and waits (up to 30 s) for it to exit.
+    ///
+    /// # Errors
+    ///
+    /// The signal failed, or it did not exit in time.
+    pub fn stop(self) -> Result<()> {
+        kill(self.0, Signal::TERM)?;
+        ensure!(
+            wait_for_exit(self.0, Duration::from_secs(30)),
+            "the new supervisor {} did not stop on SIGTERM",
+            self.0
+        );
+        Ok(())
+    }
+}
+
+impl Drop for NewSupervisor {
+    fn drop(&mut self) {
+        if is_alive(self.0) {
+            let _ = kill(self.0, Signal::KILL);
+            wait_for_exit(self.0, Duration::from_secs(10));
+        }
+    }
+}
+
+impl Server {
+    /// Waits, from log line `mark` on, for the supervisor `old` to log that it started a
+    /// new supervisor (a binary upgrade), and returns that one, guarded.
+    ///
+    /// # Errors
+    ///
+    /// No such line within `timeout`, or no pid in it.
+    pub fn expect_new_supervisor(
+        &self,
+        mark: usize,
+        old: u32,
+        timeout: Duration,
+    ) -> Result<NewSupervisor> {
+        let span = format!("supervisor{{pid={old}}}");
+        let started = self.expect_log_since(
+            mark,
+            "`new supervisor started`",
+            |line| line.contains(&span) && line.contains(" new supervisor started "),
+            timeout,
+        )?;
+        let pid = log_field(&started, "upgrade.pid")
+            .and_then(|pid| pid.parse().ok())
+            .with_context(|| format!("no upgrade.pid in {started:?}"))?;
+        Ok(NewSupervisor(pid))
     }
 }
 

@@ -25,17 +25,7 @@ fn blocked_worker_is_bypassed_then_killed_and_replaced() -> anyhow::Result<()> {
     let mark = server.log_mark();
 
     // Block one worker's event loop for 5 s (far past the 1 s heartbeat timeout).
-    let mut blocked_conn = connect(port)?;
-    blocked_conn.write_all(b"GET /block?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let blocking = server.expect_log_since(
-        mark,
-        "`blocking the event loop` from a worker",
-        |line| line.contains(" blocking the event loop"),
-        Duration::from_secs(10),
-    )?;
-    let blocked: u32 = log_field(&blocking, "worker.pid")
-        .and_then(|pid| pid.parse().ok())
-        .with_context(|| format!("no worker.pid in {blocking:?}"))?;
+    let (mut blocked_conn, blocked) = block_a_worker(&server, mark, 5000)?;
     let (&blocked_id, _) = workers
         .iter()
         .find(|(_, pid)| **pid == blocked)
@@ -151,17 +141,7 @@ fn a_worker_busy_in_a_handler_gets_no_new_connection() -> anyhow::Result<()> {
     )?;
     let port = server.port();
     let mark = server.log_mark();
-    let mut blocked_conn = connect(port)?;
-    blocked_conn.write_all(b"GET /block?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let blocking = server.expect_log_since(
-        mark,
-        "`blocking the event loop` from a worker",
-        |line| line.contains(" blocking the event loop"),
-        Duration::from_secs(10),
-    )?;
-    let blocked: u32 = log_field(&blocking, "worker.pid")
-        .and_then(|pid| pid.parse().ok())
-        .with_context(|| format!("no worker.pid in {blocking:?}"))?;
+    let (_blocked_conn, blocked) = block_a_worker(&server, mark, 1500)?;
     // The supervisor calls a loop stuck once it has been awake for 5 ms (shorter waits
     // are a busy worker, merely less preferred): let that much time pass. It is the
     // condition itself, not an event that could be awaited instead.
@@ -201,4 +181,25 @@ fn a_worker_busy_in_a_handler_gets_no_new_connection() -> anyhow::Result<()> {
     ensure!(answered >= 20, "only {answered} requests in 1.2 s");
     eprintln!("{answered} requests answered by the free worker while the other was blocked");
     Ok(())
+}
+
+/// Sends `/block?ms=…` to the fixture-block server and waits for the worker that took it
+/// to say it blocks; returns the connection (open until the answer) and that worker's pid.
+fn block_a_worker(
+    server: &Server,
+    mark: usize,
+    ms: u64,
+) -> anyhow::Result<(std::net::TcpStream, u32)> {
+    let mut conn = connect(server.port())?;
+    conn.write_all(format!("GET /block?ms={ms} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let blocking = server.expect_log_since(
+        mark,
+        "`blocking the event loop` from a worker",
+        |line| line.contains(" blocking the event loop"),
+        Duration::from_secs(10),
+    )?;
+    let blocked = log_field(&blocking, "worker.pid")
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("no worker.pid in {blocking:?}"))?;
+    Ok((conn, blocked))
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use coreloop_integration_tests::{
-    Server, fd_targets, get, http_binary, log_field, random_port, unique_socket_path,
+    Server, fd_targets, get, http_binary, random_port, unique_socket_path,
 };
 use rustix::process::Signal;
 
@@ -373,16 +373,8 @@ fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid(
 
     server.signal(Signal::USR2)?;
     // Stopped at the end whatever happens: the new supervisor is not our child.
-    let started = server.expect_log_since(
-        mark,
-        "`new supervisor started`",
-        |line| line.contains(" new supervisor started "),
-        Duration::from_secs(30),
-    )?;
-    let new: u32 = log_field(&started, "upgrade.pid")
-        .and_then(|pid| pid.parse().ok())
-        .with_context(|| format!("no upgrade.pid in {started:?}"))?;
-    let guard = KillOnDrop(new);
+    let guard = server.expect_new_supervisor(mark, old, Duration::from_secs(30))?;
+    let new = guard.0;
     let reloading = notes.wait_for("RELOADING=1", Duration::from_secs(10))?;
     ensure!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
     // The old supervisor names its successor as the main process, with READY=1.
@@ -418,24 +410,7 @@ fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid(
         ensure!(get(port, "/")?.0 == 200);
     }
     // The new supervisor is the one systemd stops.
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(new)?).context("pid")?,
-        Signal::TERM,
-    )?;
+    guard.stop()?;
     notes.wait_for("STOPPING=1", Duration::from_secs(10))?;
-    drop(guard);
     Ok(())
-}
-
-/// Kills a process this test did not start directly (a supervisor started by an upgrade)
-/// when dropped, and waits for it.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if coreloop_integration_tests::is_alive(self.0) {
-            let _ = coreloop_integration_tests::kill(self.0, Signal::KILL);
-        }
-        coreloop_integration_tests::wait_for_exit(self.0, Duration::from_secs(10));
-    }
 }

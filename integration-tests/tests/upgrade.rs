@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use coreloop_integration_tests::{
-    Load, LoadReport, Server, ServerConfig, get, http_binary, is_alive, kill, log_field,
-    parse_whoami, random_u64, unique_socket_path, wait_for_exit,
+    Load, LoadReport, NewSupervisor, Server, ServerConfig, get, http_binary, is_alive, kill,
+    log_field, parse_whoami, random_u64, unique_socket_path, wait_for_exit,
 };
 use rustix::process::Signal;
 
@@ -72,32 +72,6 @@ impl Drop for Dir {
     }
 }
 
-/// A supervisor started by an upgrade: not our child, so the harness does not stop it.
-/// Dropped, it is killed (its workers follow, as they do whenever their supervisor dies).
-struct NewSupervisor(u32);
-
-impl NewSupervisor {
-    /// Stops it with SIGTERM and waits for it to exit.
-    fn stop(self) -> Result<()> {
-        kill(self.0, Signal::TERM)?;
-        ensure!(
-            wait_for_exit(self.0, Duration::from_secs(30)),
-            "the new supervisor {} did not stop on SIGTERM",
-            self.0
-        );
-        Ok(())
-    }
-}
-
-impl Drop for NewSupervisor {
-    fn drop(&mut self) {
-        if is_alive(self.0) {
-            let _ = kill(self.0, Signal::KILL);
-            wait_for_exit(self.0, Duration::from_secs(10));
-        }
-    }
-}
-
 /// Sends SIGUSR2 to `supervisor` and waits until it has handed over and exited; returns
 /// the new supervisor.
 fn upgrade(server: &Server, supervisor: u32) -> Result<NewSupervisor> {
@@ -110,17 +84,7 @@ fn upgrade(server: &Server, supervisor: u32) -> Result<NewSupervisor> {
 /// to it, drained and exited; returns the new supervisor.
 fn upgrade_completed(server: &Server, old: u32, mark: usize) -> Result<NewSupervisor> {
     let span = format!("supervisor{{pid={old}}}");
-    let started = server.expect_log_since(
-        mark,
-        "`new supervisor started`",
-        |line| line.contains(&span) && line.contains(" new supervisor started "),
-        UPGRADE,
-    )?;
-    let new = NewSupervisor(
-        log_field(&started, "upgrade.pid")
-            .and_then(|pid| pid.parse().ok())
-            .with_context(|| format!("no upgrade.pid in {started:?}"))?,
-    );
+    let new = server.expect_new_supervisor(mark, old, UPGRADE)?;
     for (what, needle) in [
         ("`handed over`", " handed over to the new generation"),
         (
@@ -340,17 +304,9 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
         break_it()?;
         let mark = server.log_mark();
         server.signal(Signal::USR2)?;
-        let started = server.expect_log_since(
-            mark,
-            &format!("`new supervisor started` ({case})"),
-            |line| line.contains(" new supervisor started "),
-            UPGRADE,
-        )?;
-        let attempt: u32 = log_field(&started, "upgrade.pid")
-            .and_then(|pid| pid.parse().ok())
-            .context("upgrade.pid")?;
         // Should this test fail before the rollback, the attempt must not outlive it.
-        let _attempt = NewSupervisor(attempt);
+        let guard = server.expect_new_supervisor(mark, old, UPGRADE)?;
+        let attempt = guard.0;
         if case.contains("never") {
             // One upgrade at a time.
             server.signal(Signal::USR2)?;
@@ -408,17 +364,7 @@ fn a_stop_during_an_upgrade_stops_the_new_generation_too() -> Result<()> {
     dir.install_script("app", "exec sleep 600")?;
     let mark = server.log_mark();
     server.signal(Signal::USR2)?;
-    let started = server.expect_log_since(
-        mark,
-        "`new supervisor started`",
-        |line| line.contains(" new supervisor started "),
-        UPGRADE,
-    )?;
-    let attempt = NewSupervisor(
-        log_field(&started, "upgrade.pid")
-            .and_then(|pid| pid.parse().ok())
-            .context("upgrade.pid")?,
-    );
+    let attempt = server.expect_new_supervisor(mark, server.pid(), UPGRADE)?;
     ensure!(is_alive(attempt.0), "the new supervisor is not running");
     server.signal(Signal::TERM)?;
     let status = server
