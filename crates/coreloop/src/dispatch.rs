@@ -49,6 +49,10 @@ pub(crate) struct Candidate {
     /// How busy its event loop looks right now; the least busy workers with room are
     /// the only ones considered.
     pub(crate) busy: Busy,
+    /// How long its event loop has been awake, in µs (0 when asleep or unknown): among
+    /// workers that all look stuck, the one stuck the shortest time is picked (a loop
+    /// that was merely preempted for a few milliseconds, not one in a long handler).
+    pub(crate) awake_us: u64,
 }
 
 /// How busy a worker's event loop looks to the supervisor, in increasing order.
@@ -66,9 +70,19 @@ pub(crate) enum Busy {
 }
 
 impl Candidate {
-    fn eligible(&self, level: Busy) -> bool {
-        self.room > 0 && self.busy <= level
+    fn eligible(&self, level: Level) -> bool {
+        self.room > 0
+            && self.busy <= level.busy
+            && (self.busy < Busy::Stuck || self.awake_us <= level.awake_us)
     }
+}
+
+/// What a worker must not exceed to be considered for the next connection.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    busy: Busy,
+    /// When every worker with room is stuck: the shortest time one has been awake.
+    awake_us: u64,
 }
 
 /// Picks workers according to a [`Dispatch`] policy.
@@ -96,12 +110,11 @@ impl Planner {
         }
         // A busy worker's new connections wait behind what it is doing: consider only the
         // least busy workers that have room.
-        let level = candidates
-            .iter()
-            .filter(|c| c.room > 0)
-            .map(|c| c.busy)
-            .min()
-            .unwrap_or_default();
+        let with_room = || candidates.iter().filter(|c| c.room > 0);
+        let level = Level {
+            busy: with_room().map(|c| c.busy).min().unwrap_or_default(),
+            awake_us: with_room().map(|c| c.awake_us).min().unwrap_or_default(),
+        };
         let chosen = match self.policy {
             Dispatch::RoundRobin => {
                 let found = (0..n)
@@ -149,7 +162,7 @@ impl Planner {
         Some(chosen)
     }
 
-    fn nth_eligible(&mut self, candidates: &[Candidate], eligible: usize, level: Busy) -> usize {
+    fn nth_eligible(&mut self, candidates: &[Candidate], eligible: usize, level: Level) -> usize {
         let k = (self.next_random() % eligible as u64) as usize;
         candidates
             .iter()
@@ -199,6 +212,7 @@ mod tests {
                 load,
                 room,
                 busy: Busy::Idle,
+                awake_us: 0,
             })
             .collect()
     }
@@ -280,6 +294,14 @@ mod tests {
             let mut cands = candidates(&[(0, 100), (40, 100)]);
             cands[0].busy = Busy::Stuck;
             cands[1].busy = Busy::Working;
+            let picks = plan(policy, &mut cands, 10);
+            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
+            // All stuck: the one awake the shortest time (preempted, not in a handler).
+            let mut cands = candidates(&[(0, 100), (40, 100)]);
+            cands[0].busy = Busy::Stuck;
+            cands[0].awake_us = 1_500_000;
+            cands[1].busy = Busy::Stuck;
+            cands[1].awake_us = 6_000;
             let picks = plan(policy, &mut cands, 10);
             assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
         }

@@ -277,19 +277,21 @@ impl Worker {
     /// short request takes (a handler that does not yield), busy when it has not read
     /// everything sent to it or has been awake a while. An error reading the queue (there
     /// is none for a socket) only loses the information.
-    fn busy(&self) -> Busy {
+    /// Also returns how long the loop has been awake.
+    fn busy(&self) -> (Busy, Duration) {
         let awake = self
             .clock
             .as_ref()
             .and_then(coreloop_ipc::LoopClock::awake_for)
             .unwrap_or_default();
-        if awake >= AWAKE_STUCK {
+        let busy = if awake >= AWAKE_STUCK {
             Busy::Stuck
         } else if awake >= AWAKE_BUSY || self.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
             Busy::Working
         } else {
             Busy::Idle
-        }
+        };
+        (busy, awake)
     }
 
     fn can_take(&self, cap: u64) -> bool {
@@ -888,10 +890,16 @@ impl Shared {
                 } else {
                     0
                 };
+                let (busy, awake) = if room > 0 {
+                    w.busy()
+                } else {
+                    (Busy::Idle, Duration::ZERO)
+                };
                 scratch.candidates.push(Candidate {
                     load: w.open(),
                     room,
-                    busy: if room > 0 { w.busy() } else { Busy::Idle },
+                    busy,
+                    awake_us: u64::try_from(awake.as_micros()).unwrap_or(u64::MAX),
                 });
                 scratch
                     .channels
