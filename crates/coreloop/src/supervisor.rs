@@ -141,8 +141,22 @@ fn run_in(
     }
     let nofile = raise_nofile_limit();
     // The CPUs the server may use, read before the supervisor pins itself (workers
-    // inherit the affinity of their parent, so they get this list instead).
-    let cpus = crate::cpu::allowed().unwrap_or_default();
+    // inherit the affinity of their parent, so they get this list instead). A new
+    // supervisor of a binary upgrade inherited a pinned predecessor's affinity: it gets
+    // the list the same way.
+    let inherited = upgrade
+        .and_then(|_| std::env::var(crate::cpu::ENV_CPUS).ok())
+        .map(|text| crate::cpu::decode(&text))
+        .filter(|cpus| !cpus.is_empty());
+    let cpus = match inherited {
+        Some(cpus) => {
+            if let Err(err) = crate::cpu::set(&cpus) {
+                warn!(error = %err, "cannot restore the CPU affinity of the previous supervisor");
+            }
+            cpus
+        }
+        None => crate::cpu::allowed().unwrap_or_default(),
+    };
     if let Some(index) = config.pin_supervisor {
         match crate::cpu::for_slot(&cpus, index) {
             Some(cpu) => match crate::cpu::set(&[cpu]) {
@@ -1493,7 +1507,7 @@ fn start_upgrade(
     Some(tokio::task::spawn_local(
         async move {
             let timeout = shared.config.upgrade_timeout;
-            match crate::upgrade::start_successor(&exe, &handover, timeout).await {
+            match crate::upgrade::start_successor(&exe, &handover, timeout, &shared.cpus).await {
                 Ok(successor) => {
                     info!(upgrade.pid = successor.pid, "the new generation serves");
                     *shared.successor.borrow_mut() = Some(successor);

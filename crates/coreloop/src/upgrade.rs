@@ -189,7 +189,9 @@ impl Drop for Successor {
 }
 
 /// Old supervisor: starts `exe` as the new supervisor, hands it `listeners` and waits
-/// until it reports every worker serving, at most `timeout`.
+/// until it reports every worker serving, at most `timeout`. `cpus` is the CPU list this
+/// server may use (`CORELOOP_CPUS`), which a pinned supervisor can no longer read from
+/// its own affinity.
 ///
 /// # Errors
 ///
@@ -199,6 +201,7 @@ pub(crate) async fn start_successor(
     exe: &Path,
     listeners: &[Handover],
     timeout: Duration,
+    cpus: &str,
 ) -> Result<Successor, String> {
     let (ours, theirs) =
         coreloop_ipc::socketpair_cloexec().map_err(|err| format!("socketpair: {err}"))?;
@@ -209,6 +212,7 @@ pub(crate) async fn start_successor(
         .arg0(arg0)
         .args(args)
         .env(ENV_UPGRADE, std::process::id().to_string())
+        .env(crate::cpu::ENV_CPUS, cpus)
         .stdin(Stdio::from(theirs))
         // The systemd sockets arrive over the channel; the variables name this process
         // and the new one must not act on them. The watchdog: the new supervisor pings
