@@ -35,9 +35,11 @@ pub(crate) fn own_socket_files(owns: bool) {
     OWNS_SOCKET_FILES.store(owns, Ordering::SeqCst);
 }
 
-/// A listening socket handed over by the previous supervisor in a binary upgrade.
+/// A listening socket that crosses a binary upgrade, as
+/// [`Message::Listener`](coreloop_ipc::Message::Listener) describes it: what the old
+/// supervisor sends and what the new one adopts.
 #[derive(Debug)]
-pub(crate) struct Adopted {
+pub(crate) struct Handover {
     /// The configured listener it was bound for ([`ListenSpec`]'s display form, or
     /// `metrics:ADDR`).
     pub(crate) spec: String,
@@ -77,7 +79,7 @@ type Inherited = (OwnedFd, String);
 /// sockets: a configured listener with a socket there takes it over instead of binding
 /// (the address stays open throughout); one without is bound anew; adopted sockets that
 /// no listener claims are closed.
-pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Adopted>) -> Result<Vec<Bound>, Error> {
+pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<Vec<Bound>, Error> {
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
     let nodelay = config.tcp_nodelay;
     let reuseport = config.distribution == Distribution::ReusePort;
@@ -89,56 +91,33 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Adopted>) -> Result<Ve
         // run() checked that the listeners fit in u16.
         let index = index as u16;
         let key = spec.to_string();
-        if adopted.iter().any(|a| a.spec == key) {
-            let reserved = reuseport && matches!(spec, ListenSpec::Tcp(_));
-            let mut rest = Vec::with_capacity(adopted.len());
-            for taken in std::mem::take(adopted) {
-                if taken.spec != key {
-                    rest.push(taken);
-                    continue;
-                }
+        let reserved = reuseport && matches!(spec, ListenSpec::Tcp(_));
+        let (handed_over, rest): (Vec<Handover>, Vec<Handover>) = std::mem::take(adopted)
+            .into_iter()
+            .partition(|a| a.spec == key);
+        *adopted = rest;
+        if !handed_over.is_empty() {
+            for taken in handed_over {
                 bound.push(adopt(spec, index, taken, reserved)?);
             }
-            *adopted = rest;
             continue;
         }
+        // A socket bound here: (descriptor, whether the supervisor accepts on it, the
+        // identity of its unix-socket file).
         let result = match spec {
-            ListenSpec::Tcp(addr) if reuseport => {
+            ListenSpec::Tcp(addr) if reserved => {
                 if addr.port() == 0 {
                     return Err(Error::Config(format!(
                         "{addr}: reuseport distribution needs a fixed port (every worker binds it)"
                     )));
                 }
-                bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| Bound {
-                    label: key.clone(),
-                    spec: key.clone(),
-                    name: String::new(),
-                    index,
-                    accepts: false,
-                    fd,
-                    unix_file: None,
-                })
+                bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| (fd, false, None))
             }
-            ListenSpec::Tcp(addr) => bind_tcp(*addr, backlog, nodelay, None).map(|fd| Bound {
-                label: key.clone(),
-                spec: key.clone(),
-                name: String::new(),
-                index,
-                accepts: true,
-                fd,
-                unix_file: None,
-            }),
-            ListenSpec::Unix(path, perms) => {
-                bind_unix(path, backlog, *perms).map(|(fd, dev, ino)| Bound {
-                    label: key.clone(),
-                    spec: key.clone(),
-                    name: String::new(),
-                    index,
-                    accepts: true,
-                    fd,
-                    unix_file: Some((path.clone(), dev, ino)),
-                })
+            ListenSpec::Tcp(addr) => {
+                bind_tcp(*addr, backlog, nodelay, None).map(|fd| (fd, true, None))
             }
+            ListenSpec::Unix(path, perms) => bind_unix(path, backlog, *perms)
+                .map(|(fd, dev, ino)| (fd, true, Some((path.clone(), dev, ino)))),
             ListenSpec::Systemd(name) => {
                 let inherited = inherited.get_or_insert_with(|| {
                     coreloop_ipc::take_systemd_listeners()
@@ -193,7 +172,15 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Adopted>) -> Result<Ve
             }
         };
         match result {
-            Ok(listener) => bound.push(listener),
+            Ok((fd, accepts, unix_file)) => bound.push(Bound {
+                label: key.clone(),
+                spec: key,
+                name: String::new(),
+                index,
+                accepts,
+                fd,
+                unix_file,
+            }),
             Err(source) => {
                 return Err(Error::Bind {
                     addr: spec.to_string(),
@@ -206,7 +193,7 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Adopted>) -> Result<Ve
 }
 
 /// Takes over a socket the previous supervisor handed over for `spec`.
-fn adopt(spec: &ListenSpec, index: u16, taken: Adopted, reserved: bool) -> Result<Bound, Error> {
+fn adopt(spec: &ListenSpec, index: u16, taken: Handover, reserved: bool) -> Result<Bound, Error> {
     let bind_err = |source| Error::Bind {
         addr: format!("{spec} (handed over)"),
         source,

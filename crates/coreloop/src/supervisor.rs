@@ -59,9 +59,9 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::builder::{Command, Config};
 use crate::dispatch::{Busy, Candidate, Planner, XorShift};
 use crate::error::Error;
-use crate::listener::{self, AcceptError, Listener};
+use crate::listener::{self, AcceptError, Handover, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
-use crate::upgrade::{Handover, Successor};
+use crate::upgrade::Successor;
 use prometheus_client::metrics::counter::Counter;
 
 /// Most connections accepted per readiness event before yielding to other tasks.
@@ -364,9 +364,8 @@ struct Shared {
     /// listeners: a binary upgrade's handover.
     accepting: Cell<bool>,
     stop_accepting: Notify,
-    /// A binary upgrade is in progress; `successor` holds the new supervisor once it
-    /// serves, for the main task to hand over to.
-    upgrading: Cell<bool>,
+    /// The new supervisor of a binary upgrade once it serves, for the main task to hand
+    /// over to.
     successor: RefCell<Option<Successor>>,
     /// The executable a binary upgrade starts, or why it is unknown.
     exe: Result<PathBuf, String>,
@@ -481,7 +480,6 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         cpus,
         accepting: Cell::new(true),
         stop_accepting: Notify::new(),
-        upgrading: Cell::new(false),
         successor: RefCell::new(None),
         exe: exe.map_err(|err| err.to_string()),
     });
@@ -627,9 +625,7 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
             Command::AddWorker => scale_up(&shared),
             Command::RemoveWorker => scale_down(&shared).await,
             Command::Upgrade => {
-                if let Some(task) = start_upgrade(&shared, &handover) {
-                    upgrade_task = Some(task);
-                }
+                upgrade_task = start_upgrade(&shared, &handover, upgrade_task.take())
             }
         }
     };
@@ -1482,15 +1478,19 @@ fn notify_reloading(status: &str) {
 }
 
 /// SIGUSR2: binary upgrade. Starts the new generation in a task; when it serves, the task
-/// leaves it in `shared.successor` for the main task to [`hand_over`] to. Returns the
-/// task, or `None` when the request is refused.
+/// leaves it in `shared.successor` for the main task to [`hand_over`] to. `running` is the
+/// task of the previous upgrade, if any: while it runs (or its successor waits for the
+/// handover) the request is refused. Returns the task of this upgrade, or `running` back.
 fn start_upgrade(
     shared: &Rc<Shared>,
     handover: &Rc<Vec<Handover>>,
+    running: Option<tokio::task::JoinHandle<()>>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    if shared.upgrading.get() {
+    if running.as_ref().is_some_and(|task| !task.is_finished())
+        || shared.successor.borrow().is_some()
+    {
         warn!("an upgrade is already in progress; ignoring this request");
-        return None;
+        return running;
     }
     let exe = match &shared.exe {
         Ok(exe) => exe.clone(),
@@ -1499,7 +1499,6 @@ fn start_upgrade(
             return None;
         }
     };
-    shared.upgrading.set(true);
     notify_reloading("upgrading");
     let shared = Rc::clone(shared);
     let handover = Rc::clone(handover);
@@ -1515,7 +1514,6 @@ fn start_upgrade(
                 }
                 Err(reason) => {
                     error!(%reason, "upgrade failed; this generation keeps serving");
-                    shared.upgrading.set(false);
                     shared.notify_ready();
                 }
             }
@@ -1565,7 +1563,6 @@ async fn hand_over(
             error!(upgrade.pid = successor.pid, error = %err, "the new supervisor went away at the handover; this generation keeps serving");
             tokio::task::spawn_local(successor.abandon(crate::upgrade::EXIT_GRACE));
             shared.accepting.set(true);
-            shared.upgrading.set(false);
             shared.notify_ready();
             Err(listeners)
         }

@@ -37,7 +37,7 @@ use coreloop_ipc::{Channel, ChannelError, Message};
 use tracing::{debug, info};
 
 use crate::error::Error;
-use crate::listener::Adopted;
+use crate::listener::Handover;
 use crate::supervisor::{describe, kill};
 
 /// Environment variable that marks a new supervisor started by a binary upgrade; its value
@@ -90,7 +90,7 @@ pub(crate) fn predecessor() -> Result<Option<OwnedFd>, Error> {
 ///
 /// [`Error::Upgrade`] when the old supervisor sends something else, goes away, or takes
 /// longer than [`HANDOVER_TIMEOUT`].
-pub(crate) async fn receive_listeners(channel: &Channel) -> Result<Vec<Adopted>, Error> {
+pub(crate) async fn receive_listeners(channel: &Channel) -> Result<Vec<Handover>, Error> {
     let receive = async {
         let mut adopted = Vec::new();
         loop {
@@ -106,7 +106,7 @@ pub(crate) async fn receive_listeners(channel: &Channel) -> Result<Vec<Adopted>,
                     let fd = fds.into_iter().next().ok_or_else(|| {
                         Error::Upgrade(format!("listener {spec} arrived without its socket"))
                     })?;
-                    adopted.push(Adopted { spec, name, fd });
+                    adopted.push(Handover { spec, name, fd });
                     if remaining == 0 {
                         return Ok(adopted);
                     }
@@ -129,14 +129,6 @@ pub(crate) async fn receive_listeners(channel: &Channel) -> Result<Vec<Adopted>,
     tokio::time::timeout(HANDOVER_TIMEOUT, receive)
         .await
         .map_err(|_| Error::Upgrade("no listeners arrived from the running supervisor".into()))?
-}
-
-/// A listening socket the old supervisor hands over, as [`Message::Listener`] describes it.
-#[derive(Debug)]
-pub(crate) struct Handover {
-    pub(crate) spec: String,
-    pub(crate) name: String,
-    pub(crate) fd: OwnedFd,
 }
 
 /// The new supervisor of an upgrade in progress, as the old one holds it. Dropped

@@ -237,19 +237,17 @@ async fn serve<H: Handler>(
     ));
     let shutdown = ShutdownSignal::new();
     let mut retiring = false;
+    let spawner = Spawner {
+        handler,
+        tracker: Rc::clone(&tracker),
+        shutdown: shutdown.clone(),
+        worker: id,
+    };
     let acceptors: Vec<_> = own_listeners
         .into_iter()
         .map(|(index, listener)| {
             tokio::task::spawn_local(
-                accept_own(
-                    listener,
-                    index,
-                    Rc::clone(&handler),
-                    Rc::clone(&tracker),
-                    shutdown.clone(),
-                    id,
-                )
-                .instrument(tracing::Span::current()),
+                accept_own(listener, index, spawner.clone()).instrument(tracing::Span::current()),
             )
         })
         .collect();
@@ -259,7 +257,7 @@ async fn serve<H: Handler>(
             received = channel.recv() => match received {
                 Ok(Some((Message::Conns(batch), fds))) => {
                     for (meta, fd) in batch.as_slice().iter().zip(fds) {
-                        start_conn(&handler, &tracker, &shutdown, id, *meta, fd);
+                        spawner.adopt(*meta, fd);
                     }
                 }
                 Ok(Some((Message::Drain { timeout_ms }, _))) => {
@@ -380,10 +378,7 @@ fn bind_own_listeners(config: &Config) -> Result<Vec<(u16, tokio::net::TcpListen
 async fn accept_own<H: Handler>(
     listener: tokio::net::TcpListener,
     index: u16,
-    handler: Rc<H>,
-    tracker: Rc<Tracker>,
-    shutdown: ShutdownSignal,
-    worker: WorkerId,
+    spawner: Spawner<H>,
 ) {
     let mut next = u64::from(std::process::id()) << 32;
     let mut backoff = Duration::from_millis(10);
@@ -397,14 +392,7 @@ async fn accept_own<H: Handler>(
                     listener: index,
                     peer: PeerAddr::Inet(peer),
                 };
-                spawn_conn(
-                    &handler,
-                    &tracker,
-                    &shutdown,
-                    worker,
-                    meta,
-                    Stream::Tcp(stream),
-                );
+                spawner.spawn(meta, Stream::Tcp(stream));
             }
             Err(err) => match crate::listener::classify(&err) {
                 crate::listener::AcceptError::Connection
@@ -419,63 +407,68 @@ async fn accept_own<H: Handler>(
     }
 }
 
-/// Wraps one received connection and spawns its handler on this worker's `LocalSet`.
-fn start_conn<H: Handler>(
-    handler: &Rc<H>,
-    tracker: &Rc<Tracker>,
-    shutdown: &ShutdownSignal,
+/// What every connection's task is started with: the handler, the live-connection
+/// tracker, the drain signal and this worker's id.
+struct Spawner<H> {
+    handler: Rc<H>,
+    tracker: Rc<Tracker>,
+    shutdown: ShutdownSignal,
     worker: WorkerId,
-    meta: ConnMeta,
-    fd: OwnedFd,
-) {
-    let stream = match into_stream(fd, &meta.peer) {
-        Ok(stream) => stream,
-        Err(err) => {
-            warn!(conn.id = meta.id, error = %err, "cannot adopt connection");
-            return;
-        }
-    };
-    spawn_conn(handler, tracker, shutdown, worker, meta, stream);
 }
 
-/// Spawns the handler for one connection, counted by the tracker.
-fn spawn_conn<H: Handler>(
-    handler: &Rc<H>,
-    tracker: &Rc<Tracker>,
-    shutdown: &ShutdownSignal,
-    worker: WorkerId,
-    meta: ConnMeta,
-    stream: Stream,
-) {
-    let conn = Conn {
-        stream,
-        peer: meta.peer,
-        id: meta.id,
-        listener: usize::from(meta.listener),
-        worker,
-        shutdown: shutdown.clone(),
-    };
-    let guard = tracker.enter();
-    let fut = handler.call(conn);
-    // The connection span is debug-level; when it is off, the handler still runs inside
-    // the worker's span, so its logs say which worker they come from.
-    let span = conn_span(meta.id, &meta.peer);
-    let span = if span.is_disabled() {
-        tracing::Span::current()
-    } else {
-        span
-    };
-    tokio::task::spawn_local(
-        async move {
-            match (CatchUnwind { inner: fut }).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => log_handler_error(err.into()),
-                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
-            }
-            drop(guard);
+impl<H> Clone for Spawner<H> {
+    fn clone(&self) -> Self {
+        Self {
+            handler: Rc::clone(&self.handler),
+            tracker: Rc::clone(&self.tracker),
+            shutdown: self.shutdown.clone(),
+            worker: self.worker,
         }
-        .instrument(span),
-    );
+    }
+}
+
+impl<H: Handler> Spawner<H> {
+    /// Wraps one connection received from the supervisor and spawns its handler.
+    fn adopt(&self, meta: ConnMeta, fd: OwnedFd) {
+        match into_stream(fd, &meta.peer) {
+            Ok(stream) => self.spawn(meta, stream),
+            Err(err) => warn!(conn.id = meta.id, error = %err, "cannot adopt connection"),
+        }
+    }
+
+    /// Spawns the handler for one connection on this worker's `LocalSet`, counted by the
+    /// tracker.
+    fn spawn(&self, meta: ConnMeta, stream: Stream) {
+        let conn = Conn {
+            stream,
+            peer: meta.peer,
+            id: meta.id,
+            listener: usize::from(meta.listener),
+            worker: self.worker,
+            shutdown: self.shutdown.clone(),
+        };
+        let guard = self.tracker.enter();
+        let fut = self.handler.call(conn);
+        // The connection span is debug-level; when it is off, the handler still runs inside
+        // the worker's span, so its logs say which worker they come from.
+        let span = conn_span(meta.id, &meta.peer);
+        let span = if span.is_disabled() {
+            tracing::Span::current()
+        } else {
+            span
+        };
+        tokio::task::spawn_local(
+            async move {
+                match (CatchUnwind { inner: fut }).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => log_handler_error(err.into()),
+                    Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
+                }
+                drop(guard);
+            }
+            .instrument(span),
+        );
+    }
 }
 
 async fn retire(channel: &Channel) {
