@@ -8,11 +8,12 @@
 //! answered with `Connection: close`. `/whoami` answers `worker=<id> pid=<pid>` like the
 //! demo does.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use coreloop::{Server, ServerBuilder, Stream};
+use coreloop::{Conn, Handler, Server, ServerBuilder, Stream};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Largest request head a fixture reads.
@@ -84,6 +85,39 @@ impl CommonArgs {
         }
         Ok(builder)
     }
+}
+
+/// The server most fixtures run: every connection reads one request (and closes quietly
+/// when there is none), calls `before(&conn, target)`, awaits the future it returns, then
+/// answers 200 with the `/whoami` body (`worker=<id> pid=<pid>`).
+///
+/// `before` is where a fixture misbehaves: its synchronous part runs on the worker's
+/// thread (it may block it, or panic), and its future runs in the handler (it may sleep).
+/// Returns the configured server, not yet running, so that a caller may take its
+/// [`handle`](Server::handle) before [`run`](Server::run).
+///
+/// # Errors
+///
+/// Bad flags (see [`CommonArgs::builder`]).
+pub fn serve_whoami<F, Fut>(common: &CommonArgs, before: F) -> anyhow::Result<Server<impl Handler>>
+where
+    F: Fn(&Conn, &str) -> Fut + Clone + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    Ok(common.builder()?.serve(move |worker| {
+        let worker = worker.get();
+        let before = before.clone();
+        move |mut conn: Conn| {
+            let before = before.clone();
+            async move {
+                let Some(target) = read_request(conn.stream_mut()).await? else {
+                    return Ok::<_, std::io::Error>(());
+                };
+                before(&conn, &target).await;
+                respond(conn.stream_mut(), 200, &whoami(worker)).await
+            }
+        }
+    }))
 }
 
 /// Installs the stderr log subscriber: `RUST_LOG` filter (default `info`), no ANSI colours

@@ -19,7 +19,8 @@
 //! - A minimal blocking HTTP/1.1 client ([`get`], [`send_raw`], [`read_response`],
 //!   [`parse_responses`]) with read and write timeouts everywhere.
 //! - Supervision helpers: [`Server::wait_for_replacement`], [`Server::send_line`] (stdin
-//!   of fixture-handle), [`fewest_ready_workers`] (from the log), [`live_children`],
+//!   of fixture-handle), [`fewest_ready_workers`] and [`assert_min_ready_workers`] (from
+//!   the log), [`Server::expect_clean_drain_exit`], [`live_children`],
 //!   [`zombie_children`], [`reaped`], [`timed_get`] (a request classified as answered,
 //!   failed or hung) and [`Load`] (client threads in the background).
 //!
@@ -361,6 +362,25 @@ fn read_log(stderr: ChildStderr, log: Arc<Log>, label: String) {
     }
     log.lock().closed = true;
     log.changed.notify_all();
+}
+
+/// Asserts that at least `min` workers were ready to take connections at every point of
+/// `lines` from the `serving` line on (see [`fewest_ready_workers`]).
+///
+/// # Errors
+///
+/// No `serving` line in `lines`.
+///
+/// # Panics
+///
+/// When fewer were ready at some point (the message names the line).
+pub fn assert_min_ready_workers(lines: &[String], min: usize) -> Result<()> {
+    let (fewest, at) = fewest_ready_workers(lines).context("no `serving` line")?;
+    assert!(
+        fewest >= min,
+        "only {fewest} ready worker(s) at log line {at:?}"
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -802,6 +822,139 @@ impl Server {
         parse_worker_ready(&line)
             .map(|(_, pid)| pid)
             .with_context(|| format!("cannot parse {line:?}"))
+    }
+
+    /// Waits, from log line `mark` on, for a line containing `message` (matched as given,
+    /// spaces included) whose `worker.pid` field is `pid`, and returns it.
+    ///
+    /// # Errors
+    ///
+    /// No such line within `timeout` (the error names `message` and `pid`).
+    pub fn expect_worker_log_since(
+        &self,
+        mark: usize,
+        pid: u32,
+        message: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let pid_text = pid.to_string();
+        self.expect_log_since(
+            mark,
+            &format!("`{}` for worker {pid}", message.trim()),
+            |line| {
+                line.contains(message) && log_field(line, "worker.pid") == Some(pid_text.as_str())
+            },
+            timeout,
+        )
+    }
+
+    /// Waits (up to `timeout`), from log line `mark` on, for the supervisor's
+    /// `worker exited after draining` line of worker `pid`; then checks that it exited
+    /// with code 0, is gone within 5 s, and was reaped by the supervisor.
+    ///
+    /// # Errors
+    ///
+    /// No such line within `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// When the worker exited otherwise, is still running, or was not reaped.
+    pub fn expect_clean_drain_exit(&self, mark: usize, pid: u32, timeout: Duration) -> Result<()> {
+        let exited =
+            self.expect_worker_log_since(mark, pid, " worker exited after draining ", timeout)?;
+        assert!(exited.contains("status=exit code 0"), "{exited}");
+        assert!(
+            wait_for_exit(pid, Duration::from_secs(5)),
+            "{pid} still running"
+        );
+        assert!(reaped(pid, self.pid()), "{pid} was not reaped");
+        Ok(())
+    }
+
+    /// Waits, from log line `mark` on, for the supervisor's `scaled up` line to
+    /// `workers` workers (up to 10 s), then for the `worker ready` line of the new slot
+    /// `workers - 1` (up to 15 s), and returns the new worker's PID.
+    ///
+    /// # Errors
+    ///
+    /// A line missing in time, or unparsable.
+    pub fn expect_scaled_up(&self, mark: usize, workers: usize) -> Result<u32> {
+        let count = workers.to_string();
+        self.expect_log_since(
+            mark,
+            &format!("`scaled up workers={workers}`"),
+            |line| {
+                line.contains(" scaled up ") && log_field(line, "workers") == Some(count.as_str())
+            },
+            Duration::from_secs(10),
+        )?;
+        let slot = workers - 1;
+        let ready = self.expect_log_since(
+            mark,
+            &format!("`worker ready` for worker {slot}"),
+            |line| parse_worker_ready(line).is_some_and(|(id, _)| id == slot),
+            Duration::from_secs(15),
+        )?;
+        Ok(parse_worker_ready(&ready).context("bad ready line")?.1)
+    }
+
+    /// Waits (up to 10 s), from log line `mark` on, for the supervisor's `scaled down`
+    /// line to `workers` workers.
+    ///
+    /// # Errors
+    ///
+    /// No such line in time.
+    pub fn expect_scaled_down(&self, mark: usize, workers: usize) -> Result<()> {
+        let count = workers.to_string();
+        self.expect_log_since(
+            mark,
+            &format!("`scaled down workers={workers}`"),
+            |line| {
+                line.contains(" scaled down ") && log_field(line, "workers") == Some(count.as_str())
+            },
+            Duration::from_secs(10),
+        )?;
+        Ok(())
+    }
+
+    /// Asserts that every worker this server was seen to start has exited and was reaped
+    /// by the supervisor.
+    ///
+    /// # Panics
+    ///
+    /// When a worker is still running or was not reaped.
+    pub fn assert_no_worker_left(&self) {
+        for pid in self.all_worker_pids() {
+            assert!(!is_alive(pid), "worker {pid} still running");
+            assert!(reaped(pid, self.pid()), "worker {pid} was not reaped");
+        }
+    }
+
+    /// Waits (up to `timeout`), from log line `mark` on, for the supervisor's
+    /// `reload complete` line, and checks that it says `replaced` workers were replaced.
+    ///
+    /// # Errors
+    ///
+    /// No such line in time.
+    ///
+    /// # Panics
+    ///
+    /// When the line reports another number of replaced workers.
+    pub fn expect_reload_complete(
+        &self,
+        mark: usize,
+        replaced: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let done = self.expect_log_since(
+            mark,
+            "`reload complete`",
+            |line| line.contains(" reload complete "),
+            timeout,
+        )?;
+        let count = replaced.to_string();
+        assert_eq!(log_field(&done, "replaced"), Some(count.as_str()), "{done}");
+        Ok(())
     }
 
     /// Writes `line` and a newline to the server's stdin (see
@@ -1585,6 +1738,24 @@ impl Load {
         }
     }
 
+    /// Blocks until every PID of `pids` has answered at least `answers` requests;
+    /// `false` after `timeout`.
+    pub fn wait_for_answers<'a>(
+        &self,
+        pids: impl IntoIterator<Item = &'a u32> + Clone,
+        answers: usize,
+        timeout: Duration,
+    ) -> bool {
+        self.wait_until(
+            |r| {
+                pids.clone()
+                    .into_iter()
+                    .all(|pid| r.pids.get(pid).is_some_and(|n| *n >= answers))
+            },
+            timeout,
+        )
+    }
+
     /// Stops the threads (each finishes its current request) and returns the report.
     pub fn finish(mut self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
@@ -1792,4 +1963,86 @@ fn locate_or_build_example(name: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     build_example(name, EXAMPLES_DIR_ENV)
+}
+
+// ---------------------------------------------------------------------------------------
+// A request in flight across a SIGTERM (the example tests)
+// ---------------------------------------------------------------------------------------
+
+/// Sends `GET path` (HTTP/1.1, keep-alive) on a new connection to `port` from a thread,
+/// which reads until the server closes and returns what it got and the time from sending
+/// the request to the close: a request to keep in flight across a SIGTERM. See
+/// [`expect_one_ok_response`].
+pub fn get_in_flight(
+    port: u16,
+    path: &str,
+) -> std::thread::JoinHandle<Result<(RawReply, Duration)>> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    std::thread::spawn(move || {
+        let mut stream = connect(port)?;
+        let sent = Instant::now();
+        stream.write_all(request.as_bytes())?;
+        let reply = read_until_close(&mut stream)?;
+        Ok((reply, sent.elapsed()))
+    })
+}
+
+/// Joins a [`get_in_flight`] thread (`client` names it in the error if it panicked) and
+/// asserts that the server answered exactly one response, with status 200, then closed
+/// with FIN; returns that response's body and the elapsed time.
+///
+/// # Errors
+///
+/// The thread panicked or failed, or the reply does not parse.
+pub fn expect_one_ok_response(
+    thread: std::thread::JoinHandle<Result<(RawReply, Duration)>>,
+    client: &str,
+) -> Result<(String, Duration)> {
+    let (reply, elapsed) = thread
+        .join()
+        .map_err(|_| anyhow!("the {client} panicked"))??;
+    assert_eq!(reply.close, Close::Eof, "the server must close with FIN");
+    let responses = parse_responses(&reply.bytes)?;
+    assert_eq!(responses.len(), 1, "{}", reply.text());
+    assert_eq!(responses[0].status, 200, "{}", reply.text());
+    Ok((responses[0].text(), elapsed))
+}
+
+/// Sends SIGTERM to `server` and waits up to 10 s for each of its `workers` to log
+/// `coreloop::worker: draining`; returns the sum of those lines' `live=` counts (the
+/// connections in flight when the drain began) and the lines.
+///
+/// # Errors
+///
+/// The signal cannot be sent, or not every worker logged `draining` in time.
+pub fn sigterm_and_wait_for_drain(server: &Server, workers: usize) -> Result<(usize, Vec<String>)> {
+    let mark = server.log_mark();
+    server.signal(Signal::TERM)?;
+    let draining = server
+        .wait_for_logs_since(
+            mark,
+            workers,
+            |line| line.contains("coreloop::worker: draining "),
+            Duration::from_secs(10),
+        )
+        .ok_or_else(|| anyhow!("not every worker logged `draining`"))?;
+    let live = draining
+        .iter()
+        .filter_map(|line| log_field(line, "live").and_then(|n| n.parse::<usize>().ok()))
+        .sum();
+    Ok((live, draining))
+}
+
+/// Waits up to 15 s for the supervisor of `server` to exit after a SIGTERM and asserts
+/// that it exited 0.
+///
+/// # Errors
+///
+/// It did not exit in time.
+pub fn expect_exit_0_after_sigterm(server: &mut Server) -> Result<()> {
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .ok_or_else(|| anyhow!("the supervisor did not exit after SIGTERM"))?;
+    assert!(status.success(), "supervisor exit status {status}");
+    Ok(())
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, get, is_alive, kill, log_field, parse_responses, read_response,
-    read_until_close, reaped, wait_for_stopped,
+    Server, ServerConfig, connect, get, kill, log_field, parse_responses, read_response,
+    read_until_close, wait_for_stopped,
 };
 use rustix::process::Signal;
 
@@ -20,14 +20,6 @@ fn barrier(port: u16) -> anyhow::Result<()> {
     let (status, body) = get(port, "/")?;
     ensure!(status == 200, "barrier request: {status} {body}");
     Ok(())
-}
-
-/// Every worker this server started has exited and was reaped by the supervisor.
-fn assert_no_worker_left(server: &Server) {
-    for pid in server.all_worker_pids() {
-        assert!(!is_alive(pid), "worker {pid} still running");
-        assert!(reaped(pid, server.pid()), "worker {pid} was not reaped");
-    }
 }
 
 /// Waits for the workers' `draining` lines (they got `Drain`) since `mark`; returns the
@@ -80,7 +72,7 @@ fn idle_keep_alive_connection_is_closed_soon_after_sigterm() -> anyhow::Result<(
         "exit took {:?}",
         sent.elapsed()
     );
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }
 
@@ -109,7 +101,7 @@ fn accepted_connection_is_served_after_sigterm() -> anyhow::Result<()> {
         .wait_exit(Duration::from_secs(5))
         .context("the supervisor did not exit")?;
     assert!(status.success(), "exit status {status}");
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }
 
@@ -147,7 +139,7 @@ fn shutdown_timeout_cuts_off_a_slow_request() -> anyhow::Result<()> {
         |line| line.contains("drain deadline passed; closing remaining connections"),
         Duration::from_secs(5),
     )?;
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }
 
@@ -193,7 +185,33 @@ fn assert_stopped_at_once(
         "the held request got {:?}",
         reply.text()
     );
-    assert_no_worker_left(server);
+    server.assert_no_worker_left();
+    Ok(())
+}
+
+/// With the drain (begun at log line `mark`) stuck on the held request — both workers
+/// logged `draining`, one connection live, the supervisor still running — sends `signal`,
+/// checks that the supervisor stops at once, and waits for its `stop_line` in the log.
+fn stop_stuck_drain(
+    server: &mut Server,
+    held: &mut std::net::TcpStream,
+    mark: usize,
+    signal: Signal,
+    stop_line: &str,
+) -> anyhow::Result<()> {
+    let live = wait_draining(server, mark, 2)?;
+    assert_eq!(live, 1, "the held request is in flight");
+    // The drain is stuck on the held request for up to 30 s.
+    assert!(server.wait_exit(Duration::ZERO).is_none());
+    let sent = Instant::now();
+    server.signal(signal)?;
+    assert_stopped_at_once(server, held, sent)?;
+    server.expect_log_since(
+        mark,
+        &format!("`{stop_line}`"),
+        |line| line.contains(stop_line),
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
 
@@ -208,20 +226,13 @@ fn second_sigint_stops_at_once() -> anyhow::Result<()> {
         |line| line.contains(" graceful shutdown ") && line.contains("signal=\"SIGINT\""),
         Duration::from_secs(10),
     )?;
-    let live = wait_draining(&server, mark, 2)?;
-    assert_eq!(live, 1, "the held request is in flight");
-    // The drain is stuck on the held request for up to 30 s.
-    assert!(server.wait_exit(Duration::ZERO).is_none());
-    let second = Instant::now();
-    server.signal(Signal::INT)?;
-    assert_stopped_at_once(&mut server, &mut held, second)?;
-    server.expect_log_since(
+    stop_stuck_drain(
+        &mut server,
+        &mut held,
         mark,
-        "`second SIGINT: stopping now`",
-        |line| line.contains("second SIGINT: stopping now"),
-        Duration::from_secs(5),
-    )?;
-    Ok(())
+        Signal::INT,
+        "second SIGINT: stopping now",
+    )
 }
 
 #[test]
@@ -245,19 +256,13 @@ fn sigquit_during_a_graceful_stop_stops_at_once() -> anyhow::Result<()> {
     let (mut server, mut held) = slowdrain_holding_a_request()?;
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
-    let live = wait_draining(&server, mark, 2)?;
-    assert_eq!(live, 1, "the held request is in flight");
-    assert!(server.wait_exit(Duration::ZERO).is_none());
-    let sent = Instant::now();
-    server.signal(Signal::QUIT)?;
-    assert_stopped_at_once(&mut server, &mut held, sent)?;
-    server.expect_log_since(
+    stop_stuck_drain(
+        &mut server,
+        &mut held,
         mark,
-        "`SIGQUIT: stopping now`",
-        |line| line.contains("SIGQUIT: stopping now"),
-        Duration::from_secs(5),
-    )?;
-    Ok(())
+        Signal::QUIT,
+        "SIGQUIT: stopping now",
+    )
 }
 
 #[test]
@@ -289,6 +294,6 @@ fn stopped_worker_does_not_hold_the_supervisor() -> anyhow::Result<()> {
         Duration::from_secs(5),
     )?;
     // Nothing left, and nobody continued the stopped worker but the kill.
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }

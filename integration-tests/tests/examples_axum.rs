@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use coreloop_integration_tests::{
-    Close, Server, ServerConfig, connect, example_binary, get, log_field, parse_responses,
-    read_response, read_until_close,
+    Server, ServerConfig, connect, example_binary, expect_exit_0_after_sigterm,
+    expect_one_ok_response, get, get_in_flight, read_response, sigterm_and_wait_for_drain,
 };
-use rustix::process::Signal;
 
 fn start(workers: u16) -> Result<Server> {
     Server::start(
@@ -101,50 +100,19 @@ fn sigterm_lets_the_request_in_flight_finish() -> Result<()> {
     let workers = server.worker_pids().len();
     let port = server.port();
 
-    let slow = std::thread::spawn(move || -> Result<_> {
-        let mut stream = connect(port)?;
-        let sent = Instant::now();
-        stream.write_all(b"GET /sleep/1500 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-        let reply = read_until_close(&mut stream)?;
-        Ok((reply, sent.elapsed()))
-    });
+    let slow = get_in_flight(port, "/sleep/1500");
     server
         .wait_for_log(
             |line| line.contains(" sleeping ms=1500"),
             Duration::from_secs(10),
         )
         .ok_or_else(|| anyhow!("the slow request did not start"))?;
-    let mark = server.log_mark();
-    server.signal(Signal::TERM)?;
-    let draining = server
-        .wait_for_logs_since(
-            mark,
-            workers,
-            |line| line.contains("coreloop::worker: draining "),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow!("not every worker logged `draining`"))?;
-    let live: usize = draining
-        .iter()
-        .filter_map(|line| log_field(line, "live").and_then(|n| n.parse::<usize>().ok()))
-        .sum();
+    let (live, draining) = sigterm_and_wait_for_drain(&server, workers)?;
     assert_eq!(live, 1, "the slow request is in flight: {draining:?}");
 
-    let (reply, elapsed) = slow
-        .join()
-        .map_err(|_| anyhow!("the client thread panicked"))??;
-    assert_eq!(reply.close, Close::Eof, "the server must close with FIN");
-    let responses = parse_responses(&reply.bytes)?;
-    assert_eq!(responses.len(), 1, "{}", reply.text());
-    assert_eq!(
-        (responses[0].status, responses[0].text().as_str()),
-        (200, "slept 1500ms\n")
-    );
+    let (body, elapsed) = expect_one_ok_response(slow, "client thread")?;
+    assert_eq!(body, "slept 1500ms\n");
     assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
 
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .ok_or_else(|| anyhow!("the supervisor did not exit after SIGTERM"))?;
-    assert!(status.success(), "supervisor exit status {status}");
-    Ok(())
+    expect_exit_0_after_sigterm(&mut server)
 }

@@ -3,19 +3,17 @@
 //! finish before the server exits 0.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use coreloop_integration_tests::{
-    Close, IO_TIMEOUT, Server, ServerConfig, connect, example_binary, get, log_field,
-    parse_responses, read_until_close,
+    IO_TIMEOUT, Server, ServerConfig, example_binary, expect_exit_0_after_sigterm,
+    expect_one_ok_response, get, get_in_flight, sigterm_and_wait_for_drain,
 };
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustix::process::Signal;
 
 const SLEEP_MS: u64 = 1500;
 
@@ -136,16 +134,7 @@ fn sigterm_lets_http1_and_http2_requests_in_flight_finish() -> Result<()> {
     let path = format!("/sleep?ms={SLEEP_MS}");
 
     // HTTP/1.1, keep-alive: the server must answer, then close the connection itself.
-    let h1 = {
-        let path = path.clone();
-        std::thread::spawn(move || -> Result<_> {
-            let mut stream = connect(port)?;
-            let sent = Instant::now();
-            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-            let reply = read_until_close(&mut stream)?;
-            Ok((reply, sent.elapsed()))
-        })
-    };
+    let h1 = get_in_flight(port, &path);
     // HTTP/2: the stream must be answered, then the connection must end cleanly (GOAWAY).
     let h2 = std::thread::spawn(move || -> Result<_> {
         runtime()?.block_on(async {
@@ -171,30 +160,10 @@ fn sigterm_lets_http1_and_http2_requests_in_flight_finish() -> Result<()> {
             Duration::from_secs(10),
         )
         .ok_or_else(|| anyhow!("the two slow requests did not both start"))?;
-    let mark = server.log_mark();
-    server.signal(Signal::TERM)?;
-    let draining = server
-        .wait_for_logs_since(
-            mark,
-            ready.len(),
-            |line| line.contains("coreloop::worker: draining "),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow!("not every worker logged `draining`"))?;
-    let live: usize = draining
-        .iter()
-        .filter_map(|line| log_field(line, "live").and_then(|n| n.parse::<usize>().ok()))
-        .sum();
+    let (live, draining) = sigterm_and_wait_for_drain(&server, ready.len())?;
     assert_eq!(live, 2, "both slow requests are in flight: {draining:?}");
 
-    let (reply, elapsed) = h1
-        .join()
-        .map_err(|_| anyhow!("the HTTP/1 client panicked"))??;
-    assert_eq!(reply.close, Close::Eof, "the server must close with FIN");
-    let responses = parse_responses(&reply.bytes)?;
-    assert_eq!(responses.len(), 1, "{}", reply.text());
-    assert_eq!(responses[0].status, 200, "{}", reply.text());
-    let body = responses[0].text();
+    let (body, elapsed) = expect_one_ok_response(h1, "HTTP/1 client")?;
     check_identity(&body, "HTTP/1.1", &ready)?;
     assert!(body.contains(&format!("slept={SLEEP_MS}ms")), "{body}");
     assert!(elapsed >= Duration::from_millis(SLEEP_MS), "{elapsed:?}");
@@ -214,9 +183,5 @@ fn sigterm_lets_http1_and_http2_requests_in_flight_finish() -> Result<()> {
         bail!("the HTTP/2 connection did not end cleanly: {err:?}");
     }
 
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .ok_or_else(|| anyhow!("the supervisor did not exit after SIGTERM"))?;
-    assert!(status.success(), "supervisor exit status {status}");
-    Ok(())
+    expect_exit_0_after_sigterm(&mut server)
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use coreloop_integration_tests::{
-    IO_TIMEOUT, Server, ServerConfig, connect, example_binary, get_request, parse_responses,
-    random_u64, send_raw, unique_socket_path,
+    IO_TIMEOUT, Server, ServerConfig, connect, example_binary, expect_exit_0_after_sigterm,
+    get_request, parse_responses, random_u64, send_raw, unique_socket_path,
 };
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
@@ -154,6 +154,15 @@ fn https_answers_while_plaintext_and_silent_clients_fail_the_handshake() -> Resu
     // Plaintext HTTP: rustls answers with a TLS alert record (content type 21), never
     // with HTTP, and closes.
     let mark = server.log_mark();
+    // Waits up to 10 s for a log line, from `mark` on, that contains `what`.
+    let expect_line = |what: &str| {
+        server.expect_log_since(
+            mark,
+            &format!("`{what}` line"),
+            |line| line.contains(what),
+            Duration::from_secs(10),
+        )
+    };
     let reply = send_raw(port, get_request("/").as_bytes())?;
     assert_eq!(
         reply.bytes.first(),
@@ -161,13 +170,7 @@ fn https_answers_while_plaintext_and_silent_clients_fail_the_handshake() -> Resu
         "expected a TLS alert, got {:?}",
         reply.text()
     );
-    server
-        .wait_for_log_since(
-            mark,
-            |line| line.contains("TLS handshake failed"),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow!("no `TLS handshake failed` line"))?;
+    expect_line("TLS handshake failed")?;
 
     // A client that connects and sends nothing is dropped after the handshake timeout.
     let mut silent = connect(port)?;
@@ -186,13 +189,7 @@ fn https_answers_while_plaintext_and_silent_clients_fail_the_handshake() -> Resu
         waited >= Duration::from_secs_f64(HANDSHAKE_TIMEOUT_SECS * 0.9),
         "closed after {waited:?}"
     );
-    server
-        .wait_for_log_since(
-            mark,
-            |line| line.contains("TLS handshake timed out"),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow!("no `TLS handshake timed out` line"))?;
+    expect_line("TLS handshake timed out")?;
 
     // The server keeps serving, with the same workers.
     let (status, body) = https_get(port, &connector, localhost(), "/again")?;
@@ -251,11 +248,7 @@ fn sigterm_closes_a_keep_alive_tls_connection_and_exits_0() -> Result<()> {
         .context("the client's connection task failed")?
         .context("the connection did not end cleanly")?;
 
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .ok_or_else(|| anyhow!("the supervisor did not exit after SIGTERM"))?;
-    assert!(status.success(), "supervisor exit status {status}");
-    Ok(())
+    expect_exit_0_after_sigterm(&mut server)
 }
 
 #[test]

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, fewest_ready_workers, get, is_alive, live_children, log_field,
-    parse_responses, parse_worker_ready, read_until_close, reaped, wait_for_exit, zombie_children,
+    Server, ServerConfig, assert_min_ready_workers, connect, get, live_children, log_field,
+    parse_responses, read_until_close, wait_for_exit, zombie_children,
 };
 
 fn start() -> anyhow::Result<Server> {
@@ -38,11 +39,39 @@ fn command(server: &Server, command: &str) -> anyhow::Result<usize> {
     Ok(mark)
 }
 
-fn assert_no_worker_left(server: &Server) {
-    for pid in server.all_worker_pids() {
-        assert!(!is_alive(pid), "worker {pid} still running");
-        assert!(reaped(pid, server.pid()), "worker {pid} was not reaped");
-    }
+/// Opens a connection whose `/sleep?ms={sleep_ms}` request a worker holds (a later
+/// request was answered), then sends `command` (`stop` or `kill`), waits for the
+/// supervisor's `command from the server handle` line for `Stop { graceful }` and for the
+/// server to exit 0 (up to 15 s). Returns the slow connection, the log mark taken before
+/// the command, and when the command was sent.
+fn stop_with_request_in_flight(
+    server: &mut Server,
+    sleep_ms: u64,
+    command: &str,
+    graceful: bool,
+) -> anyhow::Result<(TcpStream, usize, Instant)> {
+    let port = server.port();
+    let mut slow = connect(port)?;
+    write!(slow, "GET /sleep?ms={sleep_ms} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    // Once a later connection is answered, the slow one is with a worker.
+    let (status, _) = get(port, "/whoami")?;
+    assert_eq!(status, 200);
+
+    let mark = server.log_mark();
+    let sent = Instant::now();
+    server.send_line(command)?;
+    let stop = format!("Stop {{ graceful: {graceful} }}");
+    server.expect_log_since(
+        mark,
+        &format!("the supervisor's `command from the server handle` for stop({graceful})"),
+        |line| line.contains(" command from the server handle ") && line.contains(&stop),
+        Duration::from_secs(10),
+    )?;
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .context("the server did not stop")?;
+    assert!(status.success(), "exit status {status}");
+    Ok((slow, mark, sent))
 }
 
 #[test]
@@ -50,13 +79,7 @@ fn handle_reload_replaces_every_worker() -> anyhow::Result<()> {
     let server = start()?;
     let before: BTreeSet<u32> = server.worker_pids().into_values().collect();
     let mark = command(&server, "reload")?;
-    let done = server.expect_log_since(
-        mark,
-        "`reload complete`",
-        |line| line.contains(" reload complete "),
-        Duration::from_secs(30),
-    )?;
-    assert_eq!(log_field(&done, "replaced"), Some("2"), "{done}");
+    server.expect_reload_complete(mark, 2, Duration::from_secs(30))?;
     let after: BTreeSet<u32> = server.worker_pids().into_values().collect();
     assert_eq!(after.len(), 2);
     assert!(after.is_disjoint(&before), "{before:?} -> {after:?}");
@@ -77,11 +100,7 @@ fn handle_reload_replaces_every_worker() -> anyhow::Result<()> {
         }
     }
     assert_eq!(answered, after, "pids answering after the reload");
-    let (fewest, at) = fewest_ready_workers(&server.logs()).context("no `serving` line")?;
-    assert!(
-        fewest >= 2,
-        "only {fewest} ready worker(s) at log line {at:?}"
-    );
+    assert_min_ready_workers(&server.logs(), 2)?;
     Ok(())
 }
 
@@ -92,43 +111,22 @@ fn handle_adds_and_removes_workers() -> anyhow::Result<()> {
     let before: BTreeSet<u32> = server.worker_pids().into_values().collect();
 
     let mark = command(&server, "add")?;
-    server.expect_log_since(
-        mark,
-        "`scaled up workers=3`",
-        |line| line.contains(" scaled up ") && log_field(line, "workers") == Some("3"),
-        Duration::from_secs(10),
-    )?;
-    let ready = server.expect_log_since(
-        mark,
-        "`worker ready` for worker 2",
-        |line| parse_worker_ready(line).is_some_and(|(id, _)| id == 2),
-        Duration::from_secs(15),
-    )?;
-    let added = parse_worker_ready(&ready).context("bad ready line")?.1;
+    let added = server.expect_scaled_up(mark, 3)?;
     let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
     let mut expected = before.clone();
     expected.insert(added);
     assert_eq!(children, expected, "children after add");
 
     let mark = command(&server, "remove")?;
-    server.expect_log_since(
-        mark,
-        "`scaled down workers=2`",
-        |line| line.contains(" scaled down ") && log_field(line, "workers") == Some("2"),
-        Duration::from_secs(10),
-    )?;
+    server.expect_scaled_down(mark, 2)?;
     assert!(
         wait_for_exit(added, Duration::from_secs(10)),
         "{added} still running"
     );
-    let added_text = added.to_string();
-    let exited = server.expect_log_since(
+    let exited = server.expect_worker_log_since(
         mark,
-        "`worker exited after draining` for the removed worker",
-        |line| {
-            line.contains(" worker exited after draining ")
-                && log_field(line, "worker.pid") == Some(added_text.as_str())
-        },
+        added,
+        " worker exited after draining ",
         Duration::from_secs(10),
     )?;
     assert!(exited.contains("status=exit code 0"), "{exited}");
@@ -139,14 +137,10 @@ fn handle_adds_and_removes_workers() -> anyhow::Result<()> {
     // Down to one worker, and never below.
     let workers = server.worker_pids();
     let mark = command(&server, "remove")?;
-    let removed = workers[&1].to_string();
-    server.expect_log_since(
+    server.expect_worker_log_since(
         mark,
-        "`worker exited after draining` for worker 1",
-        |line| {
-            line.contains(" worker exited after draining ")
-                && log_field(line, "worker.pid") == Some(removed.as_str())
-        },
+        workers[&1],
+        " worker exited after draining ",
         Duration::from_secs(10),
     )?;
     let mark = command(&server, "remove")?;
@@ -165,28 +159,7 @@ fn handle_adds_and_removes_workers() -> anyhow::Result<()> {
 #[test]
 fn handle_stop_drains_and_exits_0() -> anyhow::Result<()> {
     let mut server = start()?;
-    let port = server.port();
-    let mut slow = connect(port)?;
-    slow.write_all(b"GET /sleep?ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    // Once a later connection is answered, the slow one is with a worker.
-    let (status, _) = get(port, "/whoami")?;
-    assert_eq!(status, 200);
-
-    let mark = server.log_mark();
-    server.send_line("stop")?;
-    server.expect_log_since(
-        mark,
-        "the supervisor's `command from the server handle` for stop(true)",
-        |line| {
-            line.contains(" command from the server handle ")
-                && line.contains("Stop { graceful: true }")
-        },
-        Duration::from_secs(10),
-    )?;
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .context("the server did not stop")?;
-    assert!(status.success(), "exit status {status}");
+    let (mut slow, mark, _) = stop_with_request_in_flight(&mut server, 1000, "stop", true)?;
     // The in-flight request was finished, not cut.
     let reply = read_until_close(&mut slow)?;
     let responses = parse_responses(&reply.bytes)?;
@@ -198,35 +171,14 @@ fn handle_stop_drains_and_exits_0() -> anyhow::Result<()> {
         |line| line.ends_with(" stopped"),
         Duration::from_secs(5),
     )?;
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }
 
 #[test]
 fn handle_kill_stops_at_once() -> anyhow::Result<()> {
     let mut server = start()?;
-    let port = server.port();
-    let mut slow = connect(port)?;
-    slow.write_all(b"GET /sleep?ms=20000 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let (status, _) = get(port, "/whoami")?;
-    assert_eq!(status, 200);
-
-    let mark = server.log_mark();
-    let sent = Instant::now();
-    server.send_line("kill")?;
-    server.expect_log_since(
-        mark,
-        "the supervisor's `command from the server handle` for stop(false)",
-        |line| {
-            line.contains(" command from the server handle ")
-                && line.contains("Stop { graceful: false }")
-        },
-        Duration::from_secs(10),
-    )?;
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .context("the server did not stop")?;
-    assert!(status.success(), "exit status {status}");
+    let (mut slow, _, sent) = stop_with_request_in_flight(&mut server, 20000, "kill", false)?;
     assert!(
         sent.elapsed() < Duration::from_secs(3),
         "stop(false) took {:?} with a 20 s request in flight (shutdown timeout 30 s)",
@@ -234,6 +186,6 @@ fn handle_kill_stops_at_once() -> anyhow::Result<()> {
     );
     let reply = read_until_close(&mut slow)?;
     assert!(reply.bytes.is_empty(), "the request got {:?}", reply.text());
-    assert_no_worker_left(&server);
+    server.assert_no_worker_left();
     Ok(())
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use coreloop_integration_tests::{
-    Outcome, Server, ServerConfig, fewest_ready_workers, live_children, log_field, parse_whoami,
-    reaped, timed_get, wait_for_exit, zombie_children,
+    Outcome, Server, ServerConfig, assert_min_ready_workers, live_children, log_field,
+    parse_whoami, timed_get, zombie_children,
 };
 
 const RECYCLE_AFTER: usize = 40;
@@ -78,19 +78,7 @@ fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
         .collect();
     assert!(recycled.len() >= 2, "recycled: {recycled:?}");
     for old in &recycled {
-        let old_text = old.to_string();
-        let exited = server.expect_log_since(
-            0,
-            &format!("`worker exited after draining` for recycled worker {old}"),
-            |line| {
-                line.contains(" worker exited after draining ")
-                    && log_field(line, "worker.pid") == Some(old_text.as_str())
-            },
-            Duration::from_secs(15),
-        )?;
-        assert!(exited.contains("status=exit code 0"), "{exited}");
-        assert!(wait_for_exit(*old, Duration::from_secs(5)));
-        assert!(reaped(*old, supervisor), "{old} was not reaped");
+        server.expect_clean_drain_exit(0, *old, Duration::from_secs(15))?;
         // It was handed at least its threshold of connections, all of them ours.
         let count = served.get(old).copied().unwrap_or(0);
         assert!(
@@ -118,11 +106,7 @@ fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
             "worker {old}: recycling at line {start:?}, replacement ready at {ready:?}, exit at {exit:?}"
         );
     }
-    let (fewest, at) = fewest_ready_workers(&logs).context("no `serving` line")?;
-    assert!(
-        fewest >= 2,
-        "only {fewest} ready worker(s) at log line {at:?}"
-    );
+    assert_min_ready_workers(&logs, 2)?;
 
     // The pool: two workers, not the original ones that were recycled.
     let current: BTreeSet<u32> = server.worker_pids().into_values().collect();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Load, Server, ServerConfig, connect, fewest_ready_workers, live_children, log_field,
+    Load, Server, ServerConfig, assert_min_ready_workers, connect, live_children, log_field,
     read_until_close, reaped, wait_for_exit, zombie_children,
 };
 use rustix::process::Signal;
@@ -35,13 +35,9 @@ fn rolling_reload_under_load_fails_no_request() -> anyhow::Result<()> {
     for round in 1..=RELOADS {
         let mark = server.log_mark();
         server.signal(Signal::HUP)?;
-        let done = server.expect_log_since(
-            mark,
-            &format!("`reload complete` for reload {round}"),
-            |line| line.contains(" reload complete "),
-            Duration::from_secs(60),
-        )?;
-        assert_eq!(log_field(&done, "replaced"), Some("2"), "{done}");
+        server
+            .expect_reload_complete(mark, 2, Duration::from_secs(60))
+            .with_context(|| format!("reload {round}"))?;
         let swaps: Vec<(u32, u32)> = server
             .logs_since(mark)
             .iter()
@@ -58,12 +54,7 @@ fn rolling_reload_under_load_fails_no_request() -> anyhow::Result<()> {
         retired.extend(swaps.iter().map(|(old, _)| *old));
         // The new workers take the load before the next reload.
         ensure!(
-            load.wait_until(
-                |r| new
-                    .iter()
-                    .all(|pid| r.pids.get(pid).is_some_and(|n| *n >= 10)),
-                Duration::from_secs(10)
-            ),
+            load.wait_for_answers(&new, 10, Duration::from_secs(10)),
             "reload {round}: the new workers {new:?} did not answer 10 requests each"
         );
     }
@@ -96,31 +87,12 @@ fn rolling_reload_under_load_fails_no_request() -> anyhow::Result<()> {
         "{original:?} not all retired"
     );
     for pid in &retired {
-        let pid_text = pid.to_string();
-        let line = server.expect_log_since(
-            0,
-            &format!("`worker exited after draining` for {pid}"),
-            |line| {
-                line.contains(" worker exited after draining ")
-                    && log_field(line, "worker.pid") == Some(pid_text.as_str())
-            },
-            Duration::from_secs(15),
-        )?;
-        assert!(line.contains("status=exit code 0"), "{line}");
-        assert!(
-            wait_for_exit(*pid, Duration::from_secs(5)),
-            "{pid} still running"
-        );
-        assert!(reaped(*pid, supervisor), "{pid} was not reaped");
+        server.expect_clean_drain_exit(0, *pid, Duration::from_secs(15))?;
     }
 
     // Each replacement was ready before its predecessor drained: never fewer than two
     // workers taking connections.
-    let (fewest, at) = fewest_ready_workers(&server.logs()).context("no `serving` line")?;
-    assert!(
-        fewest >= 2,
-        "only {fewest} ready worker(s) at log line {at:?}"
-    );
+    assert_min_ready_workers(&server.logs(), 2)?;
 
     // Exactly two workers, the supervisor's children, none of them original.
     let current: BTreeSet<u32> = server.worker_pids().into_values().collect();
@@ -159,22 +131,12 @@ fn reload_kills_an_old_worker_blocked_past_the_shutdown_timeout() -> anyhow::Res
 
     let mark = server.log_mark();
     server.signal(Signal::HUP)?;
-    let done = server.expect_log_since(
-        mark,
-        "`reload complete`",
-        |line| line.contains(" reload complete "),
-        Duration::from_secs(30),
-    )?;
-    assert_eq!(log_field(&done, "replaced"), Some("2"), "{done}");
+    server.expect_reload_complete(mark, 2, Duration::from_secs(30))?;
     let drained = Instant::now();
-    let pid = blocked.to_string();
-    server.expect_log_since(
+    server.expect_worker_log_since(
         mark,
-        "`draining worker did not exit within the shutdown timeout; killing it`",
-        |line| {
-            line.contains("draining worker did not exit within the shutdown timeout; killing it")
-                && log_field(line, "worker.pid") == Some(pid.as_str())
-        },
+        blocked,
+        "draining worker did not exit within the shutdown timeout; killing it",
         Duration::from_secs(10),
     )?;
     assert!(
@@ -191,6 +153,7 @@ fn reload_kills_an_old_worker_blocked_past_the_shutdown_timeout() -> anyhow::Res
 
     // Its death is the end of a drain, not a crash: no restart, the pool is the two new
     // workers.
+    let pid = blocked.to_string();
     let died = server.expect_log_since(
         mark,
         "`worker died` for the blocked worker",

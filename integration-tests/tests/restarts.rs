@@ -3,6 +3,7 @@
 //! while the server boots (fatal at once) or after it (a crash like any other).
 
 use std::net::TcpListener;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -15,6 +16,16 @@ use rustix::process::Signal;
 /// `RESTART_BACKOFF_MIN` in the supervisor: the n-th consecutive short-lived failure of a
 /// slot waits `100 ms · 2ⁿ`, ± 50 %.
 const BACKOFF_BASE_MS: f64 = 100.0;
+
+/// The supervisor exited with a failure `status`, and its stderr was closed by every
+/// process holding it (within 5 s), so the log is complete.
+fn assert_failed_and_log_closed(server: &Server, status: ExitStatus) {
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        server.wait_log_closed(Duration::from_secs(5)),
+        "stderr still open"
+    );
+}
 
 #[test]
 fn restart_backoff_grows_with_jitter() -> anyhow::Result<()> {
@@ -30,14 +41,10 @@ fn restart_backoff_grows_with_jitter() -> anyhow::Result<()> {
             wait_for_exit(pid, Duration::from_secs(5)),
             "worker {pid} survived SIGKILL"
         );
-        let dead = pid.to_string();
-        let line = server.expect_log_since(
+        let line = server.expect_worker_log_since(
             mark,
-            "`restarting after backoff` for the killed worker",
-            |line| {
-                line.contains(" restarting after backoff ")
-                    && log_field(line, "worker.pid") == Some(dead.as_str())
-            },
+            pid,
+            " restarting after backoff ",
             Duration::from_secs(10),
         )?;
         let delay: u64 = log_field(&line, "delay_ms")
@@ -137,11 +144,7 @@ fn crash_loop_limit_stops_the_server() -> anyhow::Result<()> {
         );
         assert!(reaped(*pid, supervisor), "worker {pid} was not reaped");
     }
-    assert!(!status.success(), "exit status {status}");
-    assert!(
-        server.wait_log_closed(Duration::from_secs(5)),
-        "stderr still open"
-    );
+    assert_failed_and_log_closed(&server, status);
     let log = server.log_text();
     assert!(
         log.contains("giving up: 4 worker restarts within 60s"),
@@ -170,12 +173,7 @@ fn factory_error_at_boot_halts_the_server() -> anyhow::Result<()> {
         }
         break (server, port, status);
     };
-    let supervisor = server.pid();
-    assert!(!status.success(), "exit status {status}");
-    assert!(
-        server.wait_log_closed(Duration::from_secs(5)),
-        "stderr still open"
-    );
+    assert_failed_and_log_closed(&server, status);
     let log = server.log_text();
     assert!(
         log.contains("worker 1 failed to start: database unreachable"),
@@ -190,10 +188,7 @@ fn factory_error_at_boot_halts_the_server() -> anyhow::Result<()> {
     if workers.is_empty() {
         bail!("no worker was started");
     }
-    for pid in &workers {
-        assert!(!is_alive(*pid), "worker {pid} left running");
-        assert!(reaped(*pid, supervisor), "worker {pid} was not reaped");
-    }
+    server.assert_no_worker_left();
     // The port is free again.
     let listener = TcpListener::bind(("127.0.0.1", port))
         .with_context(|| format!("port {port} is still taken after the failed start"))?;
@@ -229,7 +224,6 @@ fn factory_error_after_boot_is_a_crash_with_backoff() -> anyhow::Result<()> {
             ])
             .args(["--max-restarts", "3", "--restart-period", "60"]),
     )?;
-    let supervisor = server.pid();
     let workers = server.worker_pids();
     // From now on, worker 0 cannot start: its replacements fail in their factory.
     std::fs::write(&marker.0, b"")?;
@@ -259,11 +253,7 @@ fn factory_error_after_boot_is_a_crash_with_backoff() -> anyhow::Result<()> {
     let status = server
         .wait_exit(Duration::from_secs(15))
         .context("the supervisor kept restarting a worker that cannot start")?;
-    assert!(!status.success(), "exit status {status}");
-    assert!(
-        server.wait_log_closed(Duration::from_secs(5)),
-        "stderr still open"
-    );
+    assert_failed_and_log_closed(&server, status);
     let logs = server.logs_since(mark);
     let delays: Vec<u64> = logs
         .iter()
@@ -285,9 +275,6 @@ fn factory_error_after_boot_is_a_crash_with_backoff() -> anyhow::Result<()> {
         Some(&workers[&1]),
         "worker 1 was restarted"
     );
-    for pid in server.all_worker_pids() {
-        assert!(!is_alive(pid), "worker {pid} left running");
-        assert!(reaped(pid, supervisor), "worker {pid} was not reaped");
-    }
+    server.assert_no_worker_left();
     Ok(())
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use coreloop_integration_tests::{
-    Load, Server, ServerConfig, kill, live_children, log_field, reaped, wait_for_exit,
-    zombie_children,
+    Load, Server, ServerConfig, kill, live_children, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -27,35 +26,17 @@ fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
 
     let mark = server.log_mark();
     kill(retiree, Signal::TERM)?;
-    let pid = retiree.to_string();
-    server.expect_log_since(
+    server.expect_worker_log_since(
         mark,
-        "`worker asks to retire; draining it`",
-        |line| {
-            line.contains(" worker asks to retire; draining it")
-                && log_field(line, "worker.pid") == Some(pid.as_str())
-        },
+        retiree,
+        " worker asks to retire; draining it",
         Duration::from_secs(10),
     )?;
     let replacement = server.wait_for_replacement(mark, 0, retiree, Duration::from_secs(15))?;
-    let exited = server.expect_log_since(
-        mark,
-        "`worker exited after draining` for the retired worker",
-        |line| {
-            line.contains(" worker exited after draining ")
-                && log_field(line, "worker.pid") == Some(pid.as_str())
-        },
-        Duration::from_secs(15),
-    )?;
-    assert!(exited.contains("status=exit code 0"), "{exited}");
-    assert!(wait_for_exit(retiree, Duration::from_secs(5)));
-    assert!(reaped(retiree, supervisor), "{retiree} was not reaped");
+    server.expect_clean_drain_exit(mark, retiree, Duration::from_secs(15))?;
     // The replacement takes requests.
     ensure!(
-        load.wait_until(
-            |r| r.pids.get(&replacement).is_some_and(|n| *n >= 10),
-            Duration::from_secs(10)
-        ),
+        load.wait_for_answers([&replacement], 10, Duration::from_secs(10)),
         "the replacement {replacement} did not serve"
     );
     let report = load.finish();

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use coreloop_integration_tests::{
-    Server, ServerConfig, get, live_children, log_field, parse_whoami, parse_worker_ready, reaped,
-    wait_for_exit, zombie_children,
+    Server, ServerConfig, get, live_children, log_field, parse_whoami, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -36,19 +35,7 @@ fn sigttin_adds_a_worker_and_sigttou_removes_it() -> anyhow::Result<()> {
     // Scale up: a third worker, id 2, serving next to the others.
     let mark = server.log_mark();
     server.signal(Signal::TTIN)?;
-    server.expect_log_since(
-        mark,
-        "`scaled up workers=3`",
-        |line| line.contains(" scaled up ") && log_field(line, "workers") == Some("3"),
-        Duration::from_secs(10),
-    )?;
-    let ready = server.expect_log_since(
-        mark,
-        "`worker ready` for worker 2",
-        |line| parse_worker_ready(line).is_some_and(|(id, _)| id == 2),
-        Duration::from_secs(15),
-    )?;
-    let added = parse_worker_ready(&ready).context("bad ready line")?.1;
+    let added = server.expect_scaled_up(mark, 3)?;
     let three = answering_pids(port, 3, 30)?;
     let mut expected = before.clone();
     expected.insert(added);
@@ -59,25 +46,8 @@ fn sigttin_adds_a_worker_and_sigttou_removes_it() -> anyhow::Result<()> {
     // Scale down: the highest id drains and exits 0; it is not replaced.
     let mark = server.log_mark();
     server.signal(Signal::TTOU)?;
-    server.expect_log_since(
-        mark,
-        "`scaled down workers=2`",
-        |line| line.contains(" scaled down ") && log_field(line, "workers") == Some("2"),
-        Duration::from_secs(10),
-    )?;
-    let added_text = added.to_string();
-    let exited = server.expect_log_since(
-        mark,
-        "`worker exited after draining` for the removed worker",
-        |line| {
-            line.contains(" worker exited after draining ")
-                && log_field(line, "worker.pid") == Some(added_text.as_str())
-        },
-        Duration::from_secs(15),
-    )?;
-    assert!(exited.contains("status=exit code 0"), "{exited}");
-    assert!(wait_for_exit(added, Duration::from_secs(5)));
-    assert!(reaped(added, supervisor), "{added} was not reaped");
+    server.expect_scaled_down(mark, 2)?;
+    server.expect_clean_drain_exit(mark, added, Duration::from_secs(15))?;
 
     let after = answering_pids(port, 3, 20)?;
     assert_eq!(after, before, "pids answering after scaling down");

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use clap::Parser;
-use coreloop::Conn;
 use coreloop_integration_tests::fixture::{self, CommonArgs};
 
 #[derive(Debug, Parser)]
@@ -18,22 +17,14 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fixture::init_logging();
-    args.common
-        .builder()?
-        .serve(|worker| {
-            let worker = worker.get();
-            move |mut conn: Conn| async move {
-                let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
-                    return Ok(());
-                };
-                if fixture::path_of(&target) == "/block" {
-                    let ms = fixture::query_ms(&target).unwrap_or(1000);
-                    tracing::info!(ms, "blocking the event loop");
-                    std::thread::sleep(Duration::from_millis(ms));
-                }
-                fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
-            }
-        })
-        .run()?;
+    fixture::serve_whoami(&args.common, |_, target| {
+        if fixture::path_of(target) == "/block" {
+            let ms = fixture::query_ms(target).unwrap_or(1000);
+            tracing::info!(ms, "blocking the event loop");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        std::future::ready(())
+    })?
+    .run()?;
     Ok(())
 }

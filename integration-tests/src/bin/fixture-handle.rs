@@ -9,7 +9,7 @@ use std::io::BufRead as _;
 use std::time::Duration;
 
 use clap::Parser;
-use coreloop::{Conn, ServerHandle};
+use coreloop::ServerHandle;
 use coreloop_integration_tests::fixture::{self, CommonArgs};
 
 #[derive(Debug, Parser)]
@@ -44,19 +44,15 @@ fn command_loop(handle: &ServerHandle) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fixture::init_logging();
-    let server = args.common.builder()?.serve(|worker| {
-        let worker = worker.get();
-        move |mut conn: Conn| async move {
-            let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
-                return Ok(());
-            };
-            if fixture::path_of(&target) == "/sleep" {
-                let ms = fixture::query_ms(&target).unwrap_or(1000);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+    let server = fixture::serve_whoami(&args.common, |_, target| {
+        let sleep = (fixture::path_of(target) == "/sleep")
+            .then(|| Duration::from_millis(fixture::query_ms(target).unwrap_or(1000)));
+        async move {
+            if let Some(sleep) = sleep {
+                tokio::time::sleep(sleep).await;
             }
-            fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
         }
-    });
+    })?;
     // Workers, and the new supervisor of a binary upgrade, run this same `main()` with a
     // channel as stdin: only the supervisor the test started may read commands from it.
     if !coreloop::is_worker() && !coreloop::is_upgrading() {

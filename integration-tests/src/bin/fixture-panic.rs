@@ -3,7 +3,6 @@
 //! serving.
 
 use clap::Parser;
-use coreloop::Conn;
 use coreloop_integration_tests::fixture::{self, CommonArgs};
 
 #[derive(Debug, Parser)]
@@ -16,20 +15,12 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fixture::init_logging();
-    args.common
-        .builder()?
-        .serve(|worker| {
-            let worker = worker.get();
-            move |mut conn: Conn| async move {
-                let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
-                    return Ok(());
-                };
-                if fixture::path_of(&target) == "/panic" {
-                    panic!("fixture panic on request {target}");
-                }
-                fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
-            }
-        })
-        .run()?;
+    fixture::serve_whoami(&args.common, |_, target| {
+        if fixture::path_of(target) == "/panic" {
+            panic!("fixture panic on request {target}");
+        }
+        std::future::ready(())
+    })?
+    .run()?;
     Ok(())
 }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use clap::Parser;
-use coreloop::Conn;
 use coreloop_integration_tests::fixture::{self, CommonArgs};
 
 #[derive(Debug, Parser)]
@@ -22,20 +21,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fixture::init_logging();
     let hold = Duration::from_millis(args.hold_ms);
-    args.common
-        .builder()?
-        .serve(move |worker| {
-            let worker = worker.get();
-            move |mut conn: Conn| async move {
-                let Some(target) = fixture::read_request(conn.stream_mut()).await? else {
-                    return Ok(());
-                };
-                tracing::info!(conn.id = conn.id(), %target, "holding connection");
-                // Deliberately not watching `conn.shutdown()`.
-                tokio::time::sleep(hold).await;
-                fixture::respond(conn.stream_mut(), 200, &fixture::whoami(worker)).await
-            }
-        })
-        .run()?;
+    fixture::serve_whoami(&args.common, move |conn, target| {
+        tracing::info!(conn.id = conn.id(), %target, "holding connection");
+        // Deliberately not watching `conn.shutdown()`.
+        tokio::time::sleep(hold)
+    })?
+    .run()?;
     Ok(())
 }
