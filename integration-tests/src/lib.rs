@@ -1639,6 +1639,25 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Prints the counts (`what` says what the load went through) and asserts that every
+    /// request was answered `200`: none failed, none hung, at least one answered.
+    ///
+    /// # Panics
+    ///
+    /// When a request failed or hung, or none was answered.
+    pub fn assert_all_answered(&self, what: &str) {
+        eprintln!(
+            "{} requests ok {what}, {} failed, {} hung; answers per pid {:?}",
+            self.ok,
+            self.failed.len(),
+            self.hung,
+            self.pids
+        );
+        assert!(self.failed.is_empty(), "failed requests: {:?}", self.failed);
+        assert_eq!(self.hung, 0, "hung requests");
+        assert!(self.ok > 0, "no request answered");
+    }
+
     fn record(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Answered(200, body) => {
@@ -2018,19 +2037,32 @@ pub fn expect_one_ok_response(
 pub fn sigterm_and_wait_for_drain(server: &Server, workers: usize) -> Result<(usize, Vec<String>)> {
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
-    let draining = server
-        .wait_for_logs_since(
-            mark,
-            workers,
-            |line| line.contains("coreloop::worker: draining "),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow!("not every worker logged `draining`"))?;
-    let live = draining
-        .iter()
-        .filter_map(|line| log_field(line, "live").and_then(|n| n.parse::<usize>().ok()))
-        .sum();
-    Ok((live, draining))
+    server.wait_draining(mark, workers)
+}
+
+impl Server {
+    /// Waits up to 10 s, from log line `mark` on, for `workers` workers to log
+    /// `coreloop::worker: draining` (they got `Drain`); returns the sum of those lines'
+    /// `live=` counts (the connections in flight when the drain began) and the lines.
+    ///
+    /// # Errors
+    ///
+    /// Not every worker logged `draining` in time.
+    pub fn wait_draining(&self, mark: usize, workers: usize) -> Result<(usize, Vec<String>)> {
+        let draining = self
+            .wait_for_logs_since(
+                mark,
+                workers,
+                |line| line.contains("coreloop::worker: draining "),
+                Duration::from_secs(10),
+            )
+            .ok_or_else(|| anyhow!("not every worker logged `draining`"))?;
+        let live = draining
+            .iter()
+            .filter_map(|line| log_field(line, "live").and_then(|n| n.parse::<usize>().ok()))
+            .sum();
+        Ok((live, draining))
+    }
 }
 
 /// Waits up to 15 s for the supervisor of `server` to exit after a SIGTERM and asserts

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, get, kill, log_field, parse_responses, read_response,
-    read_until_close, wait_for_stopped,
+    Server, ServerConfig, connect, get, kill, parse_responses, read_response, read_until_close,
+    wait_for_stopped,
 };
 use rustix::process::Signal;
 
@@ -20,23 +20,6 @@ fn barrier(port: u16) -> anyhow::Result<()> {
     let (status, body) = get(port, "/")?;
     ensure!(status == 200, "barrier request: {status} {body}");
     Ok(())
-}
-
-/// Waits for the workers' `draining` lines (they got `Drain`) since `mark`; returns the
-/// total `live=` they reported.
-fn wait_draining(server: &Server, mark: usize, workers: usize) -> anyhow::Result<usize> {
-    let lines = server
-        .wait_for_logs_since(
-            mark,
-            workers,
-            |line| line.contains("coreloop::worker: draining "),
-            Duration::from_secs(10),
-        )
-        .context("not every worker logged `draining`")?;
-    Ok(lines
-        .iter()
-        .filter_map(|line| log_field(line, "live")?.parse::<usize>().ok())
-        .sum())
 }
 
 #[test]
@@ -86,7 +69,7 @@ fn accepted_connection_is_served_after_sigterm() -> anyhow::Result<()> {
 
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
-    let live = wait_draining(&server, mark, 2)?;
+    let (live, _) = server.wait_draining(mark, 2)?;
     assert_eq!(live, 1, "exactly the early connection is live");
     early.write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")?;
     let reply = read_until_close(&mut early)?;
@@ -131,7 +114,7 @@ fn shutdown_timeout_cuts_off_a_slow_request() -> anyhow::Result<()> {
         "the cut-off request got {:?}",
         reply.text()
     );
-    let live = wait_draining(&server, mark, 2)?;
+    let (live, _) = server.wait_draining(mark, 2)?;
     assert_eq!(live, 1, "exactly the slow request was in flight");
     server.expect_log_since(
         mark,
@@ -199,7 +182,7 @@ fn stop_stuck_drain(
     signal: Signal,
     stop_line: &str,
 ) -> anyhow::Result<()> {
-    let live = wait_draining(server, mark, 2)?;
+    let (live, _) = server.wait_draining(mark, 2)?;
     assert_eq!(live, 1, "the held request is in flight");
     // The drain is stuck on the held request for up to 30 s.
     assert!(server.wait_exit(Duration::ZERO).is_none());

@@ -39,16 +39,7 @@ fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
         load.wait_for_answers([&replacement], 10, Duration::from_secs(10)),
         "the replacement {replacement} did not serve"
     );
-    let report = load.finish();
-    eprintln!(
-        "{} ok, {} failed, {} hung; answers per pid {:?}",
-        report.ok,
-        report.failed.len(),
-        report.hung,
-        report.pids
-    );
-    assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
-    assert_eq!(report.hung, 0);
+    load.finish().assert_all_answered("across the retirement");
 
     // A planned exit: no crash, no backoff; the server runs on.
     let log = server.logs_since(mark).join("\n");

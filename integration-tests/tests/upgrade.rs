@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use coreloop_integration_tests::{
-    Load, LoadReport, NewSupervisor, Server, ServerConfig, get, http_binary, is_alive, kill,
-    log_field, parse_whoami, random_u64, unique_socket_path, wait_for_exit,
+    Load, NewSupervisor, Server, ServerConfig, get, http_binary, is_alive, kill, log_field,
+    parse_whoami, random_u64, unique_socket_path, wait_for_exit,
 };
 use rustix::process::Signal;
 
@@ -132,18 +132,6 @@ fn wait_served(load: &Load, pids: &BTreeSet<u32>, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn assert_nothing_lost(report: &LoadReport) {
-    eprintln!(
-        "{} requests ok, {} failed, {} hung; answers per pid {:?}",
-        report.ok,
-        report.failed.len(),
-        report.hung,
-        report.pids
-    );
-    assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
-    assert_eq!(report.hung, 0, "hung requests");
-}
-
 /// `GET /whoami` over the unix socket at `path`.
 fn whoami_unix(path: &Path) -> Result<String> {
     let mut stream =
@@ -200,7 +188,7 @@ fn upgrade_to_a_new_binary_serves_the_new_version_and_fails_no_request() -> Resu
     ensure!(new_workers.len() == 2, "new workers {new_workers:?}");
     wait_served(&load, &new_workers, 20)?;
     let report = load.finish();
-    assert_nothing_lost(&report);
+    report.assert_all_answered("across the upgrade");
 
     let (status, body) = get(server.port(), "/whoami")?;
     ensure!(
@@ -252,7 +240,7 @@ fn two_upgrades_in_a_row_under_keep_alive_and_per_request_load_fail_no_request()
     ensure!(last.len() == 2, "{last:?}");
     wait_served(&load, &last, 20)?;
     let report = load.finish();
-    assert_nothing_lost(&report);
+    report.assert_all_answered("across the upgrade");
     third.stop()?;
     Ok(())
 }
@@ -350,7 +338,7 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
     let new = upgrade(&server, old)?;
     wait_served(&load, &workers_of(&server, new.0), 20)?;
     let report = load.finish();
-    assert_nothing_lost(&report);
+    report.assert_all_answered("across the upgrade");
     new.stop()?;
     Ok(())
 }
