@@ -74,6 +74,7 @@ mod error;
 mod handler;
 mod listener;
 mod metrics;
+mod pace;
 mod role;
 mod shutdown;
 mod supervisor;

@@ -7,8 +7,8 @@
 //! - **accept** ([`accept_loop`]): waits until some worker can take a connection and some
 //!   listener is readable, then accepts in bursts with raw `accept4` and hands the sockets
 //!   to [`Shared::dispatch_all`]. Under a high connection rate it stops waking per
-//!   connection and polls the listeners every [`POLL_INTERVAL`] instead, so that each
-//!   wake-up forwards a batch. Accept errors from exhausted resources (`EMFILE`, …) are
+//!   connection and polls the listeners on a timer instead, so that each wake-up forwards
+//!   a batch; the interval grows while the CPUs are saturated ([`crate::pace`]). Accept errors from exhausted resources (`EMFILE`, …) are
 //!   logged once per episode and retried after a growing pause, never in a spin.
 //! - **one watcher per worker** ([`watch`]): reads the worker's channel (`Ready`, `Failed`,
 //!   `Retiring`, `Status`), reaps the process (`tokio::process`: no zombies), takes back the
@@ -61,6 +61,7 @@ use crate::dispatch::{Busy, Candidate, Planner, XorShift};
 use crate::error::Error;
 use crate::listener::{self, AcceptError, Handover, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
+use crate::pace::{self, Pace};
 use crate::upgrade::Successor;
 use prometheus_client::metrics::counter::Counter;
 
@@ -829,7 +830,7 @@ impl Shared {
             takers += 1;
             if w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
                 let since = *w.unread_since.get_or_insert(now);
-                if now.duration_since(since) >= POLL_INTERVAL {
+                if now.duration_since(since) >= pace::MIN {
                     busy += 1;
                 }
             } else {
@@ -1813,10 +1814,6 @@ async fn health_loop(shared: Rc<Shared>) {
     }
 }
 
-/// How often the accept loop polls the listeners while connections arrive faster than it
-/// could usefully wake for each (see [`accept_loop`]). It is also the most a connection
-/// waits in the kernel's queue because of polling.
-const POLL_INTERVAL: Duration = Duration::from_micros(250);
 /// A worker whose event loop has been awake this long without going back to sleep is
 /// busy: connections go to others while any is free (see [`Shared::try_dispatch_all`]).
 /// Short requests keep a loop awake for tens of microseconds.
@@ -1920,7 +1917,7 @@ impl AcceptState {
 /// # Interrupt mitigation
 ///
 /// At a low rate the loop wakes on listener readiness and forwards each connection at
-/// once. When connections come faster than one per [`POLL_INTERVAL`] (a wake-up finds
+/// once. When connections come faster than one per [`pace::MIN`] (a wake-up finds
 /// several, or comes within an interval of the previous one), waking for each one costs
 /// more than the connection itself: the supervisor and then a worker are scheduled once
 /// per connection, on cores that the workers need. The loop then takes the listeners out
@@ -1928,7 +1925,9 @@ impl AcceptState {
 /// or not a task waits for it) and polls them once per interval instead (a `timerfd`,
 /// since tokio's timers are too coarse), so that each wake-up forwards a batch, one
 /// message per worker. A poll that finds at most one connection registers the listeners
-/// again and returns to readiness. Polling delays a connection by at most one interval.
+/// again and returns to readiness. Polling delays a connection by at most one interval:
+/// [`pace::MIN`] (250 µs) while CPUs are available, up to [`pace::MAX`] (1 ms) while they
+/// are saturated, when fewer wake-ups leave more CPU to the work ([`Pace`]).
 ///
 /// Returns the listeners when `shared.accepting` is cleared (a binary upgrade's
 /// handover), once every connection it accepted is queued to a worker.
@@ -1972,6 +1971,7 @@ async fn accept_with(
         counters,
     };
     let mut polling = false;
+    let mut pace = Pace::new();
     let mut last_wake = Instant::now();
     loop {
         if !shared.accepting.get() {
@@ -1995,7 +1995,7 @@ async fn accept_with(
             // The ticker would wake us for nothing meanwhile.
             if polling {
                 if let Some(ticker) = &ticker {
-                    stop_polling(ticker, &mut sources, &mut polling);
+                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
                 }
             }
             changed.await;
@@ -2011,11 +2011,21 @@ async fn accept_with(
                 };
                 if let Err(err) = tick {
                     warn!(error = %err, "timerfd failed; accepting on readiness");
+                    pace.stop(Instant::now());
                     polling = false;
                     if !register(&mut sources) {
                         tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
                     }
                     continue;
+                }
+                if let Some(interval) = pace.on_tick(Instant::now()) {
+                    debug!(
+                        interval_us = interval.as_micros() as u64,
+                        "accept polling interval"
+                    );
+                    if let Err(err) = ticker.start(interval) {
+                        warn!(error = %err, "cannot restart the timerfd");
+                    }
                 }
                 for (index, source) in sources.iter().enumerate() {
                     if pending.len() >= ACCEPT_BURST {
@@ -2031,7 +2041,7 @@ async fn accept_with(
                 // Back to readiness, unless a listener cannot be registered: it would
                 // never be waited for, so keep polling it.
                 if (accepted <= 1 && pending.is_empty()) || exhausted {
-                    stop_polling(ticker, &mut sources, &mut polling);
+                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
                 }
             }
             _ => {
@@ -2069,8 +2079,8 @@ async fn accept_with(
                 last_wake = now;
                 (accepted, exhausted) = state.burst(&shared, index, &sources[index], &mut pending);
                 if let Some(ticker) = &ticker {
-                    if !exhausted && (accepted > 1 || since_last < POLL_INTERVAL) {
-                        match ticker.start(POLL_INTERVAL) {
+                    if !exhausted && (accepted > 1 || since_last < pace::MIN) {
+                        match ticker.start(pace.start(now)) {
                             Ok(()) => {
                                 polling = true;
                                 // Registered listeners would wake us for every connection.
@@ -2095,7 +2105,7 @@ async fn accept_with(
             && shared.all_busy();
         let hold = hold
             && match &ticker {
-                Some(ticker) if !polling => match ticker.start(POLL_INTERVAL) {
+                Some(ticker) if !polling => match ticker.start(pace.start(Instant::now())) {
                     Ok(()) => {
                         polling = true;
                         for source in &mut sources {
@@ -2125,11 +2135,17 @@ async fn accept_with(
 
 /// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
 /// if a listener cannot be registered, since it would never be waited for.
-fn stop_polling(ticker: &coreloop_ipc::Ticker, sources: &mut [Source], polling: &mut bool) {
+fn stop_polling(
+    ticker: &coreloop_ipc::Ticker,
+    sources: &mut [Source],
+    polling: &mut bool,
+    pace: &mut Pace,
+) {
     if !register(sources) {
         return;
     }
     *polling = false;
+    pace.stop(Instant::now());
     if let Err(err) = ticker.stop() {
         warn!(error = %err, "cannot stop the timerfd");
     }
