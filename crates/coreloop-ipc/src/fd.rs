@@ -11,7 +11,7 @@
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
 //! The `unsafe` blocks of coreloop are here: [`take_systemd_listeners`] adopts the sockets
-//! systemd passed by number, [`LoopClock`] maps one word of memory that a worker and its
+//! systemd passed by number, [`LoopClock`] maps two words of memory that a worker and its
 //! supervisor share, and [`Readiness`] registers an owned descriptor
 //! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
 //! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
@@ -183,32 +183,35 @@ impl AsFd for Readiness {
     }
 }
 
-/// One word of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
+/// Two words of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
 /// when the worker's event loop last woke up (`CLOCK_MONOTONIC` nanoseconds), or 0 while
-/// it sleeps in the reactor.
+/// it sleeps in the reactor; and when the handler poll now running started, or 0 between
+/// handler polls.
 ///
-/// The worker writes it from its runtime's park and unpark hooks (two stores per wake-up,
-/// no system call); the supervisor reads it when it picks a worker. A loop that has been
-/// awake for a long time is inside a handler that does not yield (or has a long batch of
-/// work): the supervisor learns that before it has sent the worker anything, which no
-/// message could tell it, since the worker cannot send while it is busy.
+/// The worker writes the first from its runtime's park and unpark hooks (two stores per
+/// wake-up, no system call), and the second around every poll of a connection's handler
+/// (a vDSO clock read and two stores); the supervisor reads them when it picks a worker.
+/// A loop that has been awake for a long time has a long batch of work; one poll that has
+/// run for long is a handler that does not yield. The supervisor learns that before it
+/// has sent the worker anything, which no message could tell it, since the worker cannot
+/// send while it is busy.
 #[derive(Debug)]
 pub struct LoopClock {
-    word: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
     fd: OwnedFd,
 }
 
-// SAFETY: the only access to the mapped word is through `AtomicU64`, which is safe to share
-// between threads (and processes); the mapping lives as long as the value.
+// SAFETY: the only access to the mapped words is through `AtomicU64`, which is safe to
+// share between threads (and processes); the mapping lives as long as the value.
 unsafe impl Send for LoopClock {}
 // SAFETY: as above: `&LoopClock` offers atomic loads and stores only.
 unsafe impl Sync for LoopClock {}
 
-/// Size of the shared memory: one `u64`.
-const CLOCK_LEN: usize = std::mem::size_of::<u64>();
+/// Size of the shared memory: two `u64`s.
+const CLOCK_LEN: usize = 2 * std::mem::size_of::<u64>();
 
 impl LoopClock {
-    /// Creates the shared word (a new close-on-exec `memfd`), marked asleep.
+    /// Creates the shared words (a new close-on-exec `memfd`), marked asleep.
     ///
     /// # Errors
     ///
@@ -219,19 +222,19 @@ impl LoopClock {
         Self::map(fd)
     }
 
-    /// Maps a word created by [`create`](Self::create) in another process (its descriptor,
+    /// Maps words created by [`create`](Self::create) in another process (its descriptor,
     /// received over the channel).
     ///
     /// # Errors
     ///
-    /// `InvalidInput` when the descriptor is not a file of at least 8 bytes; the `mmap`
+    /// `InvalidInput` when the descriptor is not a file of at least 16 bytes; the `mmap`
     /// error.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         let stat = rustix::fs::fstat(&fd)?;
         if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "the loop clock is not a file of 8 bytes",
+                "the loop clock is not a file of 16 bytes",
             ));
         }
         Self::map(fd)
@@ -252,16 +255,16 @@ impl LoopClock {
                 0,
             )
         }?;
-        let word = std::ptr::NonNull::new(ptr.cast::<std::sync::atomic::AtomicU64>())
+        let words = std::ptr::NonNull::new(ptr.cast::<[std::sync::atomic::AtomicU64; 2]>())
             .ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { word, fd })
+        Ok(Self { words, fd })
     }
 
-    fn word(&self) -> &std::sync::atomic::AtomicU64 {
-        // SAFETY: `word` points at the start of a live mapping of `CLOCK_LEN` bytes, page
+    fn words(&self) -> &[std::sync::atomic::AtomicU64; 2] {
+        // SAFETY: `words` points at the start of a live mapping of `CLOCK_LEN` bytes, page
         // aligned (so aligned for `AtomicU64`), unmapped only in `drop`; the memory is only
         // ever accessed atomically, by this process and the peer alike.
-        unsafe { self.word.as_ref() }
+        unsafe { self.words.as_ref() }
     }
 
     /// The descriptor, to send to the peer.
@@ -271,30 +274,46 @@ impl LoopClock {
 
     /// The worker's loop woke up now.
     pub fn woke(&self) {
-        self.word().store(monotonic_ns(), Ordering::Release);
+        self.words()[0].store(monotonic_ns(), Ordering::Release);
     }
 
     /// The worker's loop is about to sleep.
     pub fn sleeping(&self) {
-        self.word().store(0, Ordering::Release);
+        self.words()[0].store(0, Ordering::Release);
+    }
+
+    /// The worker starts polling a connection's handler.
+    pub fn poll_started(&self) {
+        self.words()[1].store(monotonic_ns(), Ordering::Release);
+    }
+
+    /// The handler poll has returned.
+    pub fn poll_ended(&self) {
+        self.words()[1].store(0, Ordering::Release);
+    }
+
+    /// How long the handler poll now running has run, or `None` between handler polls.
+    pub fn poll_running_for(&self) -> Option<std::time::Duration> {
+        since(self.words()[1].load(Ordering::Acquire))
     }
 
     /// How long the worker's loop has been awake without sleeping, or `None` if it sleeps.
     pub fn awake_for(&self) -> Option<std::time::Duration> {
-        match self.word().load(Ordering::Acquire) {
-            0 => None,
-            since => Some(std::time::Duration::from_nanos(
-                monotonic_ns().saturating_sub(since),
-            )),
-        }
+        since(self.words()[0].load(Ordering::Acquire))
     }
+}
+
+/// Time elapsed since a stored instant; `None` for 0 (not running).
+fn since(stored_ns: u64) -> Option<std::time::Duration> {
+    (stored_ns != 0)
+        .then(|| std::time::Duration::from_nanos(monotonic_ns().saturating_sub(stored_ns)))
 }
 
 impl Drop for LoopClock {
     fn drop(&mut self) {
         // SAFETY: the mapping of `CLOCK_LEN` bytes made in `map`; no reference into it
-        // outlives `self` (`word()` borrows `self`).
-        let _ = unsafe { rustix::mm::munmap(self.word.as_ptr().cast(), CLOCK_LEN) };
+        // outlives `self` (`words()` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.words.as_ptr().cast(), CLOCK_LEN) };
     }
 }
 
@@ -322,6 +341,30 @@ mod tests {
         assert!(awake >= std::time::Duration::from_millis(2), "{awake:?}");
         worker.sleeping();
         assert_eq!(supervisor.awake_for(), None);
+    }
+
+    #[test]
+    fn the_poll_word_is_separate_from_the_loop_word() {
+        let worker = LoopClock::create().unwrap();
+        let supervisor = LoopClock::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(supervisor.poll_running_for(), None);
+        worker.poll_started();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let running = supervisor.poll_running_for().expect("in a poll");
+        assert!(
+            running >= std::time::Duration::from_millis(2),
+            "{running:?}"
+        );
+        assert_eq!(supervisor.awake_for(), None, "the loop word is untouched");
+        worker.poll_ended();
+        assert_eq!(supervisor.poll_running_for(), None);
+    }
+
+    #[test]
+    fn a_file_too_short_for_both_words_is_refused() {
+        let fd = rustix::fs::memfd_create("short", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 8).unwrap();
+        assert!(LoopClock::from_fd(fd).is_err());
     }
 
     #[test]

@@ -37,7 +37,7 @@
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
 //! registers an owned descriptor with tokio's reactor ([`Readiness`]), one that adopts
 //! the sockets systemd passed by number ([`take_systemd_listeners`]), and the mapping of
-//! the word a worker and its supervisor share ([`LoopClock`]).
+//! the words a worker and its supervisor share ([`LoopClock`]).
 //!
 //! The socket pair is used through rustix's `sendmsg`/`recvmsg` and our own readiness
 //! registration rather than through `tokio-seqpacket`, whose sockets register for read

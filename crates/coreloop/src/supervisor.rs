@@ -288,29 +288,36 @@ impl Worker {
         self.sent.saturating_sub(self.closed)
     }
 
-    /// How busy its event loop looks: stuck when it has been awake far longer than a
-    /// short request takes (a handler that does not yield), busy when it has not read
-    /// everything sent to it or has been awake a while. An error reading the queue (there
-    /// is none for a socket) only loses the information.
+    /// How busy its event loop looks: stuck when one handler poll has run far longer than
+    /// a short request's, or the loop has been awake far longer than a short request takes
+    /// (a handler that does not yield); busy when it has not read everything sent to it or
+    /// has been awake a while. An error reading the queue (there is none for a socket)
+    /// only loses the information.
     /// Also returns how long the loop has been awake.
     fn busy(&self) -> (Busy, Duration) {
-        let awake = self
-            .clock
-            .as_ref()
-            .and_then(coreloop_ipc::LoopClock::awake_for)
-            .unwrap_or_default();
-        let busy = if awake >= AWAKE_STUCK {
-            Busy::Stuck
-        } else if awake >= AWAKE_BUSY || self.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
-            Busy::Working
-        } else {
-            Busy::Idle
-        };
-        (busy, awake)
+        let (awake, in_poll) = self.clock.as_ref().map_or((None, None), |clock| {
+            (clock.awake_for(), clock.poll_running_for())
+        });
+        let awake = awake.unwrap_or_default();
+        let unread = || self.queue.unread_bytes().is_ok_and(|bytes| bytes > 0);
+        (classify(awake, in_poll, unread), awake)
     }
 
     fn can_take(&self, cap: u64) -> bool {
         self.state == State::Ready && !self.stalled && self.open() < cap
+    }
+}
+
+/// How busy a worker is, from how long its loop has been awake, how long the handler
+/// poll now running has run, and (asked last: a system call) whether it has left
+/// something unread. See [`Worker::busy`].
+fn classify(awake: Duration, in_poll: Option<Duration>, unread: impl FnOnce() -> bool) -> Busy {
+    if awake >= AWAKE_STUCK || in_poll.is_some_and(|poll| poll >= POLL_STUCK) {
+        Busy::Stuck
+    } else if awake >= AWAKE_BUSY || unread() {
+        Busy::Working
+    } else {
+        Busy::Idle
     }
 }
 
@@ -1821,6 +1828,11 @@ const AWAKE_BUSY: Duration = Duration::from_micros(500);
 /// A worker whose event loop has been awake this long is stuck in a handler: it gets
 /// nothing while a less busy worker has room.
 const AWAKE_STUCK: Duration = Duration::from_millis(5);
+/// A worker inside one handler poll that has run this long is stuck in it: a connection
+/// sent now would wait for a poll of unknown length. A short request's poll (read, parse,
+/// answer) takes a few microseconds; one preempted by the scheduler for this long is no
+/// better a choice.
+const POLL_STUCK: Duration = Duration::from_micros(100);
 /// Longest the accept loop holds accepted connections while every worker is busy in a
 /// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
 const HOLD_MAX: Duration = Duration::from_millis(20);
@@ -2198,4 +2210,41 @@ fn register(sources: &mut [Source]) -> bool {
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn a_long_handler_poll_is_stuck_before_the_loop_has_been_awake_long() {
+        // 150 µs into a handler that does not yield: the loop has not been awake long
+        // enough to look busy, but the poll has run far longer than a short request's.
+        assert_eq!(classify(150 * US, Some(150 * US), || false), Busy::Stuck);
+        assert_eq!(classify(150 * US, Some(POLL_STUCK), || false), Busy::Stuck);
+        // The same loop between polls, or in a short one, takes connections.
+        assert_eq!(classify(150 * US, None, || false), Busy::Idle);
+        assert_eq!(classify(150 * US, Some(20 * US), || false), Busy::Idle);
+    }
+
+    #[test]
+    fn the_loop_clock_and_the_queue_rank_the_rest() {
+        assert_eq!(classify(AWAKE_STUCK, None, || false), Busy::Stuck);
+        assert_eq!(classify(AWAKE_BUSY, None, || false), Busy::Working);
+        assert_eq!(classify(Duration::ZERO, None, || true), Busy::Working);
+        assert_eq!(classify(Duration::ZERO, None, || false), Busy::Idle);
+    }
+
+    #[test]
+    fn the_queue_is_not_asked_when_the_clock_already_decides() {
+        let asked = std::cell::Cell::new(false);
+        let unread = || {
+            asked.set(true);
+            true
+        };
+        assert_eq!(classify(AWAKE_STUCK, None, unread), Busy::Stuck);
+        assert!(!asked.get(), "no FIONREAD for a stuck worker");
+    }
 }

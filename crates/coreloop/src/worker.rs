@@ -35,6 +35,10 @@ use crate::error::{BoxError, Error};
 use crate::handler::{Conn, Handler, Stream, WorkerId};
 use crate::shutdown::ShutdownSignal;
 
+/// This worker's loop clock: one per process, set before the runtime starts. Static so
+/// that every handler poll can reach it without a reference count.
+static CLOCK: std::sync::OnceLock<coreloop_ipc::LoopClock> = std::sync::OnceLock::new();
+
 /// How long a worker whose supervisor vanished keeps serving in-flight requests. Nobody
 /// supervises it any more, so it must not linger: a supervisor killed with SIGKILL leaves
 /// no worker behind for longer than this.
@@ -44,11 +48,12 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) -> Result<(), Error> {
     let channel = coreloop_ipc::inherited_channel().map_err(Error::WorkerChannel)?;
     let placement = place(&config, id);
-    // When the event loop last woke up, shared with the supervisor so that it sends
-    // nothing new to a loop stuck in a handler (see `coreloop_ipc::LoopClock`). Without
-    // it the worker still works; the supervisor then judges by the channel alone.
+    // When the event loop last woke up and when the running handler poll started, shared
+    // with the supervisor so that it sends nothing new to a loop stuck in a handler (see
+    // `coreloop_ipc::LoopClock`). Without it the worker still works; the supervisor then
+    // judges by the channel alone.
     let clock = match coreloop_ipc::LoopClock::create() {
-        Ok(clock) => Some(std::sync::Arc::new(clock)),
+        Ok(clock) => Some(CLOCK.get_or_init(|| clock)),
         Err(err) => {
             warn!(error = %err, "cannot create the loop clock");
             None
@@ -56,11 +61,10 @@ pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) ->
     };
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
-    if let Some(clock) = &clock {
-        let (woke, sleeping) = (std::sync::Arc::clone(clock), std::sync::Arc::clone(clock));
+    if let Some(clock) = clock {
         builder
-            .on_thread_unpark(move || woke.woke())
-            .on_thread_park(move || sleeping.sleeping());
+            .on_thread_unpark(|| clock.woke())
+            .on_thread_park(|| clock.sleeping());
     }
     let runtime = builder.build().map_err(Error::Runtime)?;
     let local = tokio::task::LocalSet::new();
@@ -187,7 +191,7 @@ async fn serve<H: Handler>(
     factory: Factory<H>,
     id: WorkerId,
     channel: OwnedFd,
-    clock: Option<std::sync::Arc<coreloop_ipc::LoopClock>>,
+    clock: Option<&'static coreloop_ipc::LoopClock>,
 ) -> i32 {
     let channel = match Channel::from_fd(channel) {
         Ok(channel) => channel,
@@ -216,7 +220,7 @@ async fn serve<H: Handler>(
         Err(reason) => return report_failure(&channel, reason).await,
     };
     let pid = std::process::id();
-    if let Some(clock) = &clock {
+    if let Some(clock) = clock {
         if let Err(err) = channel.send(&Message::LoopClock, &[clock.as_fd()]).await {
             error!(error = %err, "cannot send the loop clock");
             return 1;
@@ -559,7 +563,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 pin_project_lite::pin_project! {
     /// Polls a future inside `catch_unwind`, so that a panicking handler is logged and its
-    /// connection closed without taking the worker down.
+    /// connection closed without taking the worker down; and marks each poll on the loop
+    /// clock, so that the supervisor sees a handler that does not yield while it runs.
     struct CatchUnwind<F> {
         #[pin]
         inner: F,
@@ -571,7 +576,15 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.project().inner;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+        let clock = CLOCK.get();
+        if let Some(clock) = clock {
+            clock.poll_started();
+        }
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx)));
+        if let Some(clock) = clock {
+            clock.poll_ended();
+        }
+        match polled {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
             Err(panic) => Poll::Ready(Err(panic)),
