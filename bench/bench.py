@@ -5,7 +5,8 @@ Run it through ``bench/run`` (installs wrk/nginx/gnuplot, builds the examples). 
 
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
-                           [--loads keepalive,close,idle,skewed,stalled,skewed-open] [--out DIR]
+                           [--loads keepalive,close,idle,skewed,stalled,skewed-open,blocking-open]
+                           [--out DIR]
 
 Every run: start the server on a fresh 127.0.0.1 port, wait until it answers ``/``, run one
 load with wrk, sample the server's process tree from /proc, stop it (SIGTERM, SIGKILL after
@@ -140,13 +141,27 @@ LOADS: dict[str, dict] = {
                         what=f"open loop, {OPEN_RATE_PER_WORKER:,} requests/s per worker, one "
                              "connection each, 1 in 200 is /burn?ms=5; p99 of all requests, and "
                              "of the cheap ones (what waits behind a burn)"),
+    # The same open loop, but the slow request blocks its worker's loop without using CPU
+    # (a synchronous call): head-of-line blocking without the CPU contention a burn adds
+    # on two cores shared with the load generator.
+    "blocking-open": dict(openloop=["--burn-every", "200", "--burn-ms", "5",
+                                    "--slow-path", "/block"],
+                          rate_per_worker=OPEN_RATE_PER_WORKER,
+                          what=f"open loop, {OPEN_RATE_PER_WORKER:,} requests/s per worker, one "
+                               "connection each, 1 in 200 is /block?ms=5 (blocks the loop 5 ms "
+                               "without CPU, like a synchronous call); p99 of all requests, and "
+                               "of the cheap ones"),
 }
 LOAD_ORDER = list(LOADS)
+# Loads whose slow requests the demo's handler serves (nginx has no /burn or /block).
+SKEW_LOADS = ("skewed", "skewed-open", "blocking-open")
+# Open-loop loads run at a fixed offered rate: their throughput and CPU say nothing.
+OPEN_LOADS = ("skewed-open", "blocking-open")
 
 
 def takes_part(server: str, load: str, workers: int) -> bool:
     s = SERVERS[server]
-    if load in ("skewed", "skewed-open"):
+    if load in SKEW_LOADS:
         return s["burn"]
     if load == "stalled":
         return s["stall"] and workers == 2
@@ -684,7 +699,7 @@ def markdown(results: dict) -> str:
                 bits.append(f"throughput {c['rps_ratio']:.2f}× the best peer ({c['best_peer']})")
             if c["cpu_ratio"] is not None:
                 bits.append(f"CPU per request {c['cpu_ratio']:.2f}× reuseport's")
-            if load in ("skewed", "skewed-open") and c["p99_ratio"] is not None:
+            if load in SKEW_LOADS and c["p99_ratio"] is not None:
                 bits.append(f"p99 {c['p99_ratio']:.2f}× reuseport's")
             if c.get("cheap_p99_ratio") is not None:
                 bits.append(f"p99 of the cheap requests {fmt_ms(c['cheap_p99_us'])} ms, "
@@ -699,9 +714,9 @@ def markdown(results: dict) -> str:
             out.append("")
             out.append("Failed runs: " + "; ".join(f"{s}: {f}" for s, f in fails))
         out.append("")
-    if "skewed" in cfg["loads"] and "nginx" in cfg["servers"]:
-        out.append("nginx takes no part in `skewed` and `skewed-open`: it cannot burn CPU per "
-                   "request, so its `/burn` would be as cheap as `/`.")
+    if any(l in cfg["loads"] for l in SKEW_LOADS) and "nginx" in cfg["servers"]:
+        out.append("nginx takes no part in `skewed`, `skewed-open` and `blocking-open`: it "
+                   "cannot burn CPU or block per request, so its `/burn` would be as cheap as `/`.")
         out.append("")
     notes = sorted({f"{r['server']} ({r['load']}, W={r['workers']}, round {r['round']}): {n}"
                     for r in results["runs"] for n in r.get("notes", [])})
@@ -755,8 +770,7 @@ def chart(results: dict, workdir: Path) -> str | None:
             files[s].write_text("\n".join(rows) + "\n")
         return loads, files
 
-    # skewed-open runs at a fixed offered rate: its throughput and CPU say nothing.
-    all_loads = [l for l in LOAD_ORDER if l != "skewed-open" and any(m["load"] == l for m in med)]
+    all_loads = [l for l in LOAD_ORDER if l not in OPEN_LOADS and any(m["load"] == l for m in med)]
     rps = panel("rps", all_loads, lambda v: f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}")
     cpu = panel("cpu_us_per_req", [l for l in all_loads if l not in ("skewed", "stalled")],
                 lambda v: f"{v:.1f}" if v < 10 else f"{v:.0f}")
@@ -802,7 +816,7 @@ set offsets 0,0,graph 0.10,0
 {plot(rps, 0.89, 0.53, 'requests per second (median, higher is better)', '%.0s%c', True)}
 unset label 1
 {plot(cpu, 0.42, 0.09, 'server CPU µs per request (median, lower is better)', '%g', False,
-      'skewed (≈250 µs/req, mostly the 5 ms burn), stalled and skewed-open are in the tables only')}
+      'skewed (≈250 µs/req, mostly the 5 ms burn), stalled and the open loops are in the tables only')}
 unset multiplot
 """
     gp = workdir / "chart.gp"

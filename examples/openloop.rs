@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Every `--burn-every`-th request asks for `/burn?ms=N` (the demo spins N ms on its event
-//! loop), the others for `/`. Prints one line for `bench/bench.py`, in the format of
+//! loop) or, with `--slow-path /block`, `/block?ms=N` (the demo blocks its event loop for
+//! N ms without using CPU), the others for `/`. Prints one line for `bench/bench.py`, in the format of
 //! `bench/report.lua`: `BENCH_JSON {"requests":…,"p50_us":…,"p99_us":…,…}`. Only
 //! 127.0.0.1 / ::1 addresses are accepted: this tool is for local benchmarks.
 #![deny(warnings)]
@@ -37,12 +38,16 @@ struct Args {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Every N-th request is `/burn?ms=--burn-ms` (0: never).
+    /// Every N-th request is `SLOW_PATH?ms=--burn-ms` (0: never).
     #[arg(long, default_value_t = 0)]
     burn_every: u64,
-    /// Milliseconds each burn request spins on the server.
+    /// Milliseconds each slow request takes on the server.
     #[arg(long, default_value_t = 5)]
     burn_ms: u64,
+    /// The slow request: `/burn` spins on the worker's event loop (CPU), `/block` blocks
+    /// it without using CPU (a synchronous call).
+    #[arg(long, default_value = "/burn", value_parser = ["/burn", "/block"])]
+    slow_path: String,
     /// A request not answered within this many seconds counts as a timeout error.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -91,8 +96,8 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
     let timeout = Duration::from_secs(args.timeout);
     let cheap: &'static [u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
     let burn: &'static [u8] = format!(
-        "GET /burn?ms={} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
-        args.burn_ms
+        "GET {}?ms={} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+        args.slow_path, args.burn_ms
     )
     .leak()
     .as_bytes();

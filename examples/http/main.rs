@@ -10,9 +10,10 @@
 //!
 //! Endpoints: `GET /` (`Hello, world!`), `/whoami`, `/sleep?ms=N` (answers after N ms
 //! without blocking the worker), `/burn?ms=N` (burns N ms of CPU on the worker: the
-//! expensive request of skewed-load benchmarks), `POST /discard` (reads and discards the
-//! request body, `Content-Length` or chunked, and answers `discarded N bytes`). Logs go to
-//! stderr; `RUST_LOG` filters them (default `info`).
+//! expensive request of skewed-load benchmarks), `/block?ms=N` (blocks the worker's event
+//! loop for N ms without using CPU, like a synchronous database call), `POST /discard`
+//! (reads and discards the request body, `Content-Length` or chunked, and answers
+//! `discarded N bytes`). Logs go to stderr; `RUST_LOG` filters them (default `info`).
 //!
 //! Every limit on what a client may make a worker hold or wait for is a flag
 //! (`--max-request-line`, `--max-header-bytes`, `--max-headers`, `--max-body-bytes`,

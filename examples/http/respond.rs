@@ -770,7 +770,7 @@ async fn answer(
     };
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let allowed = match path {
-        "/" | "/whoami" | "/sleep" | "/burn" => {
+        "/" | "/whoami" | "/sleep" | "/burn" | "/block" => {
             matches!(req.method, Method::Get | Method::Head).then_some("GET, HEAD")
         }
         "/discard" => (req.method == Method::Post).then_some("POST"),
@@ -807,6 +807,11 @@ async fn answer(
             let wait = Duration::from_millis(ms);
             if path == "/sleep" {
                 tokio::time::sleep(wait).await;
+            } else if path == "/block" {
+                // Deliberately blocks this worker's event loop without using CPU, as a
+                // synchronous database call or file read would: the slow request of the
+                // blocking-open benchmark.
+                std::thread::sleep(wait);
             } else {
                 // Deliberately blocks this worker's event loop: the skewed-load benchmark's
                 // expensive request.
