@@ -38,6 +38,18 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
 
 
+def finish(policy: str, at: float, cost: float, free_at: list[float], pool: list[float],
+           rnd: random.Random) -> float:
+    """When a request that arrives at `at` and costs `cost` is answered, under `policy`."""
+    if policy == "hash":
+        k = rnd.randrange(len(free_at))
+        free_at[k] = max(at, free_at[k]) + cost
+        return free_at[k]
+    done = max(at, heapq.heappop(pool)) + cost
+    heapq.heappush(pool, done)
+    return done
+
+
 def closed(policy: str, workers: int, cheap: float, rnd: random.Random,
            clients: int = 64, every: int = 20, n: int = 300_000) -> dict:
     free_at = [0.0] * workers  # hash: when each worker's FIFO empties
@@ -49,13 +61,7 @@ def closed(policy: str, workers: int, cheap: float, rnd: random.Random,
     while len(lat) < n:
         at, client = heapq.heappop(arrivals)
         cost = BURN_MS if rnd.random() < 1 / every else cheap
-        if policy == "hash":
-            k = rnd.randrange(workers)
-            done = max(at, free_at[k]) + cost
-            free_at[k] = done
-        else:
-            done = max(at, heapq.heappop(pool)) + cost
-            heapq.heappush(pool, done)
+        done = finish(policy, at, cost, free_at, pool, rnd)
         lat.append(done - at)
         end = max(end, done)
         heapq.heappush(arrivals, (done, client))
@@ -73,14 +79,7 @@ def open_loop(policy: str, workers: int, cheap: float, rnd: random.Random,
     for _ in range(n):
         at += rnd.expovariate(rate_per_worker * workers / 1000)
         burn = rnd.random() < 1 / every
-        cost = BURN_MS if burn else cheap
-        if policy == "hash":
-            k = rnd.randrange(workers)
-            done = max(at, free_at[k]) + cost
-            free_at[k] = done
-        else:
-            done = max(at, heapq.heappop(pool)) + cost
-            heapq.heappush(pool, done)
+        done = finish(policy, at, BURN_MS if burn else cheap, free_at, pool, rnd)
         lat.append(done - at)
         if not burn:
             cheap_lat.append(done - at)

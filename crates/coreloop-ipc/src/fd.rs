@@ -332,8 +332,7 @@ mod tests {
 
     #[test]
     fn both_mappings_see_one_word() {
-        let worker = LoopClock::create().unwrap();
-        let supervisor = LoopClock::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        let (worker, supervisor) = both_ends();
         assert_eq!(supervisor.awake_for(), None);
         worker.woke();
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -343,10 +342,16 @@ mod tests {
         assert_eq!(supervisor.awake_for(), None);
     }
 
-    #[test]
-    fn the_poll_word_is_separate_from_the_loop_word() {
+    /// A clock as the worker creates it, and the same memory as the supervisor maps it.
+    fn both_ends() -> (LoopClock, LoopClock) {
         let worker = LoopClock::create().unwrap();
         let supervisor = LoopClock::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        (worker, supervisor)
+    }
+
+    #[test]
+    fn the_poll_word_is_separate_from_the_loop_word() {
+        let (worker, supervisor) = both_ends();
         assert_eq!(supervisor.poll_running_for(), None);
         worker.poll_started();
         std::thread::sleep(std::time::Duration::from_millis(2));
