@@ -3,8 +3,9 @@
 
 use std::io::Write as _;
 
+use anyhow::Context as _;
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, get, parse_response, parse_responses, parse_whoami,
+    Server, ServerConfig, connect, cpu_ticks, get, parse_response, parse_responses, parse_whoami,
     read_until_close, send_raw,
 };
 
@@ -103,6 +104,77 @@ fn pipelined_requests_answered_in_order() -> anyhow::Result<()> {
     assert!(
         responses[1].closes(),
         "the second response announces Connection: close"
+    );
+    Ok(())
+}
+
+/// The demo's `/block?ms=N`, the slow request of the `blocking-open` benchmark, holds its
+/// worker's event loop for N ms without using CPU: the answer comes after N ms, the worker
+/// spends almost no CPU meanwhile (a `/burn` would spend the whole time), and new
+/// connections go to the other worker and are answered at once.
+#[test]
+fn block_holds_one_loop_without_cpu_while_the_other_worker_serves() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+
+    const BLOCK_MS: u64 = 1500;
+    let server = Server::start(ServerConfig::new(2))?;
+    let workers: Vec<u32> = server.worker_pids().into_values().collect();
+    anyhow::ensure!(workers.len() == 2, "workers: {workers:?}");
+    let mut slow = connect(server.port())?;
+    write!(
+        slow,
+        "GET /block?ms={BLOCK_MS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let started = Instant::now();
+    // The worker that took it sleeps in the kernel's nanosleep; an idle one waits in epoll.
+    let blocked = loop {
+        let sleeping = workers.iter().copied().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                .is_ok_and(|wchan| wchan.contains("nanosleep"))
+        });
+        if let Some(pid) = sleeping {
+            break pid;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_millis(BLOCK_MS),
+            "no worker went to sleep in /block"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let cpu_before = cpu_ticks(blocked).context("blocked worker's CPU time")?;
+
+    for i in 0..10 {
+        let asked = Instant::now();
+        let (status, body) = get(server.port(), "/whoami")?;
+        let (_, pid) = parse_whoami(&body).context("a /whoami body")?;
+        assert_eq!(status, 200);
+        assert_ne!(pid, blocked, "connection {i} went to the blocked worker");
+        assert!(
+            asked.elapsed() < Duration::from_millis(BLOCK_MS / 2),
+            "connection {i} answered in {:?}",
+            asked.elapsed()
+        );
+    }
+
+    let reply = read_until_close(&mut slow)?;
+    let waited = started.elapsed();
+    let (answer, _) = parse_response(&reply.bytes)?.context("no /block answer")?;
+    assert_eq!(
+        (
+            answer.status,
+            String::from_utf8_lossy(&answer.body).as_ref()
+        ),
+        (200, "/block 1500ms")
+    );
+    assert!(
+        waited >= Duration::from_millis(BLOCK_MS),
+        "answered after {waited:?}"
+    );
+    let spent = cpu_ticks(blocked).context("blocked worker's CPU time")? - cpu_before;
+    // USER_HZ is 100: a spin for the whole block would be about 150 ticks.
+    assert!(
+        spent < 30,
+        "the blocked worker used {spent} ticks of CPU in {waited:?}"
     );
     Ok(())
 }
