@@ -144,3 +144,65 @@ fn a_crashed_worker_is_counted_with_its_reason() -> Result<()> {
     );
     Ok(())
 }
+
+/// The accept loop's polling shows in `coreloop_accept_poll_interval_seconds`: 0 while the
+/// server is idle, the interval (250 µs, up to 1 ms while the CPUs are saturated) while a
+/// connection-per-request load makes the supervisor poll its listeners, and 0 again once
+/// the load has stopped.
+#[test]
+fn the_poll_interval_gauge_follows_the_load() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    const NAME: &str = "coreloop_accept_poll_interval_seconds";
+    let (server, metrics_port) = start()?;
+    let interval = |totals: &BTreeMap<String, f64>| totals.get(NAME).copied();
+    let (_, idle) = scrape(metrics_port)?;
+    ensure!(interval(&idle) == Some(0.0), "idle: {:?}", interval(&idle));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = server.port();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || -> Result<usize> {
+                let mut answered = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    ensure!(get(port, "/")?.0 == 200, "a request failed");
+                    answered += 1;
+                }
+                Ok(answered)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let polling = loop {
+        let (_, now) = scrape(metrics_port)?;
+        match interval(&now) {
+            Some(value) if value > 0.0 => break value,
+            Some(_) if Instant::now() < deadline => {}
+            other => anyhow::bail!("the supervisor never polled under load: {NAME} = {other:?}"),
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for client in clients {
+        answered += client.join().expect("client thread")?;
+    }
+    ensure!(
+        (0.000_25..=0.001).contains(&polling),
+        "polling every {polling} s after {answered} requests"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, after) = scrape(metrics_port)?;
+        match interval(&after) {
+            Some(0.0) => break,
+            Some(_) if Instant::now() < deadline => {}
+            other => anyhow::bail!("still polling with no load: {NAME} = {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -20,9 +20,11 @@
 //! falls below [`UNCONTENDED`], it halves again (down to [`MIN`]). Without the statistics
 //! (a kernel without `CONFIG_SCHED_INFO`), the interval stays at [`MIN`].
 
-use std::fs::File;
-use std::os::unix::fs::FileExt as _;
+use std::io::Read as _;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
 
 /// The shortest polling interval, used whenever CPUs are available. It is also the most a
 /// connection waits in the kernel's queue because of polling while CPUs are idle.
@@ -48,7 +50,10 @@ const RESUME: Duration = Duration::from_millis(100);
 /// The adaptive polling interval of the accept loop.
 pub(crate) struct Pace {
     interval: Duration,
-    schedstat: Option<File>,
+    /// The interval while polling, 0 while not (`coreloop_accept_poll_interval_seconds`).
+    shown: Gauge<f64, AtomicU64>,
+    /// Whether the statistics could be read (cleared at the first failure).
+    schedstat: bool,
     /// The start of the current window, with the statistics then.
     window: Option<(Instant, Sample)>,
     /// When polling last stopped, while it is stopped.
@@ -65,11 +70,13 @@ struct Sample {
 }
 
 impl Pace {
-    /// A pace for the calling thread, at [`MIN`]. Must be created on the thread that polls.
-    pub(crate) fn new() -> Self {
+    /// A pace at [`MIN`] that shows the interval in `shown`. It samples the thread that
+    /// calls [`on_tick`](Self::on_tick).
+    pub(crate) fn new(shown: Gauge<f64, AtomicU64>) -> Self {
         Self {
             interval: MIN,
-            schedstat: File::open("/proc/thread-self/schedstat").ok(),
+            shown,
+            schedstat: true,
             window: None,
             stopped: None,
         }
@@ -86,25 +93,29 @@ impl Pace {
             self.interval = MIN;
             self.window = None;
         }
+        self.shown.set(self.interval.as_secs_f64());
         self.interval
     }
 
     /// Polling stopped at `now`.
     pub(crate) fn stop(&mut self, now: Instant) {
         self.stopped = Some(now);
+        self.shown.set(0.0);
     }
 
     /// Called at every poll. Returns the new interval when it changes.
     pub(crate) fn on_tick(&mut self, now: Instant) -> Option<Duration> {
-        let file = self.schedstat.as_ref()?;
+        if !self.schedstat {
+            return None;
+        }
         let Some((start, before)) = self.window else {
-            self.window = read(file).map(|sample| (now, sample));
+            self.window = self.sample().map(|sample| (now, sample));
             return None;
         };
         if now.duration_since(start) < WINDOW {
             return None;
         }
-        let after = read(file)?;
+        let after = self.sample()?;
         self.window = Some((now, after));
         let runs = after.runs.saturating_sub(before.runs);
         if runs < MIN_RUNS {
@@ -114,6 +125,7 @@ impl Pace {
         let next = next_interval(self.interval, waited);
         (next != self.interval).then(|| {
             self.interval = next;
+            self.shown.set(next.as_secs_f64());
             next
         })
     }
@@ -130,10 +142,22 @@ fn next_interval(current: Duration, waited: Duration) -> Duration {
     }
 }
 
+impl Pace {
+    /// Reads the statistics, or stops trying if they cannot be read. The file is opened
+    /// for each sample (50 times a second at most, only while polling) rather than kept:
+    /// the supervisor holds no descriptor for it.
+    fn sample(&mut self) -> Option<Sample> {
+        let sample = read();
+        self.schedstat = sample.is_some();
+        sample
+    }
+}
+
 /// Reads `/proc/thread-self/schedstat`: "on-CPU ns, waiting ns, runs".
-fn read(file: &File) -> Option<Sample> {
+fn read() -> Option<Sample> {
+    let mut file = std::fs::File::open("/proc/thread-self/schedstat").ok()?;
     let mut buf = [0u8; 96];
-    let len = file.read_at(&mut buf, 0).ok()?;
+    let len = file.read(&mut buf).ok()?;
     parse(std::str::from_utf8(buf.get(..len)?).ok()?)
 }
 
@@ -193,13 +217,12 @@ mod tests {
     fn this_kernel_reports_the_statistics_and_they_advance() {
         // The pace is only adaptive where the file exists; CI's kernel must have it, or
         // the benchmarks' figures would not be what users get.
-        let file = File::open("/proc/thread-self/schedstat").expect("schedstat");
-        let before = read(&file).expect("a sample");
+        let before = read().expect("a sample");
         // Give up the CPU a few times: each return from sleep is a run.
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let after = read(&file).expect("a second sample");
+        let after = read().expect("a second sample");
         assert!(
             after.runs >= before.runs + 3,
             "{before:?} → {after:?}: each wake-up counts as a run"
@@ -208,7 +231,7 @@ mod tests {
 
     #[test]
     fn a_window_without_enough_wake_ups_changes_nothing() {
-        let mut pace = Pace::new();
+        let mut pace = Pace::new(Gauge::default());
         let t0 = Instant::now();
         assert_eq!(pace.on_tick(t0), None, "first tick opens a window");
         // A window later, this thread has not run 16 times since: no decision.
@@ -218,12 +241,16 @@ mod tests {
 
     #[test]
     fn a_short_pause_keeps_the_interval_and_a_long_one_resets_it() {
-        let mut pace = Pace::new();
+        let shown = Gauge::<f64, AtomicU64>::default();
+        let mut pace = Pace::new(shown.clone());
         pace.interval = MAX;
         let t0 = Instant::now();
         pace.stop(t0);
+        assert_eq!(shown.get(), 0.0, "not polling");
         assert_eq!(pace.start(t0 + RESUME / 2), MAX, "the same load resumes");
+        assert_eq!(shown.get(), MAX.as_secs_f64());
         pace.stop(t0 + RESUME);
         assert_eq!(pace.start(t0 + RESUME * 3), MIN, "a new burst starts low");
+        assert_eq!(shown.get(), MIN.as_secs_f64());
     }
 }

@@ -1983,7 +1983,7 @@ async fn accept_with(
         counters,
     };
     let mut polling = false;
-    let mut pace = Pace::new();
+    let mut pace = Pace::new(shared.metrics.accept_poll_interval.clone());
     let mut last_wake = Instant::now();
     loop {
         if !shared.accepting.get() {
