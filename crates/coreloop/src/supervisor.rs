@@ -288,11 +288,11 @@ impl Worker {
         self.sent.saturating_sub(self.closed)
     }
 
-    /// How busy its event loop looks: stuck when one handler poll has run far longer than
-    /// a short request's, or the loop has been awake far longer than a short request takes
-    /// (a handler that does not yield); busy when it has not read everything sent to it or
-    /// has been awake a while. An error reading the queue (there is none for a socket)
-    /// only loses the information.
+    /// How busy its event loop looks: stuck when the loop has been awake far longer than a
+    /// short request takes (a handler that does not yield); busy when one handler poll has
+    /// run longer than a short request's, when it has not read everything sent to it, or
+    /// when it has been awake a while. An error reading the queue (there is none for a
+    /// socket) only loses the information.
     /// Also returns how long the loop has been awake.
     fn busy(&self) -> (Busy, Duration) {
         let (awake, in_poll) = self.clock.as_ref().map_or((None, None), |clock| {
@@ -312,9 +312,9 @@ impl Worker {
 /// poll now running has run, and (asked last: a system call) whether it has left
 /// something unread. See [`Worker::busy`].
 fn classify(awake: Duration, in_poll: Option<Duration>, unread: impl FnOnce() -> bool) -> Busy {
-    if awake >= AWAKE_STUCK || in_poll.is_some_and(|poll| poll >= POLL_STUCK) {
+    if awake >= AWAKE_STUCK {
         Busy::Stuck
-    } else if awake >= AWAKE_BUSY || unread() {
+    } else if awake >= AWAKE_BUSY || in_poll.is_some_and(|poll| poll >= POLL_BUSY) || unread() {
         Busy::Working
     } else {
         Busy::Idle
@@ -1828,11 +1828,12 @@ const AWAKE_BUSY: Duration = Duration::from_micros(500);
 /// A worker whose event loop has been awake this long is stuck in a handler: it gets
 /// nothing while a less busy worker has room.
 const AWAKE_STUCK: Duration = Duration::from_millis(5);
-/// A worker inside one handler poll that has run this long is stuck in it: a connection
-/// sent now would wait for a poll of unknown length. A short request's poll (read, parse,
-/// answer) takes a few microseconds; one preempted by the scheduler for this long is no
-/// better a choice.
-const POLL_STUCK: Duration = Duration::from_micros(100);
+/// A worker inside one handler poll that has run this long is busy: a connection sent now
+/// would wait for a poll of unknown length. A short request's poll (read, parse, answer)
+/// takes a few microseconds. Busy, not stuck: on a loaded machine a healthy worker is
+/// often preempted mid-poll for this long, and must still rank above one that does not
+/// read its queue at all (stopped, say).
+const POLL_BUSY: Duration = Duration::from_micros(100);
 /// Longest the accept loop holds accepted connections while every worker is busy in a
 /// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
 const HOLD_MAX: Duration = Duration::from_millis(20);
@@ -2219,14 +2220,28 @@ mod tests {
     const US: Duration = Duration::from_micros(1);
 
     #[test]
-    fn a_long_handler_poll_is_stuck_before_the_loop_has_been_awake_long() {
+    fn a_long_handler_poll_is_busy_before_the_loop_has_been_awake_long() {
         // 150 µs into a handler that does not yield: the loop has not been awake long
         // enough to look busy, but the poll has run far longer than a short request's.
-        assert_eq!(classify(150 * US, Some(150 * US), || false), Busy::Stuck);
-        assert_eq!(classify(150 * US, Some(POLL_STUCK), || false), Busy::Stuck);
+        assert_eq!(classify(150 * US, Some(150 * US), || false), Busy::Working);
+        assert_eq!(classify(150 * US, Some(POLL_BUSY), || false), Busy::Working);
         // The same loop between polls, or in a short one, takes connections.
         assert_eq!(classify(150 * US, None, || false), Busy::Idle);
         assert_eq!(classify(150 * US, Some(20 * US), || false), Busy::Idle);
+        // Stuck is for a loop awake far longer, whatever the poll.
+        assert_eq!(
+            classify(AWAKE_STUCK, Some(AWAKE_STUCK), || false),
+            Busy::Stuck
+        );
+    }
+
+    #[test]
+    fn a_worker_preempted_in_a_poll_ranks_no_lower_than_one_that_does_not_read() {
+        // A stopped worker: asleep as far as its clock knows, its queue unread.
+        let stopped = classify(Duration::ZERO, None, || true);
+        // A healthy one, preempted for a millisecond in the middle of a short poll.
+        let preempted = classify(1_000 * US, Some(1_000 * US), || false);
+        assert!(preempted <= stopped, "{preempted:?} vs {stopped:?}");
     }
 
     #[test]
