@@ -8,8 +8,9 @@
 //!   listener is readable, then accepts in bursts with raw `accept4` and hands the sockets
 //!   to [`Shared::dispatch_all`]. Under a high connection rate it stops waking per
 //!   connection and polls the listeners on a timer instead, so that each wake-up forwards
-//!   a batch; the interval grows while the CPUs are saturated ([`crate::pace`]). Accept errors from exhausted resources (`EMFILE`, …) are
-//!   logged once per episode and retried after a growing pause, never in a spin.
+//!   a batch; the interval grows while the CPUs are saturated ([`crate::pace`]). Accept
+//!   errors from exhausted resources (`EMFILE`, …) are logged once per episode and
+//!   retried after a growing pause, never in a spin.
 //! - **one watcher per worker** ([`watch`]): reads the worker's channel (`Ready`, `Failed`,
 //!   `Retiring`, `Status`), reaps the process (`tokio::process`: no zombies), takes back the
 //!   connections a dead worker never read, and starts a replacement with backoff, within
