@@ -52,7 +52,9 @@ pub(crate) struct Pace {
     interval: Duration,
     /// The interval while polling, 0 while not (`coreloop_accept_poll_interval_seconds`).
     shown: Gauge<f64, AtomicU64>,
-    /// Whether the statistics could be read (cleared at the first failure).
+    /// Whether this kernel has the statistics (cleared when the file is missing or
+    /// unreadable as such; a transient failure, such as running out of descriptors, only
+    /// skips a sample).
     schedstat: bool,
     /// The start of the current window, with the statistics then.
     window: Option<(Instant, Sample)>,
@@ -129,6 +131,24 @@ impl Pace {
             next
         })
     }
+
+    /// Reads the statistics. The file is opened for each sample (50 times a second at
+    /// most, only while polling) rather than kept: the supervisor holds no descriptor for
+    /// it.
+    fn sample(&mut self) -> Option<Sample> {
+        match read() {
+            Ok(sample) => Some(sample),
+            Err(err) => {
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+                ) {
+                    self.schedstat = false;
+                }
+                None
+            }
+        }
+    }
 }
 
 /// The interval after a window in which a wake-up waited `waited` on average for a CPU.
@@ -142,23 +162,15 @@ fn next_interval(current: Duration, waited: Duration) -> Duration {
     }
 }
 
-impl Pace {
-    /// Reads the statistics, or stops trying if they cannot be read. The file is opened
-    /// for each sample (50 times a second at most, only while polling) rather than kept:
-    /// the supervisor holds no descriptor for it.
-    fn sample(&mut self) -> Option<Sample> {
-        let sample = read();
-        self.schedstat = sample.is_some();
-        sample
-    }
-}
-
 /// Reads `/proc/thread-self/schedstat`: "on-CPU ns, waiting ns, runs".
-fn read() -> Option<Sample> {
-    let mut file = std::fs::File::open("/proc/thread-self/schedstat").ok()?;
+fn read() -> std::io::Result<Sample> {
+    let mut file = std::fs::File::open("/proc/thread-self/schedstat")?;
     let mut buf = [0u8; 96];
-    let len = file.read(&mut buf).ok()?;
-    parse(std::str::from_utf8(buf.get(..len)?).ok()?)
+    let len = file.read(&mut buf)?;
+    std::str::from_utf8(&buf[..len])
+        .ok()
+        .and_then(parse)
+        .ok_or_else(|| std::io::ErrorKind::InvalidData.into())
 }
 
 fn parse(text: &str) -> Option<Sample> {
