@@ -673,8 +673,13 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
     }
     // An upgrade that completed in the meantime is cancelled (the new supervisor killed).
     drop(shared.successor.borrow_mut().take());
-    if let Some(path) = &shared.config.pid_file {
-        crate::upgrade::remove_pid_file(path);
+    // After a handover the pid file belongs to the new supervisor, which rewrites it once
+    // it serves: reading it here and removing it if it still named us would race that
+    // write and could remove the new supervisor's file.
+    if let Some(path) = shared.config.pid_file.as_ref() {
+        if !matches!(outcome, Outcome::Upgraded(_)) {
+            crate::upgrade::remove_pid_file(path);
+        }
     }
 
     match outcome {

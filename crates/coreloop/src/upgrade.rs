@@ -323,8 +323,8 @@ pub(crate) fn write_pid_file(path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Removes the pid file if it still names this process (after an upgrade it names the
-/// new supervisor, and stays).
+/// Removes the pid file if it still names this process. Not called after a handover: the
+/// file is the new supervisor's then (see the supervisor's shutdown).
 pub(crate) fn remove_pid_file(path: &Path) {
     let ours = std::fs::read_to_string(path)
         .is_ok_and(|text| text.trim() == std::process::id().to_string());
