@@ -110,14 +110,27 @@ impl Pace {
         if !self.schedstat {
             return None;
         }
+        // Read the statistics only when they open or close a window.
+        let due = self
+            .window
+            .is_none_or(|(start, _)| now.duration_since(start) >= WINDOW);
+        if !due {
+            return None;
+        }
+        let sample = self.sample()?;
+        self.on_sample(now, sample)
+    }
+
+    /// The decision for a sample taken at `now`: opens a window, or closes one that has
+    /// lasted [`WINDOW`] and adapts the interval to the average wait per wake-up in it.
+    fn on_sample(&mut self, now: Instant, after: Sample) -> Option<Duration> {
         let Some((start, before)) = self.window else {
-            self.window = self.sample().map(|sample| (now, sample));
+            self.window = Some((now, after));
             return None;
         };
         if now.duration_since(start) < WINDOW {
             return None;
         }
-        let after = self.sample()?;
         self.window = Some((now, after));
         let runs = after.runs.saturating_sub(before.runs);
         if runs < MIN_RUNS {
@@ -241,14 +254,42 @@ mod tests {
         );
     }
 
+    fn at(waited_ns: u64, runs: u64) -> Sample {
+        Sample { waited_ns, runs }
+    }
+
+    #[test]
+    fn a_window_of_contended_wake_ups_doubles_the_interval_and_idle_ones_halve_it() {
+        let shown = Gauge::<f64, AtomicU64>::default();
+        let mut pace = Pace::new(shown.clone());
+        let t0 = Instant::now();
+        assert_eq!(pace.start(t0), MIN);
+        assert_eq!(pace.on_sample(t0, at(0, 0)), None, "opens a window");
+        // 100 wake-ups that waited 20 µs each on average, but the window is not over.
+        assert_eq!(pace.on_sample(t0 + WINDOW / 2, at(2_000_000, 100)), None);
+        assert_eq!(
+            pace.on_sample(t0 + WINDOW, at(2_000_000, 100)),
+            Some(MIN * 2)
+        );
+        assert_eq!(shown.get(), (MIN * 2).as_secs_f64(), "the gauge follows");
+        // The next window: 100 more wake-ups waiting 2 µs each.
+        let t1 = t0 + WINDOW * 2;
+        assert_eq!(pace.on_sample(t1, at(2_200_000, 200)), Some(MIN));
+    }
+
     #[test]
     fn a_window_without_enough_wake_ups_changes_nothing() {
         let mut pace = Pace::new(Gauge::default());
         let t0 = Instant::now();
-        assert_eq!(pace.on_tick(t0), None, "first tick opens a window");
-        // A window later, this thread has not run 16 times since: no decision.
-        assert_eq!(pace.on_tick(t0 + WINDOW), None);
+        assert_eq!(pace.on_sample(t0, at(0, 0)), None, "opens a window");
+        // Fifteen wake-ups that each waited a whole millisecond: too few to act on.
+        let few = at(15_000_000, MIN_RUNS - 1);
+        assert_eq!(pace.on_sample(t0 + WINDOW, few), None);
         assert_eq!(pace.start(t0 + WINDOW), MIN);
+        // The real statistics of this thread open a window too.
+        let mut real = Pace::new(Gauge::default());
+        assert_eq!(real.on_tick(t0), None, "first tick opens a window");
+        assert!(real.window.is_some(), "this kernel has the statistics");
     }
 
     #[test]
