@@ -879,15 +879,7 @@ impl Server {
     ///
     /// A line missing in time, or unparsable.
     pub fn expect_scaled_up(&self, mark: usize, workers: usize) -> Result<u32> {
-        let count = workers.to_string();
-        self.expect_log_since(
-            mark,
-            &format!("`scaled up workers={workers}`"),
-            |line| {
-                line.contains(" scaled up ") && log_field(line, "workers") == Some(count.as_str())
-            },
-            Duration::from_secs(10),
-        )?;
+        self.expect_scaled(mark, "up", workers)?;
         let slot = workers - 1;
         let ready = self.expect_log_since(
             mark,
@@ -905,13 +897,16 @@ impl Server {
     ///
     /// No such line in time.
     pub fn expect_scaled_down(&self, mark: usize, workers: usize) -> Result<()> {
-        let count = workers.to_string();
+        self.expect_scaled(mark, "down", workers)
+    }
+
+    /// Waits (up to 10 s), from log line `mark` on, for `scaled {way} workers={workers}`.
+    fn expect_scaled(&self, mark: usize, way: &str, workers: usize) -> Result<()> {
+        let (words, count) = (format!(" scaled {way} "), workers.to_string());
         self.expect_log_since(
             mark,
-            &format!("`scaled down workers={workers}`"),
-            |line| {
-                line.contains(" scaled down ") && log_field(line, "workers") == Some(count.as_str())
-            },
+            &format!("`scaled {way} workers={workers}`"),
+            |line| line.contains(&words) && log_field(line, "workers") == Some(count.as_str()),
             Duration::from_secs(10),
         )?;
         Ok(())

@@ -463,7 +463,7 @@ impl<H: Handler> Spawner<H> {
         };
         tokio::task::spawn_local(
             async move {
-                match (CatchUnwind { inner: fut }).await {
+                match (HandlerPoll { inner: fut }).await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => log_handler_error(err.into()),
                     Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
@@ -565,13 +565,13 @@ pin_project_lite::pin_project! {
     /// Polls a future inside `catch_unwind`, so that a panicking handler is logged and its
     /// connection closed without taking the worker down; and marks each poll on the loop
     /// clock, so that the supervisor sees a handler that does not yield while it runs.
-    struct CatchUnwind<F> {
+    struct HandlerPoll<F> {
         #[pin]
         inner: F,
     }
 }
 
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+impl<F: std::future::Future> std::future::Future for HandlerPoll<F> {
     type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
