@@ -24,6 +24,7 @@ use std::cell::OnceCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use rustix::net::{
@@ -153,6 +154,8 @@ pub struct Channel {
     read: Readiness,
     /// Write readiness, on a duplicate descriptor, registered on first need.
     write: OnceCell<Readiness>,
+    /// Bytes of every message sent so far (see [`Channel::sent_bytes`]).
+    sent: AtomicU64,
 }
 
 impl Channel {
@@ -166,6 +169,7 @@ impl Channel {
         Ok(Self {
             read: Readiness::new(fd, Interest::READABLE)?,
             write: OnceCell::new(),
+            sent: AtomicU64::new(0),
         })
     }
 
@@ -221,7 +225,11 @@ impl Channel {
             &mut control,
             flags,
         ) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // A seqpacket send is all or nothing.
+                self.sent.fetch_add(len as u64, Ordering::Relaxed);
+                Ok(())
+            }
             Err(rustix::io::Errno::AGAIN) => {
                 // The kernel said "full": clear any cached write readiness, so that
                 // `poll_send_ready` waits for the kernel's next report instead of spinning.
@@ -232,6 +240,13 @@ impl Channel {
             }
             Err(err) => Err(ChannelError::Io(err.into()).into()),
         }
+    }
+
+    /// Bytes of all the messages this end has sent. Less what the peer's queue still holds
+    /// ([`Queue::unread_bytes`]), it is what the peer has read: the two together tell
+    /// whether a peer with a non-empty queue is reading at all.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Polls until the kernel reports room in the peer's queue. After a

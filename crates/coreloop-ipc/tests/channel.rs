@@ -263,11 +263,23 @@ async fn the_queue_tells_whether_the_reader_has_read_everything() {
         .unwrap();
     let two = queue.unread_bytes().unwrap();
     assert!(two > 0);
+    assert_eq!(sup.sent_bytes(), two, "sent so far is all unread");
     worker.recv().await.unwrap().expect("first message");
     let one = queue.unread_bytes().unwrap();
     assert!(one > 0 && one < two, "{one} of {two}");
+    assert_eq!(
+        sup.sent_bytes(),
+        two,
+        "reading does not change what was sent"
+    );
     worker.recv().await.unwrap().expect("second message");
     assert_eq!(queue.unread_bytes().unwrap(), 0);
+    // A failed send counts nothing.
+    assert!(
+        sup.try_send(&Message::Drain { timeout_ms: 3 }, &[worker.as_fd()])
+            .is_err()
+    );
+    assert_eq!(sup.sent_bytes(), two);
 }
 
 #[tokio::test(flavor = "current_thread")]

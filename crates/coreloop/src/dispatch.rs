@@ -49,10 +49,11 @@ pub(crate) struct Candidate {
     /// How busy its event loop looks right now; the least busy workers with room are
     /// the only ones considered.
     pub(crate) busy: Busy,
-    /// How long its event loop has been awake, in µs (0 when asleep or unknown): among
-    /// workers that all look stuck, the one stuck the shortest time is picked (a loop
-    /// that was merely preempted for a few milliseconds, not one in a long handler).
-    pub(crate) awake_us: u64,
+    /// How long it has looked stuck, in µs (its longest handler poll now running, or how
+    /// long its queue has waited unread): among workers that all look stuck, the one stuck
+    /// the shortest time is picked (a loop that was merely preempted for a few
+    /// milliseconds, not one in a long handler or a stopped one).
+    pub(crate) stuck_us: u64,
 }
 
 /// How busy a worker's event loop looks to the supervisor, in increasing order.
@@ -64,8 +65,12 @@ pub(crate) enum Busy {
     /// Has not read everything sent to it yet, or has been awake for a while: whatever it
     /// gets now waits behind what it is doing.
     Working,
-    /// Awake far longer than any short request takes: inside a handler that does not
-    /// yield. Gets nothing while another worker with room is less busy.
+    /// In one handler poll, or not reading its queue, for longer than a short burst of
+    /// requests takes: a connection sent now waits at least that long.
+    Lagging,
+    /// In one handler poll, or not reading its queue, far longer than any short request
+    /// takes: inside a handler that does not yield, or not running at all. Gets nothing
+    /// while another worker with room is less busy.
     Stuck,
 }
 
@@ -73,7 +78,7 @@ impl Candidate {
     fn eligible(&self, level: Level) -> bool {
         self.room > 0
             && self.busy <= level.busy
-            && (self.busy < Busy::Stuck || self.awake_us <= level.awake_us)
+            && (self.busy < Busy::Stuck || self.stuck_us <= level.stuck_us)
     }
 }
 
@@ -81,8 +86,8 @@ impl Candidate {
 #[derive(Debug, Clone, Copy)]
 struct Level {
     busy: Busy,
-    /// When every worker with room is stuck: the shortest time one has been awake.
-    awake_us: u64,
+    /// When every worker with room is stuck: the shortest time one has been stuck.
+    stuck_us: u64,
 }
 
 /// Picks workers according to a [`Dispatch`] policy.
@@ -113,7 +118,7 @@ impl Planner {
         let with_room = || candidates.iter().filter(|c| c.room > 0);
         let level = Level {
             busy: with_room().map(|c| c.busy).min().unwrap_or_default(),
-            awake_us: with_room().map(|c| c.awake_us).min().unwrap_or_default(),
+            stuck_us: with_room().map(|c| c.stuck_us).min().unwrap_or_default(),
         };
         let chosen = match self.policy {
             Dispatch::RoundRobin => {
@@ -212,7 +217,7 @@ mod tests {
                 load,
                 room,
                 busy: Busy::Idle,
-                awake_us: 0,
+                stuck_us: 0,
             })
             .collect()
     }
@@ -296,12 +301,18 @@ mod tests {
             cands[1].busy = Busy::Working;
             let picks = plan(policy, &mut cands, 10);
             assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
-            // All stuck: the one awake the shortest time (preempted, not in a handler).
+            // A lagging one likewise, though it has fewer connections.
+            cands = candidates(&[(0, 100), (40, 100)]);
+            cands[0].busy = Busy::Lagging;
+            cands[1].busy = Busy::Working;
+            let picks = plan(policy, &mut cands, 10);
+            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
+            // All stuck: the one stuck the shortest time (preempted, not in a handler).
             let mut cands = candidates(&[(0, 100), (40, 100)]);
             cands[0].busy = Busy::Stuck;
-            cands[0].awake_us = 1_500_000;
+            cands[0].stuck_us = 1_500_000;
             cands[1].busy = Busy::Stuck;
-            cands[1].awake_us = 6_000;
+            cands[1].stuck_us = 6_000;
             let picks = plan(policy, &mut cands, 10);
             assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
         }

@@ -255,8 +255,8 @@ struct Worker {
     channel: Rc<Channel>,
     /// Our duplicate of the worker's end: what it has not read yet.
     queue: Rc<Queue>,
-    /// Since when its queue has been found unread (see [`Shared::all_busy`]).
-    unread_since: Option<Instant>,
+    /// Whether it is reading its queue, as last looked at (see [`Worker::look`]).
+    reading: Reading,
     /// When its event loop last woke up, shared with it (`LoopClock`, sent before `Ready`).
     clock: Option<coreloop_ipc::LoopClock>,
     state: State,
@@ -289,19 +289,25 @@ impl Worker {
         self.sent.saturating_sub(self.closed)
     }
 
-    /// How busy its event loop looks: stuck when the loop has been awake far longer than a
-    /// short request takes (a handler that does not yield); busy when one handler poll has
-    /// run longer than a short request's, when it has not read everything sent to it, or
-    /// when it has been awake a while. An error reading the queue (there is none for a
-    /// socket) only loses the information.
-    /// Also returns how long the loop has been awake.
-    fn busy(&self) -> (Busy, Duration) {
+    /// How long something has waited in its queue while it read nothing at all: `None`
+    /// when its queue is empty. One `FIONREAD`; an error (there is none for a socket) only
+    /// loses the information.
+    ///
+    /// What it has read is what was sent less what is still queued, so a worker that reads
+    /// slower than it is sent to, but reads, is not waiting: only one that has stopped
+    /// reading (stopped, not scheduled, or in a handler that does not yield) is.
+    fn look(&mut self, now: Instant) -> Option<Duration> {
+        let unread = self.queue.unread_bytes().unwrap_or(0);
+        self.reading.observe(now, self.channel.sent_bytes(), unread)
+    }
+
+    /// How busy its event loop looks (see [`classify`]), and for how long it has looked
+    /// stuck.
+    fn busy(&mut self, now: Instant) -> (Busy, Duration) {
         let (awake, in_poll) = self.clock.as_ref().map_or((None, None), |clock| {
             (clock.awake_for(), clock.poll_running_for())
         });
-        let awake = awake.unwrap_or_default();
-        let unread = || self.queue.unread_bytes().is_ok_and(|bytes| bytes > 0);
-        (classify(awake, in_poll, unread), awake)
+        classify(awake.unwrap_or_default(), in_poll, self.look(now))
     }
 
     fn can_take(&self, cap: u64) -> bool {
@@ -309,17 +315,65 @@ impl Worker {
     }
 }
 
+/// What the supervisor last saw of a worker reading its queue (see [`Worker::look`]).
+#[derive(Debug, Default)]
+struct Reading {
+    /// Bytes it had read then.
+    read: u64,
+    /// Since when what is queued has waited with nothing read; `None` while the queue was
+    /// empty.
+    waiting_since: Option<Instant>,
+}
+
+impl Reading {
+    /// Takes a look at `now`, when `sent` bytes have been sent to the worker in all and
+    /// `unread` of them are still queued. Returns how long the queue has waited with
+    /// nothing read, or `None` if it is empty.
+    fn observe(&mut self, now: Instant, sent: u64, unread: u64) -> Option<Duration> {
+        if unread == 0 {
+            self.read = sent;
+            self.waiting_since = None;
+            return None;
+        }
+        let read = sent.saturating_sub(unread);
+        if read != self.read {
+            self.read = read;
+            self.waiting_since = Some(now);
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        Some(now.saturating_duration_since(since))
+    }
+}
+
 /// How busy a worker is, from how long its loop has been awake, how long the handler
-/// poll now running has run, and (asked last: a system call) whether it has left
-/// something unread. See [`Worker::busy`].
-fn classify(awake: Duration, in_poll: Option<Duration>, unread: impl FnOnce() -> bool) -> Busy {
-    if awake >= AWAKE_STUCK {
+/// poll now running has run, and how long its queue has waited unread (`None`: empty).
+/// Also returns how long it has looked stuck, for ranking workers that all do.
+///
+/// Stuck: one handler poll, or a queue left unread, for [`STUCK`]: a handler that does
+/// not yield, or a worker that is not running at all (stopped, or not scheduled). A loop
+/// merely awake that long is not stuck: on a loaded machine a healthy worker is often
+/// runnable without running for milliseconds, and must still rank above a stopped one.
+/// Lagging: the same for [`LAGGING`]. Busy: a poll that has run longer than a short
+/// request's, anything unread, or a loop awake a while.
+fn classify(
+    awake: Duration,
+    in_poll: Option<Duration>,
+    waiting: Option<Duration>,
+) -> (Busy, Duration) {
+    let stuck_for = in_poll.unwrap_or_default().max(waiting.unwrap_or_default());
+    let busy = if stuck_for >= STUCK {
         Busy::Stuck
-    } else if awake >= AWAKE_BUSY || in_poll.is_some_and(|poll| poll >= POLL_BUSY) || unread() {
+    } else if stuck_for >= LAGGING {
+        Busy::Lagging
+    } else if awake >= AWAKE_BUSY
+        || in_poll.is_some_and(|poll| poll >= POLL_BUSY)
+        || waiting.is_some()
+    {
         Busy::Working
     } else {
         Busy::Idle
-    }
+    };
+    (busy, stuck_for)
 }
 
 /// An accepted connection waiting to be queued to a worker.
@@ -828,8 +882,8 @@ impl Shared {
     /// Whether every worker that can take a connection has not yet read what it was sent:
     /// each is busy in a handler, and a connection sent now would wait behind it.
     ///
-    /// A worker counts as busy once its queue has stayed unread for a poll interval: one
-    /// that simply has not been scheduled yet since the last send is not.
+    /// A worker counts as busy once its queue has waited a poll interval with nothing
+    /// read: one that simply has not been scheduled yet since the last send is not.
     fn all_busy(&self) -> bool {
         let now = Instant::now();
         let mut takers = 0;
@@ -841,13 +895,8 @@ impl Shared {
             .filter(|w| w.can_take(self.cap))
         {
             takers += 1;
-            if w.queue.unread_bytes().is_ok_and(|bytes| bytes > 0) {
-                let since = *w.unread_since.get_or_insert(now);
-                if now.duration_since(since) >= pace::MIN {
-                    busy += 1;
-                }
-            } else {
-                w.unread_since = None;
+            if w.look(now).is_some_and(|waited| waited >= pace::MIN) {
+                busy += 1;
             }
         }
         takers > 0 && busy == takers
@@ -905,7 +954,8 @@ impl Shared {
             }
             scratch.candidates.clear();
             scratch.channels.clear();
-            for w in self.workers.borrow().iter() {
+            let now = Instant::now();
+            for w in self.workers.borrow_mut().iter_mut() {
                 let room = if w.state == State::Ready
                     && !w.stalled
                     && !scratch.excluded.contains(&w.pid)
@@ -914,8 +964,8 @@ impl Shared {
                 } else {
                     0
                 };
-                let (busy, awake) = if room > 0 {
-                    w.busy()
+                let (busy, stuck_for) = if room > 0 {
+                    w.busy(now)
                 } else {
                     (Busy::Idle, Duration::ZERO)
                 };
@@ -923,7 +973,7 @@ impl Shared {
                     load: w.open(),
                     room,
                     busy,
-                    awake_us: u64::try_from(awake.as_micros()).unwrap_or(u64::MAX),
+                    stuck_us: u64::try_from(stuck_for.as_micros()).unwrap_or(u64::MAX),
                 });
                 scratch
                     .channels
@@ -966,6 +1016,8 @@ impl Shared {
                             }
                             let due = self
                                 .with_worker(*pid, |w| {
+                                    // Queued from now on, if its queue was empty.
+                                    w.reading.waiting_since.get_or_insert(now);
                                     let before = w.sent;
                                     w.sent += k as u64;
                                     w.forwarded.inc_by(k as u64);
@@ -1123,7 +1175,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         pid,
         channel: Rc::clone(&channel),
         queue: Rc::clone(&queue),
-        unread_since: None,
+        reading: Reading::default(),
         clock: None,
         state: State::Starting,
         started: Instant::now(),
@@ -1831,14 +1883,15 @@ async fn health_loop(shared: Rc<Shared>) {
 /// busy: connections go to others while any is free (see [`Shared::try_dispatch_all`]).
 /// Short requests keep a loop awake for tens of microseconds.
 const AWAKE_BUSY: Duration = Duration::from_micros(500);
-/// A worker whose event loop has been awake this long is stuck in a handler: it gets
-/// nothing while a less busy worker has room.
-const AWAKE_STUCK: Duration = Duration::from_millis(5);
+/// A worker inside one handler poll, or with a queue left unread, for this long lags: it
+/// gets nothing while another is merely busy. A burst of short requests takes less.
+const LAGGING: Duration = Duration::from_millis(1);
+/// A worker inside one handler poll, or with a queue left unread, for this long is stuck:
+/// it gets nothing while a less busy worker has room (see [`classify`]).
+const STUCK: Duration = Duration::from_millis(5);
 /// A worker inside one handler poll that has run this long is busy: a connection sent now
 /// would wait for a poll of unknown length. A short request's poll (read, parse, answer)
-/// takes a few microseconds. Busy, not stuck: on a loaded machine a healthy worker is
-/// often preempted mid-poll for this long, and must still rank above one that does not
-/// read its queue at all (stopped, say).
+/// takes a few microseconds.
 const POLL_BUSY: Duration = Duration::from_micros(100);
 /// Longest the accept loop holds accepted connections while every worker is busy in a
 /// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
@@ -2225,47 +2278,93 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
+    fn busy(awake: Duration, in_poll: Option<Duration>, waiting: Option<Duration>) -> Busy {
+        classify(awake, in_poll, waiting).0
+    }
+
     #[test]
     fn a_long_handler_poll_is_busy_before_the_loop_has_been_awake_long() {
         // 150 µs into a handler that does not yield: the loop has not been awake long
         // enough to look busy, but the poll has run far longer than a short request's.
-        assert_eq!(classify(150 * US, Some(150 * US), || false), Busy::Working);
-        assert_eq!(classify(150 * US, Some(POLL_BUSY), || false), Busy::Working);
+        assert_eq!(busy(150 * US, Some(150 * US), None), Busy::Working);
+        assert_eq!(busy(150 * US, Some(POLL_BUSY), None), Busy::Working);
         // The same loop between polls, or in a short one, takes connections.
-        assert_eq!(classify(150 * US, None, || false), Busy::Idle);
-        assert_eq!(classify(150 * US, Some(20 * US), || false), Busy::Idle);
-        // Stuck is for a loop awake far longer, whatever the poll.
+        assert_eq!(busy(150 * US, None, None), Busy::Idle);
+        assert_eq!(busy(150 * US, Some(20 * US), None), Busy::Idle);
+        // One poll that long is stuck, and stuck for as long as it has run.
+        assert_eq!(classify(STUCK, Some(STUCK), None), (Busy::Stuck, STUCK));
+    }
+
+    #[test]
+    fn a_worker_preempted_for_long_ranks_above_one_that_reads_nothing() {
+        // A stopped worker: asleep as far as its clock knows, its queue unread for 40 ms.
+        let (stopped, stopped_for) = classify(Duration::ZERO, None, Some(40_000 * US));
+        assert_eq!(stopped, Busy::Stuck);
+        // A healthy one, runnable but not scheduled for 8 ms in the middle of a short poll.
+        let preempted = classify(8_000 * US, Some(8_000 * US), None);
+        assert!(
+            preempted < (stopped, stopped_for),
+            "{preempted:?} vs {stopped:?}"
+        );
+        // Awake that long between polls, with nothing waiting, is only busy.
+        assert_eq!(busy(8_000 * US, None, None), Busy::Working);
+    }
+
+    #[test]
+    fn a_queue_unread_for_a_millisecond_lags_behind_one_being_read() {
+        // Both have something unread; one has read nothing for 3 ms (stopped a moment
+        // ago, or in a long handler), the other is reading.
+        let waiting = busy(Duration::ZERO, None, Some(3_000 * US));
+        let reading = busy(200 * US, None, Some(Duration::ZERO));
+        assert_eq!((reading, waiting), (Busy::Working, Busy::Lagging));
+        assert_eq!(busy(Duration::ZERO, Some(LAGGING), None), Busy::Lagging);
         assert_eq!(
-            classify(AWAKE_STUCK, Some(AWAKE_STUCK), || false),
-            Busy::Stuck
+            busy(Duration::ZERO, None, Some(LAGGING - US)),
+            Busy::Working
         );
     }
 
     #[test]
-    fn a_worker_preempted_in_a_poll_ranks_no_lower_than_one_that_does_not_read() {
-        // A stopped worker: asleep as far as its clock knows, its queue unread.
-        let stopped = classify(Duration::ZERO, None, || true);
-        // A healthy one, preempted for a millisecond in the middle of a short poll.
-        let preempted = classify(1_000 * US, Some(1_000 * US), || false);
-        assert!(preempted <= stopped, "{preempted:?} vs {stopped:?}");
-    }
-
-    #[test]
     fn the_loop_clock_and_the_queue_rank_the_rest() {
-        assert_eq!(classify(AWAKE_STUCK, None, || false), Busy::Stuck);
-        assert_eq!(classify(AWAKE_BUSY, None, || false), Busy::Working);
-        assert_eq!(classify(Duration::ZERO, None, || true), Busy::Working);
-        assert_eq!(classify(Duration::ZERO, None, || false), Busy::Idle);
+        assert_eq!(busy(AWAKE_BUSY, None, None), Busy::Working);
+        assert_eq!(
+            busy(Duration::ZERO, None, Some(Duration::ZERO)),
+            Busy::Working
+        );
+        assert_eq!(busy(Duration::ZERO, None, None), Busy::Idle);
+        assert_eq!(
+            classify(Duration::ZERO, Some(US), Some(STUCK)),
+            (Busy::Stuck, STUCK)
+        );
     }
 
     #[test]
-    fn the_queue_is_not_asked_when_the_clock_already_decides() {
-        let asked = std::cell::Cell::new(false);
-        let unread = || {
-            asked.set(true);
-            true
-        };
-        assert_eq!(classify(AWAKE_STUCK, None, unread), Busy::Stuck);
-        assert!(!asked.get(), "no FIONREAD for a stuck worker");
+    fn a_queue_waits_only_while_nothing_in_it_is_read() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut reading = Reading::default();
+        // Empty: nothing waits.
+        assert_eq!(reading.observe(t0, 0, 0), None);
+        // 300 bytes sent and none read: waiting since first seen.
+        assert_eq!(reading.observe(ms(1), 300, 300), Some(Duration::ZERO));
+        assert_eq!(
+            reading.observe(ms(7), 300, 300),
+            Some(Duration::from_millis(6))
+        );
+        // 100 read, 200 more sent: reading, so the wait starts again.
+        assert_eq!(reading.observe(ms(8), 500, 400), Some(Duration::ZERO));
+        assert_eq!(
+            reading.observe(ms(9), 500, 400),
+            Some(Duration::from_millis(1))
+        );
+        // A steady reader that never empties its queue never waits long.
+        for n in 0..20 {
+            let sent = 600 + 100 * n;
+            let waited = reading.observe(ms(10 + n), sent, 300);
+            assert_eq!(waited, Some(Duration::ZERO), "look {n}");
+        }
+        // Everything read: nothing waits, and the next send starts a new wait.
+        assert_eq!(reading.observe(ms(40), 2_500, 0), None);
+        assert_eq!(reading.observe(ms(41), 2_600, 100), Some(Duration::ZERO));
     }
 }
