@@ -1504,6 +1504,47 @@ pub fn get_over<S: Read + Write>(stream: &mut S, path: &str) -> Result<(u16, Str
     Ok((response.status, response.text()))
 }
 
+/// Starts `config` with the supervisor's Prometheus endpoint (`--metrics`) on a random
+/// `127.0.0.1` port, retrying a port that turns out to be taken; returns the server and
+/// that port.
+///
+/// # Errors
+///
+/// As [`Server::start`], or when no free port is found.
+pub fn start_with_metrics(config: &ServerConfig) -> Result<(Server, u16)> {
+    for _ in 0..PORT_ATTEMPTS {
+        let metrics_port = random_port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        match Server::start(config.clone().args(["--metrics", metrics.as_str()])) {
+            Ok(server) => return Ok((server, metrics_port)),
+            Err(err) if err.to_string().contains("metrics") => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    bail!("no free port for metrics")
+}
+
+/// Scrapes `/metrics` on `127.0.0.1:port`: the OpenMetrics text.
+///
+/// # Errors
+///
+/// On I/O errors, a status other than 200, or a text without the OpenMetrics end mark.
+pub fn scrape(port: u16) -> Result<String> {
+    let (status, body) = get(port, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    ensure!(body.ends_with("# EOF\n"), "not OpenMetrics text: {body}");
+    Ok(body)
+}
+
+/// The value of one series in an OpenMetrics text, named exactly as it is written there
+/// (`coreloop_forwarded_total{worker="0"}`); `None` if the text has no such series.
+pub fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(series, _)| *series == name)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
 /// `GET path` on a new connection to `127.0.0.1:port` with `Connection: close`; returns
 /// the status and the body.
 ///

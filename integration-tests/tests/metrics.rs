@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use coreloop_integration_tests::{Server, ServerConfig, get, kill, random_port};
+use coreloop_integration_tests::{Server, ServerConfig, get, kill, start_with_metrics};
 use rustix::process::Signal;
 
 /// Sums of every sample of each metric name in an OpenMetrics text (labels dropped).
@@ -24,26 +24,16 @@ fn totals(text: &str) -> BTreeMap<String, f64> {
     totals
 }
 
+/// The text and the per-name totals of one scrape.
 fn scrape(port: u16) -> Result<(String, BTreeMap<String, f64>)> {
-    let (status, body) = get(port, "/metrics")?;
-    ensure!(status == 200, "/metrics answered {status}");
-    ensure!(body.ends_with("# EOF\n"), "not OpenMetrics text: {body}");
+    let body = coreloop_integration_tests::scrape(port)?;
     let totals = totals(&body);
     Ok((body, totals))
 }
 
-/// Starts the demo with 2 workers and metrics on a random port (retrying a taken one).
+/// Starts the demo with 2 workers and metrics on a random port.
 fn start() -> Result<(Server, u16)> {
-    for _ in 0..8 {
-        let metrics_port = random_port();
-        let metrics = format!("127.0.0.1:{metrics_port}");
-        match Server::start(ServerConfig::new(2).args(["--metrics", metrics.as_str()])) {
-            Ok(server) => return Ok((server, metrics_port)),
-            Err(err) if err.to_string().contains("metrics") => continue,
-            Err(err) => return Err(err),
-        }
-    }
-    anyhow::bail!("no free port for metrics")
+    start_with_metrics(&ServerConfig::new(2))
 }
 
 #[test]

@@ -10,22 +10,40 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
     Outcome, Server, ServerConfig, connect, is_alive, kill, live_children, log_field,
-    parse_responses, proc_stat, random_u64, read_until_close, timed_get, wait_for_exit,
-    wait_for_stopped, zombie_children,
+    parse_responses, proc_stat, random_u64, read_until_close, scrape, series, start_with_metrics,
+    timed_get, wait_for_exit, wait_for_stopped, zombie_children,
 };
 use rustix::process::Signal;
 
-/// Connections opened while one worker is stopped.
-const QUEUED: usize = 20;
+/// Connections opened at once while one worker is stopped, per burst.
+const BURST: usize = 10;
+/// Bursts at most, until one connection is queued to the stopped worker.
+const BURSTS: usize = 5;
+
+/// How many connections the supervisor has forwarded to worker 0 and to worker 1.
+fn forwarded(metrics_port: u16) -> anyhow::Result<(usize, usize)> {
+    let text = scrape(metrics_port)?;
+    let count = |worker: usize| {
+        series(
+            &text,
+            &format!("coreloop_forwarded_total{{worker=\"{worker}\"}}"),
+        )
+        .map_or(0, |n| n as usize)
+    };
+    Ok((count(0), count(1)))
+}
 
 #[test]
 fn connections_queued_to_a_dead_worker_are_redispatched() -> anyhow::Result<()> {
     // Stall detection starts after 3 heartbeat intervals (3 s here): until then the
-    // stopped worker keeps getting its round-robin share of connections.
-    let server = Server::start(ServerConfig::new(2).args(["--heartbeat-timeout", "30"]))?;
+    // stopped worker is still a candidate, and load-aware dispatch sends it connections
+    // while its queue looks like it is being read (at first: empty).
+    let config = ServerConfig::new(2).args(["--heartbeat-timeout", "30"]);
+    let (server, metrics_port) = start_with_metrics(&config)?;
     let port = server.port();
     let workers = server.worker_pids();
     let (stopped, other) = (workers[&0], workers[&1]);
+    let before = forwarded(metrics_port)?;
 
     kill(stopped, Signal::STOP)?;
     ensure!(
@@ -34,39 +52,67 @@ fn connections_queued_to_a_dead_worker_are_redispatched() -> anyhow::Result<()> 
     );
     let stopped_at = Instant::now();
 
-    // QUEUED requests, then two barrier requests: round-robin sends one barrier to the
-    // running worker, and once it answers, the supervisor has dispatched every earlier
-    // connection (it accepts in order and dispatches one connection at a time).
+    // Bursts of requests until one is queued to the stopped worker. After each burst, the
+    // supervisor's counters tell where every connection of it went, once their sum
+    // reaches what was opened.
     let (tx, rx) = mpsc::channel();
     let mut readers = Vec::new();
-    for index in 0..QUEUED + 2 {
-        let mut stream = connect(port)?;
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            let result = read_until_close(&mut stream).and_then(|reply| {
-                let responses = parse_responses(&reply.bytes)?;
-                anyhow::ensure!(responses.len() == 1, "{:?}", reply.text());
-                Ok((responses[0].status, responses[0].text()))
-            });
-            let _ = tx.send((index, result.map_err(|err| format!("{err:#}"))));
-        }));
+    let mut queued = (0, 0);
+    for _ in 0..BURSTS {
+        for _ in 0..BURST {
+            let index = readers.len();
+            let mut stream = connect(port)?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let tx = tx.clone();
+            readers.push(std::thread::spawn(move || {
+                let result = read_until_close(&mut stream).and_then(|reply| {
+                    let responses = parse_responses(&reply.bytes)?;
+                    anyhow::ensure!(responses.len() == 1, "{:?}", reply.text());
+                    Ok((responses[0].status, responses[0].text()))
+                });
+                let _ = tx.send((index, result.map_err(|err| format!("{err:#}"))));
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let now = forwarded(metrics_port)?;
+            queued = (now.0 - before.0, now.1 - before.1);
+            if queued.0 + queued.1 == readers.len() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} of {} connections dispatched after 2 s",
+                queued.0 + queued.1,
+                readers.len()
+            );
+            // Polled: nothing signals a dispatch to the outside.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if queued.0 > 0 {
+            break;
+        }
     }
     drop(tx);
-    let mut results = vec![None; QUEUED + 2];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while results[QUEUED].is_none() && results[QUEUED + 1].is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (index, result) = rx
-            .recv_timeout(left)
-            .context("no barrier request was answered by the running worker")?;
-        results[index] = Some(result);
-    }
-    let answered_before_kill = results.iter().flatten().count();
+    let (to_stopped, to_other) = queued;
+    ensure!(
+        to_stopped > 0,
+        "none of {} connections in {BURSTS} bursts was queued to the stopped worker",
+        readers.len()
+    );
     ensure!(
         stopped_at.elapsed() < Duration::from_secs(3),
         "too slow: the stopped worker may already be marked stalled"
     );
+
+    // The running worker answers its share while the other is stopped; the rest wait.
+    let mut results = vec![None; readers.len()];
+    for _ in 0..to_other {
+        let (index, result) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the running worker did not answer its share")?;
+        results[index] = Some(result);
+    }
 
     let mark = server.log_mark();
     kill(stopped, Signal::KILL)?;
@@ -86,6 +132,7 @@ fn connections_queued_to_a_dead_worker_are_redispatched() -> anyhow::Result<()> 
         "requests lost with the dead worker: {failed:?}"
     );
 
+    // Exactly what was queued to it, which it never read, was taken back.
     let line = server.expect_log_since(
         mark,
         "`re-dispatched connections the worker never took`",
@@ -95,16 +142,8 @@ fn connections_queued_to_a_dead_worker_are_redispatched() -> anyhow::Result<()> 
     let recovered: usize = log_field(&line, "recovered")
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no recovered= in {line:?}"))?;
-    eprintln!(
-        "{answered_before_kill} of {} answered before the kill, recovered={recovered}",
-        QUEUED + 2
-    );
-    assert!(recovered > 0, "{line}");
-    assert!(
-        recovered <= QUEUED + 2 - answered_before_kill,
-        "recovered={recovered}, but {answered_before_kill} of {} were already answered",
-        QUEUED + 2
-    );
+    eprintln!("{to_stopped} queued to the stopped worker, {to_other} to the other");
+    assert_eq!(recovered, to_stopped, "{line}");
     assert!(wait_for_exit(stopped, Duration::from_secs(5)));
     server.wait_for_replacement(mark, 0, stopped, Duration::from_secs(15))?;
     assert!(is_alive(other));
