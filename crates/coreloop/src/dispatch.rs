@@ -49,10 +49,11 @@ pub(crate) struct Candidate {
     /// How busy its event loop looks right now; the least busy workers with room are
     /// the only ones considered.
     pub(crate) busy: Busy,
-    /// How long it has looked stuck, in µs (its longest handler poll now running, or how
-    /// long its queue has waited unread): among workers that all look stuck, the one stuck
-    /// the shortest time is picked (a loop that was merely preempted for a few
-    /// milliseconds, not one in a long handler or a stopped one).
+    /// How long it has looked stuck, in µs (its handler poll now running, or how long its
+    /// queue has waited unread, whichever is longer): among workers that all lag or all
+    /// look stuck, only those within [`LAG_SLACK_US`] of the least are picked (a loop that
+    /// was merely preempted for a few milliseconds, not one in a long handler or a stopped
+    /// one).
     pub(crate) stuck_us: u64,
 }
 
@@ -74,11 +75,18 @@ pub(crate) enum Busy {
     Stuck,
 }
 
+/// When every worker with room lags (or every one is stuck), those within this many µs of
+/// the one lagging least are considered; the others are lagging a millisecond longer at
+/// least (a long handler, against one merely preempted), and a connection sent to them
+/// would wait that much longer.
+const LAG_SLACK_US: u64 = 1_000;
+
 impl Candidate {
     fn eligible(&self, level: Level) -> bool {
         self.room > 0
             && self.busy <= level.busy
-            && (self.busy < Busy::Stuck || self.stuck_us <= level.stuck_us)
+            && (self.busy < Busy::Lagging
+                || self.stuck_us <= level.stuck_us.saturating_add(LAG_SLACK_US))
     }
 }
 
@@ -86,7 +94,7 @@ impl Candidate {
 #[derive(Debug, Clone, Copy)]
 struct Level {
     busy: Busy,
-    /// When every worker with room is stuck: the shortest time one has been stuck.
+    /// When every worker with room lags or is stuck: the shortest time one has been so.
     stuck_us: u64,
 }
 
@@ -307,6 +315,25 @@ mod tests {
             cands[1].busy = Busy::Working;
             let picks = plan(policy, &mut cands, 10);
             assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
+            // All lagging: not the one lagging a millisecond longer (in a long handler),
+            // though it has fewer connections; within a millisecond, by the policy.
+            cands = candidates(&[(0, 100), (40, 100)]);
+            cands[0].busy = Busy::Lagging;
+            cands[0].stuck_us = 3_000;
+            cands[1].busy = Busy::Lagging;
+            cands[1].stuck_us = 1_200;
+            let picks = plan(policy, &mut cands, 10);
+            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
+            cands = candidates(&[(0, 100), (0, 100)]);
+            cands[0].busy = Busy::Lagging;
+            cands[0].stuck_us = 1_500;
+            cands[1].busy = Busy::Lagging;
+            cands[1].stuck_us = 1_200;
+            let picks = plan(policy, &mut cands, 40);
+            assert!(
+                picks.contains(&0) && picks.contains(&1),
+                "{policy:?}: {picks:?}"
+            );
             // All stuck: the one stuck the shortest time (preempted, not in a handler).
             let mut cands = candidates(&[(0, 100), (40, 100)]);
             cands[0].busy = Busy::Stuck;
