@@ -297,51 +297,44 @@ mod tests {
         }
     }
 
+    /// Two workers with room: (open connections, how busy, for how many µs).
+    fn ranked(a: (u64, Busy, u64), b: (u64, Busy, u64)) -> Vec<Candidate> {
+        let mut cands = candidates(&[(a.0, 100), (b.0, 100)]);
+        (cands[0].busy, cands[0].stuck_us) = (a.1, a.2);
+        (cands[1].busy, cands[1].stuck_us) = (b.1, b.2);
+        cands
+    }
+
     #[test]
     fn a_stuck_worker_gets_nothing_while_a_merely_busy_one_has_room() {
+        use Busy::{Lagging, Stuck, Working};
         for policy in [
             Dispatch::RoundRobin,
             Dispatch::LeastConnections,
             Dispatch::PowerOfTwoChoices,
         ] {
-            let mut cands = candidates(&[(0, 100), (40, 100)]);
-            cands[0].busy = Busy::Stuck;
-            cands[1].busy = Busy::Working;
-            let picks = plan(policy, &mut cands, 10);
-            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
-            // A lagging one likewise, though it has fewer connections.
-            cands = candidates(&[(0, 100), (40, 100)]);
-            cands[0].busy = Busy::Lagging;
-            cands[1].busy = Busy::Working;
-            let picks = plan(policy, &mut cands, 10);
-            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
-            // All lagging: not the one lagging a millisecond longer (in a long handler),
-            // though it has fewer connections; within a millisecond, by the policy.
-            cands = candidates(&[(0, 100), (40, 100)]);
-            cands[0].busy = Busy::Lagging;
-            cands[0].stuck_us = 3_000;
-            cands[1].busy = Busy::Lagging;
-            cands[1].stuck_us = 1_200;
-            let picks = plan(policy, &mut cands, 10);
-            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
-            cands = candidates(&[(0, 100), (0, 100)]);
-            cands[0].busy = Busy::Lagging;
-            cands[0].stuck_us = 1_500;
-            cands[1].busy = Busy::Lagging;
-            cands[1].stuck_us = 1_200;
+            // Worker 1 every time, though worker 0 has fewer connections:
+            let only_second = [
+                // stuck against busy;
+                ranked((0, Stuck, 0), (40, Working, 0)),
+                // lagging against busy;
+                ranked((0, Lagging, 0), (40, Working, 0)),
+                // all lagging, worker 0 a millisecond longer (in a long handler);
+                ranked((0, Lagging, 3_000), (40, Lagging, 1_200)),
+                // all stuck: the one stuck the shortest time (preempted, not in a handler).
+                ranked((0, Stuck, 1_500_000), (40, Stuck, 6_000)),
+            ];
+            for mut cands in only_second {
+                let picks = plan(policy, &mut cands, 10);
+                assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
+            }
+            // All lagging, within a millisecond of each other: by the policy.
+            let mut cands = ranked((0, Lagging, 1_500), (0, Lagging, 1_200));
             let picks = plan(policy, &mut cands, 40);
             assert!(
                 picks.contains(&0) && picks.contains(&1),
                 "{policy:?}: {picks:?}"
             );
-            // All stuck: the one stuck the shortest time (preempted, not in a handler).
-            let mut cands = candidates(&[(0, 100), (40, 100)]);
-            cands[0].busy = Busy::Stuck;
-            cands[0].stuck_us = 1_500_000;
-            cands[1].busy = Busy::Stuck;
-            cands[1].stuck_us = 6_000;
-            let picks = plan(policy, &mut cands, 10);
-            assert!(picks.iter().all(|&i| i == 1), "{policy:?}: {picks:?}");
         }
     }
 
