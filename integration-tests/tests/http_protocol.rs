@@ -142,10 +142,10 @@ fn block_holds_one_loop_without_cpu_while_the_other_worker_serves() -> anyhow::R
         std::thread::sleep(Duration::from_millis(1));
     };
     let cpu_before = cpu_ticks(blocked).context("blocked worker's CPU time")?;
-    // In its first milliseconds a blocked loop only ranks busy (a healthy loop preempted
-    // by the scheduler looks the same), and a busy one may still get a connection; past
-    // 5 ms it ranks stuck and gets none while another worker has room. That elapsed time
-    // is the condition itself, not an event that could be awaited.
+    // In its first millisecond a blocked handler poll only ranks busy, and a busy worker
+    // may still get a connection; past 1 ms it lags, past 5 ms it is stuck, and either
+    // way it gets none while the other worker is less busy. That elapsed time is the
+    // condition itself, not an event that could be awaited.
     std::thread::sleep(Duration::from_millis(20));
 
     for i in 0..10 {

@@ -63,8 +63,9 @@ pub(crate) enum Busy {
     /// Asleep, or awake only briefly, with nothing unread: takes a connection at once.
     #[default]
     Idle,
-    /// Has not read everything sent to it yet, or has been awake for a while: whatever it
-    /// gets now waits behind what it is doing.
+    /// Has not read everything sent to it yet, is in a handler poll longer than a short
+    /// request's, or has been awake for a while: whatever it gets now waits behind what it
+    /// is doing.
     Working,
     /// In one handler poll, or not reading its queue, for longer than a short burst of
     /// requests takes: a connection sent now waits at least that long.
