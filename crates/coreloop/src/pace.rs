@@ -105,6 +105,16 @@ impl Pace {
         self.shown.set(0.0);
     }
 
+    /// Whether a poll that found `accepted` connections says they come too rarely for
+    /// polling to pay: at most one per [`MIN`], scaled to the current interval (a 1 ms
+    /// poll that finds 3 is 0.75 per 250 µs). Polling then saves no wake-up, it only
+    /// delays connections; judged at the current interval alone, a long interval would
+    /// keep itself going, since it gathers several connections at any rate.
+    pub(crate) fn sparse(&self, accepted: usize) -> bool {
+        let per_min = (self.interval.as_nanos() / MIN.as_nanos()).max(1);
+        accepted as u128 <= per_min
+    }
+
     /// Called at every poll. Returns the new interval when it changes.
     pub(crate) fn on_tick(&mut self, now: Instant) -> Option<Duration> {
         if !self.schedstat {
@@ -222,6 +232,18 @@ mod tests {
         assert_eq!(next_interval(MAX, idle), MIN * 2);
         assert_eq!(next_interval(MIN * 2, idle), MIN);
         assert_eq!(next_interval(MIN, idle), MIN);
+    }
+
+    #[test]
+    fn a_poll_is_sparse_at_one_connection_per_min_whatever_the_interval() {
+        let mut pace = Pace::new(Gauge::default());
+        assert!(pace.sparse(0) && pace.sparse(1));
+        assert!(!pace.sparse(2), "2 per 250 µs pay for polling");
+        pace.interval = MAX;
+        assert!(pace.sparse(4), "4 per ms is 1 per 250 µs");
+        assert!(!pace.sparse(5));
+        pace.interval = MIN * 2;
+        assert!(pace.sparse(2) && !pace.sparse(3));
     }
 
     #[test]

@@ -1989,15 +1989,16 @@ impl AcceptState {
 /// # Interrupt mitigation
 ///
 /// At a low rate the loop wakes on listener readiness and forwards each connection at
-/// once. When connections come faster than one per [`pace::MIN`] (a wake-up finds
-/// several, or comes within an interval of the previous one), waking for each one costs
-/// more than the connection itself: the supervisor and then a worker are scheduled once
-/// per connection, on cores that the workers need. The loop then takes the listeners out
-/// of the reactor (a registered listener wakes the thread on every new connection, whether
-/// or not a task waits for it) and polls them once per interval instead (a `timerfd`,
-/// since tokio's timers are too coarse), so that each wake-up forwards a batch, one
-/// message per worker. A poll that finds at most one connection registers the listeners
-/// again and returns to readiness. Polling delays a connection by at most one interval:
+/// once. When connections come faster than the supervisor wakes (a wake-up finds
+/// several), waking for each one costs more than the connection itself: the supervisor
+/// and then a worker are scheduled once per connection, on cores that the workers need.
+/// The loop then takes the listeners out of the reactor (a registered listener wakes the
+/// thread on every new connection, whether or not a task waits for it) and polls them once
+/// per interval instead (a `timerfd`, since tokio's timers are too coarse), so that each
+/// wake-up forwards a batch, one message per worker. A poll that finds at most one
+/// connection per [`pace::MIN`] ([`Pace::sparse`]) registers the listeners again and
+/// returns to readiness: at such rates polling saves no wake-up and only delays
+/// connections. Polling delays a connection by at most one interval:
 /// [`pace::MIN`] (250 µs) while CPUs are available, up to [`pace::MAX`] (1 ms) while they
 /// are saturated, when fewer wake-ups leave more CPU to the work ([`Pace`]).
 ///
@@ -2044,7 +2045,6 @@ async fn accept_with(
     };
     let mut polling = false;
     let mut pace = Pace::new(shared.metrics.accept_poll_interval.clone());
-    let mut last_wake = Instant::now();
     loop {
         if !shared.accepting.get() {
             // A handover: what was accepted (held, say) goes to this generation's
@@ -2110,9 +2110,10 @@ async fn accept_with(
                         break;
                     }
                 }
-                // Back to readiness, unless a listener cannot be registered: it would
-                // never be waited for, so keep polling it.
-                if (accepted <= 1 && pending.is_empty()) || exhausted {
+                // Back to readiness when polling no longer gathers connections, unless
+                // a listener cannot be registered: it would never be waited for, so keep
+                // polling it.
+                if (pace.sparse(accepted) && pending.is_empty()) || exhausted {
                     stop_polling(ticker, &mut sources, &mut polling, &mut pace);
                 }
             }
@@ -2146,13 +2147,12 @@ async fn accept_with(
                         continue;
                     }
                 };
-                let now = Instant::now();
-                let since_last = now.duration_since(last_wake);
-                last_wake = now;
                 (accepted, exhausted) = state.burst(&shared, index, &sources[index], &mut pending);
                 if let Some(ticker) = &ticker {
-                    if !exhausted && (accepted > 1 || since_last < pace::MIN) {
-                        match ticker.start(pace.start(now)) {
+                    // Several connections queued while this wake-up was on its way: they
+                    // come faster than the supervisor can usefully wake for each.
+                    if !exhausted && accepted > 1 {
+                        match ticker.start(pace.start(Instant::now())) {
                             Ok(()) => {
                                 polling = true;
                                 // Registered listeners would wake us for every connection.
