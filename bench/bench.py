@@ -5,7 +5,7 @@ Run it through ``bench/run`` (installs wrk/nginx/gnuplot, builds the examples). 
 
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
-                           [--loads keepalive,close,idle,skewed,stalled,skewed-open,blocking-open]
+                           [--loads keepalive,close,idle,skewed,stalled,open,skewed-open,blocking-open]
                            [--out DIR]
 
 Every run: start the server on a fresh 127.0.0.1 port, wait until it answers ``/``, run one
@@ -136,6 +136,13 @@ LOADS: dict[str, dict] = {
     # server does, and latency counts from the scheduled start, so a request stuck behind
     # a long one shows. A closed loop at saturation (`skewed`) cannot show it: there every
     # server's mean latency is clients / throughput (Little's law), whoever picks workers.
+    # The open loop with cheap requests only: the latency a server adds at a moderate
+    # rate, where nobody is saturated. This is where coreloop's hop (and, once CPUs are
+    # contended, its accept polling) costs latency rather than CPU.
+    "open": dict(openloop=["--burn-every", "0"],
+                 rate_per_worker=OPEN_RATE_PER_WORKER,
+                 what=f"open loop, {OPEN_RATE_PER_WORKER:,} requests/s per worker, one "
+                      "connection each, all `/`: latency at a moderate rate"),
     "skewed-open": dict(openloop=["--burn-every", "200", "--burn-ms", "5"],
                         rate_per_worker=OPEN_RATE_PER_WORKER,
                         what=f"open loop, {OPEN_RATE_PER_WORKER:,} requests/s per worker, one "
@@ -156,7 +163,7 @@ LOAD_ORDER = list(LOADS)
 # Loads whose slow requests the demo's handler serves (nginx has no /burn or /block).
 SKEW_LOADS = ("skewed", "skewed-open", "blocking-open")
 # Open-loop loads run at a fixed offered rate: their throughput and CPU say nothing.
-OPEN_LOADS = ("skewed-open", "blocking-open")
+OPEN_LOADS = ("open", "skewed-open", "blocking-open")
 
 
 def takes_part(server: str, load: str, workers: int) -> bool:
@@ -699,9 +706,9 @@ def markdown(results: dict) -> str:
                 bits.append(f"throughput {c['rps_ratio']:.2f}× the best peer ({c['best_peer']})")
             if c["cpu_ratio"] is not None:
                 bits.append(f"CPU per request {c['cpu_ratio']:.2f}× reuseport's")
-            if load in SKEW_LOADS and c["p99_ratio"] is not None:
+            if (load in SKEW_LOADS or load in OPEN_LOADS) and c["p99_ratio"] is not None:
                 bits.append(f"p99 {c['p99_ratio']:.2f}× reuseport's")
-            if c.get("cheap_p99_ratio") is not None:
+            if load in SKEW_LOADS and c.get("cheap_p99_ratio") is not None:
                 bits.append(f"p99 of the cheap requests {fmt_ms(c['cheap_p99_us'])} ms, "
                             f"{c['cheap_p99_ratio']:.2f}× reuseport's")
             if stalled and c["stall_fraction"] is not None:
