@@ -105,14 +105,15 @@ impl Pace {
         self.shown.set(0.0);
     }
 
-    /// Whether a poll that found `accepted` connections says they come too rarely for
-    /// polling to pay: at most one per [`MIN`], scaled to the current interval (a 1 ms
-    /// poll that finds 3 is 0.75 per 250 µs). Polling then saves no wake-up, it only
-    /// delays connections; judged at the current interval alone, a long interval would
-    /// keep itself going, since it gathers several connections at any rate.
-    pub(crate) fn sparse(&self, accepted: usize) -> bool {
-        let per_min = (self.interval.as_nanos() / MIN.as_nanos()).max(1);
-        accepted as u128 <= per_min
+    /// Whether a poll that found `accepted` connections after `periods` intervals (more
+    /// than 1 when the poll came late) says they come too rarely for polling to pay: at
+    /// most one per [`MIN`] (a 1 ms poll that finds 3 is 0.75 per 250 µs). Polling then
+    /// saves no wake-up, it only delays connections. Judged per poll alone, a long
+    /// interval would keep itself going, since it gathers several connections at almost
+    /// any rate.
+    pub(crate) fn sparse(&self, accepted: usize, periods: u64) -> bool {
+        let waited = self.interval.as_nanos() * u128::from(periods.max(1));
+        accepted as u128 <= (waited / MIN.as_nanos()).max(1)
     }
 
     /// Called at every poll. Returns the new interval when it changes.
@@ -237,13 +238,15 @@ mod tests {
     #[test]
     fn a_poll_is_sparse_at_one_connection_per_min_whatever_the_interval() {
         let mut pace = Pace::new(Gauge::default());
-        assert!(pace.sparse(0) && pace.sparse(1));
-        assert!(!pace.sparse(2), "2 per 250 µs pay for polling");
+        assert!(pace.sparse(0, 1) && pace.sparse(1, 1));
+        assert!(!pace.sparse(2, 1), "2 per 250 µs pay for polling");
+        assert!(pace.sparse(2, 2), "a poll late by one period waited 500 µs");
         pace.interval = MAX;
-        assert!(pace.sparse(4), "4 per ms is 1 per 250 µs");
-        assert!(!pace.sparse(5));
+        assert!(pace.sparse(4, 1), "4 per ms is 1 per 250 µs");
+        assert!(!pace.sparse(5, 1));
         pace.interval = MIN * 2;
-        assert!(pace.sparse(2) && !pace.sparse(3));
+        assert!(pace.sparse(2, 1) && !pace.sparse(3, 1));
+        assert!(pace.sparse(2, 0), "a count of 0 periods is read as 1");
     }
 
     #[test]

@@ -2081,24 +2081,18 @@ async fn accept_with(
                     tick = ticker.tick() => tick,
                     () = shared.stop_accepting.notified() => continue,
                 };
-                if let Err(err) = tick {
-                    warn!(error = %err, "timerfd failed; accepting on readiness");
-                    pace.stop(Instant::now());
-                    polling = false;
-                    if !register(&mut sources) {
-                        tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                let periods = match tick {
+                    Ok(periods) => periods,
+                    Err(err) => {
+                        warn!(error = %err, "timerfd failed; accepting on readiness");
+                        pace.stop(Instant::now());
+                        polling = false;
+                        if !register(&mut sources) {
+                            tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                if let Some(interval) = pace.on_tick(Instant::now()) {
-                    debug!(
-                        interval_us = interval.as_micros() as u64,
-                        "accept polling interval"
-                    );
-                    if let Err(err) = ticker.start(interval) {
-                        warn!(error = %err, "cannot restart the timerfd");
-                    }
-                }
+                };
                 for (index, source) in sources.iter().enumerate() {
                     if pending.len() >= ACCEPT_BURST {
                         break;
@@ -2113,8 +2107,20 @@ async fn accept_with(
                 // Back to readiness when polling no longer gathers connections, unless
                 // a listener cannot be registered: it would never be waited for, so keep
                 // polling it.
-                if (pace.sparse(accepted) && pending.is_empty()) || exhausted {
+                // Judged at the interval this poll waited, before the pace changes it.
+                if (pace.sparse(accepted, periods) && pending.is_empty()) || exhausted {
                     stop_polling(ticker, &mut sources, &mut polling, &mut pace);
+                }
+                if polling {
+                    if let Some(interval) = pace.on_tick(Instant::now()) {
+                        debug!(
+                            interval_us = interval.as_micros() as u64,
+                            "accept polling interval"
+                        );
+                        if let Err(err) = ticker.start(interval) {
+                            warn!(error = %err, "cannot restart the timerfd");
+                        }
+                    }
                 }
             }
             _ => {
