@@ -12,7 +12,9 @@
 //!
 //! Every `--burn-every`-th request asks for `/burn?ms=N` (the demo spins N ms on its event
 //! loop) or, with `--slow-path /block`, `/block?ms=N` (the demo blocks its event loop for
-//! N ms without using CPU), the others for `/`. Prints one line for `bench/bench.py`, in the format of
+//! N ms without using CPU), the others for `/` (or `/whoami`, `--cheap-path`). `--dump FILE`
+//! writes every request's timings, which `bench/tail.py` reads to show where a tail comes
+//! from. Prints one line for `bench/bench.py`, in the format of
 //! `bench/report.lua`: `BENCH_JSON {"requests":…,"p50_us":…,"p99_us":…,…}`. Only
 //! 127.0.0.1 / ::1 addresses are accepted: this tool is for local benchmarks.
 #![deny(warnings)]
@@ -48,6 +50,16 @@ struct Args {
     /// it without using CPU (a synchronous call).
     #[arg(long, default_value = "/burn", value_parser = ["/burn", "/block"])]
     slow_path: String,
+    /// The cheap request's path: `/whoami` answers with the worker's pid, which `--dump`
+    /// then records.
+    #[arg(long, default_value = "/", value_parser = ["/", "/whoami"])]
+    cheap_path: String,
+    /// Write one line per answered request to this file, in schedule order: scheduled
+    /// start (µs from the first), how late its task started (µs), connect to last byte
+    /// (µs), latency (µs), 1 for a slow request, and the answering worker's pid (from a
+    /// `pid=` in the body, else 0). For finding out where a tail comes from.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
     /// A request not answered within this many seconds counts as a timeout error.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -68,6 +80,19 @@ struct Tally {
     errors_status: u64,
     errors_timeout: u64,
     bytes: u64,
+    /// One entry per answered request when `--dump` is given.
+    dump: Vec<Dumped>,
+}
+
+/// One answered request, for `--dump`.
+#[derive(Debug)]
+struct Dumped {
+    scheduled_us: u64,
+    late_us: u64,
+    served_us: u64,
+    latency_us: u64,
+    slow: bool,
+    pid: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,7 +119,13 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
     let total = u64::from(args.rate) * args.duration;
     let interval = Duration::from_secs(1) / args.rate;
     let timeout = Duration::from_secs(args.timeout);
-    let cheap: &'static [u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    let cheap: &'static [u8] = format!(
+        "GET {} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+        args.cheap_path
+    )
+    .leak()
+    .as_bytes();
+    let dump = args.dump.is_some();
     let burn: &'static [u8] = format!(
         "GET {}?ms={} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
         args.slow_path, args.burn_ms
@@ -113,17 +144,29 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
         let request = if is_burn { burn } else { cheap };
         let tally = Arc::clone(&tally);
         let addr = args.addr;
+        let first = Instant::from_std(start);
         tasks.push(runtime.spawn(async move {
+            let began = Instant::now();
             let outcome = tokio::time::timeout(timeout, one(addr, request)).await;
             let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
             match outcome {
-                Ok(Ok(bytes)) => {
+                Ok(Ok((bytes, pid))) => {
                     let us = scheduled.elapsed().as_micros() as u64;
                     t.latencies_us.push(us);
                     if !is_burn {
                         t.cheap_us.push(us);
                     }
                     t.bytes += bytes;
+                    if dump {
+                        t.dump.push(Dumped {
+                            scheduled_us: (scheduled - first).as_micros() as u64,
+                            late_us: (began - scheduled).as_micros() as u64,
+                            served_us: began.elapsed().as_micros() as u64,
+                            latency_us: us,
+                            slow: is_burn,
+                            pid: pid.unwrap_or(0),
+                        });
+                    }
                 }
                 Ok(Err(Failure::Connect)) => t.errors_connect += 1,
                 Ok(Err(Failure::Read)) => t.errors_read += 1,
@@ -139,6 +182,27 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
     });
     let elapsed = start.elapsed();
     let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(path) = &args.dump {
+        t.dump.sort_unstable_by_key(|d| d.scheduled_us);
+        let lines: String = t
+            .dump
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} {} {} {} {}\n",
+                    d.scheduled_us,
+                    d.late_us,
+                    d.served_us,
+                    d.latency_us,
+                    u8::from(d.slow),
+                    d.pid
+                )
+            })
+            .collect();
+        if let Err(err) = std::fs::write(path, lines) {
+            eprintln!("cannot write {}: {err}", path.display());
+        }
+    }
     t.latencies_us.sort_unstable();
     t.cheap_us.sort_unstable();
     let pct = |sorted: &[u64], p: f64| -> u64 {
@@ -187,8 +251,9 @@ enum Failure {
     Status,
 }
 
-/// One request on a new connection, read to the server's close; the bytes read.
-async fn one(addr: SocketAddr, request: &[u8]) -> Result<u64, Failure> {
+/// One request on a new connection, read to the server's close; the bytes read, and the
+/// pid the body names (`pid=N`, as `/whoami` answers), if any.
+async fn one(addr: SocketAddr, request: &[u8]) -> Result<(u64, Option<u32>), Failure> {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|_| Failure::Connect)?;
@@ -202,5 +267,10 @@ async fn one(addr: SocketAddr, request: &[u8]) -> Result<u64, Failure> {
     if !reply.starts_with(b"HTTP/1.1 200") {
         return Err(Failure::Status);
     }
-    Ok(reply.len() as u64)
+    let pid = String::from_utf8_lossy(&reply)
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok());
+    Ok((reply.len() as u64, pid))
 }
