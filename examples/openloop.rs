@@ -147,7 +147,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
         let first = Instant::from_std(start);
         tasks.push(runtime.spawn(async move {
             let began = Instant::now();
-            let outcome = tokio::time::timeout(timeout, one(addr, request)).await;
+            let outcome = tokio::time::timeout(timeout, one(addr, request, dump)).await;
             let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
             match outcome {
                 Ok(Ok((bytes, pid))) => {
@@ -251,9 +251,13 @@ enum Failure {
     Status,
 }
 
-/// One request on a new connection, read to the server's close; the bytes read, and the
-/// pid the body names (`pid=N`, as `/whoami` answers), if any.
-async fn one(addr: SocketAddr, request: &[u8]) -> Result<(u64, Option<u32>), Failure> {
+/// One request on a new connection, read to the server's close; the bytes read, and, if
+/// `want_pid`, the pid the body names (`pid=N`, as `/whoami` answers).
+async fn one(
+    addr: SocketAddr,
+    request: &[u8],
+    want_pid: bool,
+) -> Result<(u64, Option<u32>), Failure> {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|_| Failure::Connect)?;
@@ -267,10 +271,14 @@ async fn one(addr: SocketAddr, request: &[u8]) -> Result<(u64, Option<u32>), Fai
     if !reply.starts_with(b"HTTP/1.1 200") {
         return Err(Failure::Status);
     }
-    let pid = String::from_utf8_lossy(&reply)
-        .split("pid=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok());
+    let pid = want_pid
+        .then(|| {
+            String::from_utf8_lossy(&reply)
+                .split("pid=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|pid| pid.parse().ok())
+        })
+        .flatten();
     Ok((reply.len() as u64, pid))
 }
