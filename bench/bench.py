@@ -458,12 +458,29 @@ def cont(key: tuple[int, int]) -> None:
             pass
 
 
-def run_wrk(load: str, port: int, duration: int, workers: int = 1) -> dict:
+# The open-loop generator runs SCHED_FIFO when it may: it must send on schedule, and on
+# cores it shares with the servers a worker that spins in a handler would otherwise delay
+# it, and the delay counts against whichever server is measured (every request scheduled
+# meanwhile is late). It sleeps between requests, so it takes a core only for what it
+# sends. wrk is a closed loop that keeps its cores busy: it stays at normal priority.
+REALTIME = ["chrt", "--fifo", "10"]
+
+
+def realtime_allowed() -> bool:
+    """Whether this process may start programs under SCHED_FIFO (root or CAP_SYS_NICE)."""
+    try:
+        return subprocess.run([*REALTIME, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_wrk(load: str, port: int, duration: int, workers: int = 1, realtime: bool = False) -> dict:
     spec = LOADS[load]
     if "openloop" in spec:
         rate = spec["rate_per_worker"] * workers
-        argv = [str(BIN / "openloop"), "--addr", f"{HOST}:{port}", "--rate", str(rate),
-                "--duration", str(duration), *spec["openloop"]]
+        argv = [*(REALTIME if realtime else []), str(BIN / "openloop"), "--addr",
+                f"{HOST}:{port}", "--rate", str(rate), "--duration", str(duration),
+                *spec["openloop"]]
     else:
         argv = ["wrk", *spec["wrk"], "-d", f"{duration}s", f"http://{HOST}:{port}/"]
     try:
@@ -487,7 +504,7 @@ def run_wrk(load: str, port: int, duration: int, workers: int = 1) -> dict:
 
 
 def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdir: Path,
-            settle: float) -> dict:
+            settle: float, realtime: bool) -> dict:
     rec = dict(round=rnd, load=load, workers=workers, server=server, ok=False,
                started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     srv = Server(server, workers, logdir)
@@ -511,7 +528,7 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
             # intervals late as stalled: 3 s by default) before the load starts.
             time.sleep(settle)
         before = srv.tree()
-        wrk = run_wrk(load, srv.port, duration, workers)
+        wrk = run_wrk(load, srv.port, duration, workers, realtime)
         after = srv.tree()
         if stopped_key:
             rec["stopped_pid_alive_at_end"] = alive(stopped_key)
@@ -721,6 +738,13 @@ def markdown(results: dict) -> str:
             out.append("")
             out.append("Failed runs: " + "; ".join(f"{s}: {f}" for s, f in fails))
         out.append("")
+    if any(l in OPEN_LOADS for l in cfg["loads"]):
+        out.append("The open-loop generator (`open`, `skewed-open`, `blocking-open`) ran "
+                   + ("under SCHED_FIFO (`chrt --fifo 10`), so that a spinning worker cannot "
+                      "delay its schedule." if cfg.get("openloop_realtime") else
+                      "at normal priority: a spinning worker can delay its schedule, and "
+                      "that delay counts as latency for every server."))
+        out.append("")
     if any(l in cfg["loads"] for l in SKEW_LOADS) and "nginx" in cfg["servers"]:
         out.append("nginx takes no part in `skewed`, `skewed-open` and `blocking-open`: it "
                    "cannot burn CPU or block per request, so its `/burn` would be as cheap as `/`.")
@@ -856,6 +880,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "space-separated ARGS (e.g. 'pinned=--pin-workers'); words of the "
                          "form VAR=VALUE go to its environment instead; repeatable")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
+    ap.add_argument("--no-realtime", action="store_true",
+                    help="run the open-loop generator at normal priority rather than "
+                         "SCHED_FIFO (which needs root or CAP_SYS_NICE)")
     ap.add_argument("--no-doc", action="store_true",
                     help="do not rewrite docs/benchmarks.md and docs/benchmarks.svg")
     a = ap.parse_args(argv)
@@ -958,13 +985,18 @@ def main(argv: list[str]) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     machine = machine_info()
+    realtime = (not args.no_realtime and any(l in OPEN_LOADS for l in args.loads)
+                and realtime_allowed())
+    if any(l in OPEN_LOADS for l in args.loads):
+        print("open-loop generator: " + ("SCHED_FIFO (chrt --fifo 10)" if realtime else
+              "normal priority (--no-realtime, or not permitted)"), flush=True)
     runs: list[dict] = []
     interrupted = None
     with tempfile.TemporaryDirectory(prefix="coreloop-bench-") as tmp:
         tmp = Path(tmp)
         try:
             for i, (rnd, load, w, s) in enumerate(plan, 1):
-                rec = one_run(s, load, w, rnd, args.duration, tmp, args.stall_settle)
+                rec = one_run(s, load, w, rnd, args.duration, tmp, args.stall_settle, realtime)
                 runs.append(rec)
                 if rec["ok"]:
                     msg = (f"{rec['rps']:>10,.0f} req/s  p99 {fmt_ms(rec['p99_us']):>6} ms  "
@@ -991,7 +1023,7 @@ def main(argv: list[str]) -> int:
             interrupted=interrupted,
             config=dict(rounds=args.rounds, duration=args.duration, workers=args.workers,
                         servers=args.servers, loads=args.loads, idle_connections=IDLE_CONNS,
-                        stall_settle_s=args.stall_settle,
+                        stall_settle_s=args.stall_settle, openloop_realtime=realtime,
                         loads_wrk={l: LOADS[l].get("wrk") or ["openloop", *LOADS[l]["openloop"]]
                                    for l in args.loads},
                         servers_what={s: SERVERS[s]["what"] for s in args.servers},
