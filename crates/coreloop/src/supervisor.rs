@@ -884,22 +884,18 @@ impl Shared {
     ///
     /// A worker counts as busy once its queue has waited a poll interval with nothing
     /// read: one that simply has not been scheduled yet since the last send is not.
+    ///
+    /// Stops at the first worker that is not busy: the dispatch that follows looks at
+    /// every worker anyway, so a `FIONREAD` here for the rest would be done twice.
     fn all_busy(&self) -> bool {
         let now = Instant::now();
-        let mut takers = 0;
-        let mut busy = 0;
-        for w in self
-            .workers
-            .borrow_mut()
+        let mut workers = self.workers.borrow_mut();
+        let mut takers = workers
             .iter_mut()
             .filter(|w| w.can_take(self.cap))
-        {
-            takers += 1;
-            if w.look(now).is_some_and(|waited| waited >= pace::MIN) {
-                busy += 1;
-            }
-        }
-        takers > 0 && busy == takers
+            .peekable();
+        takers.peek().is_some()
+            && takers.all(|w| w.look(now).is_some_and(|waited| waited >= pace::MIN))
     }
 
     fn timeout_ms(&self) -> u32 {
