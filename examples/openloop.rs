@@ -133,6 +133,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
     .leak()
     .as_bytes();
     let start = std::time::Instant::now();
+    let first = Instant::from_std(start);
     let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     for i in 0..total {
         let scheduled = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
@@ -144,7 +145,6 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
         let request = if is_burn { burn } else { cheap };
         let tally = Arc::clone(&tally);
         let addr = args.addr;
-        let first = Instant::from_std(start);
         tasks.push(runtime.spawn(async move {
             let began = Instant::now();
             let outcome = tokio::time::timeout(timeout, one(addr, request, dump)).await;
