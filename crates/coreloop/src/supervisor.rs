@@ -2104,7 +2104,7 @@ async fn accept_with(
                 // a listener cannot be registered: it would never be waited for, so keep
                 // polling it.
                 // Judged at the interval this poll waited, before the pace changes it.
-                if (pace.sparse(accepted, periods) && pending.is_empty()) || exhausted {
+                if polled_enough(&pace, pending.len(), accepted, periods) || exhausted {
                     stop_polling(ticker, &mut sources, &mut polling, &mut pace);
                 }
                 if polling {
@@ -2205,6 +2205,15 @@ async fn accept_with(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Whether a poll that found `accepted` connections over `periods` intervals says polling
+/// no longer pays ([`Pace::sparse`]), `pending` being every connection not yet queued to
+/// a worker, this poll's included. Connections held from earlier polls (every worker
+/// busy) keep it polling: the hold is checked at every tick.
+fn polled_enough(pace: &Pace, pending: usize, accepted: usize, periods: u64) -> bool {
+    let held = pending.saturating_sub(accepted);
+    held == 0 && pace.sparse(accepted, periods)
 }
 
 /// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
@@ -2338,6 +2347,20 @@ mod tests {
             classify(Duration::ZERO, Some(US), Some(STUCK)),
             (Busy::Stuck, STUCK)
         );
+    }
+
+    #[test]
+    fn a_sparse_poll_stops_polling_unless_earlier_connections_are_held() {
+        let pace = Pace::new(prometheus_client::metrics::gauge::Gauge::default());
+        // One connection in a 250 µs poll, and it is all that is pending: back to
+        // readiness. (Its connection is pending until the dispatch that follows.)
+        assert!(polled_enough(&pace, 1, 1, 1));
+        assert!(polled_enough(&pace, 0, 0, 1));
+        // Two in one poll pay for polling.
+        assert!(!polled_enough(&pace, 2, 2, 1));
+        // Connections held from earlier polls keep the ticker, whatever this one found.
+        assert!(!polled_enough(&pace, 3, 1, 1));
+        assert!(!polled_enough(&pace, 2, 0, 1));
     }
 
     #[test]
