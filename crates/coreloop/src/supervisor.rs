@@ -1991,10 +1991,11 @@ impl AcceptState {
 /// The loop then takes the listeners out of the reactor (a registered listener wakes the
 /// thread on every new connection, whether or not a task waits for it) and polls them once
 /// per interval instead (a `timerfd`, since tokio's timers are too coarse), so that each
-/// wake-up forwards a batch, one message per worker. A poll that finds at most one
-/// connection per [`pace::MIN`] ([`Pace::sparse`]) registers the listeners again and
-/// returns to readiness: at such rates polling saves no wake-up and only delays
-/// connections. Polling delays a connection by at most one interval:
+/// wake-up forwards a batch, one message per worker. Once polls have found at most one
+/// connection per [`pace::MIN`] for 2 ms in a row ([`Pace::lull`]), the loop registers the
+/// listeners again and returns to readiness: at such rates polling saves no wake-up and
+/// only delays connections (and it starts again at [`pace::MIN`]). One sparse poll is not
+/// enough: a saturated closed-loop load has such lulls many times a second. Polling delays a connection by at most one interval:
 /// [`pace::MIN`] (250 µs) while CPUs are available, up to [`pace::MAX`] (1 ms) while they
 /// are saturated, when fewer wake-ups leave more CPU to the work ([`Pace`]).
 ///
@@ -2104,7 +2105,7 @@ async fn accept_with(
                 // a listener cannot be registered: it would never be waited for, so keep
                 // polling it.
                 // Judged at the interval this poll waited, before the pace changes it.
-                if polled_enough(&pace, pending.len(), accepted, periods) || exhausted {
+                if polled_enough(&mut pace, pending.len(), accepted, periods) || exhausted {
                     stop_polling(ticker, &mut sources, &mut polling, &mut pace);
                 }
                 if polling {
@@ -2208,12 +2209,16 @@ async fn accept_with(
 }
 
 /// Whether a poll that found `accepted` connections over `periods` intervals says polling
-/// no longer pays ([`Pace::sparse`]), `pending` being every connection not yet queued to
-/// a worker, this poll's included. Connections held from earlier polls (every worker
-/// busy) keep it polling: the hold is checked at every tick.
-fn polled_enough(pace: &Pace, pending: usize, accepted: usize, periods: u64) -> bool {
+/// no longer pays ([`Pace::lull`]: sparse polls for a while), `pending` being every
+/// connection not yet queued to a worker, this poll's included. Connections held from
+/// earlier polls (every worker busy) keep it polling: the hold is checked at every tick.
+fn polled_enough(pace: &mut Pace, pending: usize, accepted: usize, periods: u64) -> bool {
     let held = pending.saturating_sub(accepted);
-    held == 0 && pace.sparse(accepted, periods)
+    if held > 0 {
+        pace.busy();
+        return false;
+    }
+    pace.lull(accepted, periods)
 }
 
 /// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
@@ -2350,17 +2355,23 @@ mod tests {
     }
 
     #[test]
-    fn a_sparse_poll_stops_polling_unless_earlier_connections_are_held() {
-        let pace = Pace::new(prometheus_client::metrics::gauge::Gauge::default());
-        // One connection in a 250 µs poll, and it is all that is pending: back to
-        // readiness. (Its connection is pending until the dispatch that follows.)
-        assert!(polled_enough(&pace, 1, 1, 1));
-        assert!(polled_enough(&pace, 0, 0, 1));
+    fn sparse_polls_stop_polling_unless_earlier_connections_are_held() {
+        let mut pace = Pace::new(prometheus_client::metrics::gauge::Gauge::default());
+        // One connection per 250 µs poll, and it is all that is pending (its connection is
+        // pending until the dispatch that follows): after a lull of 8 such polls, back to
+        // readiness.
+        for _ in 0..7 {
+            assert!(!polled_enough(&mut pace, 1, 1, 1));
+        }
+        assert!(polled_enough(&mut pace, 1, 1, 1));
+        pace.stop(Instant::now());
+        pace.start(Instant::now());
         // Two in one poll pay for polling.
-        assert!(!polled_enough(&pace, 2, 2, 1));
+        assert!(!polled_enough(&mut pace, 2, 2, 1));
         // Connections held from earlier polls keep the ticker, whatever this one found.
-        assert!(!polled_enough(&pace, 3, 1, 1));
-        assert!(!polled_enough(&pace, 2, 0, 1));
+        assert!(!polled_enough(&mut pace, 3, 1, 8));
+        assert!(!polled_enough(&mut pace, 2, 0, 8));
+        assert!(polled_enough(&mut pace, 0, 0, 8), "2 ms in one late poll");
     }
 
     #[test]
