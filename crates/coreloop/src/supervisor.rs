@@ -1995,9 +1995,10 @@ impl AcceptState {
 /// connection per [`pace::MIN`] for 2 ms in a row ([`Pace::lull`]), the loop registers the
 /// listeners again and returns to readiness: at such rates polling saves no wake-up and
 /// only delays connections (and it starts again at [`pace::MIN`]). One sparse poll is not
-/// enough: a saturated closed-loop load has such lulls many times a second. Polling delays a connection by at most one interval:
-/// [`pace::MIN`] (250 µs) while CPUs are available, up to [`pace::MAX`] (1 ms) while they
-/// are saturated, when fewer wake-ups leave more CPU to the work ([`Pace`]).
+/// enough: a saturated closed-loop load has such lulls many times a second. Polling
+/// delays a connection by at most one interval: [`pace::MIN`] (250 µs) while CPUs are
+/// available, up to [`pace::MAX`] (1 ms) while they are saturated, when fewer wake-ups
+/// leave more CPU to the work ([`Pace`]).
 ///
 /// Returns the listeners when `shared.accepting` is cleared (a binary upgrade's
 /// handover), once every connection it accepted is queued to a worker.
