@@ -681,7 +681,8 @@ def markdown(results: dict) -> str:
         f"{cfg['rounds']} round(s) × {cfg['duration']} s per run, workers {cfg['workers']}, "
         f"servers {', '.join(cfg['servers'])}, loads {', '.join(cfg['loads'])}. Figures are "
         "medians over rounds; errors are totals over rounds. Raw runs: "
-        f"`{results['raw_file']}`.",
+        f"`{Path(results['raw_file']).with_name('latest.json')}` (a copy of "
+        f"`{Path(results['raw_file']).name}`, which stays out of git).",
         "",
         "![median req/s and CPU µs/req per server, workers=2](benchmarks.svg)",
         "",
