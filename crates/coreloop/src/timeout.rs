@@ -13,9 +13,9 @@
 //!   however many bytes came before. It bounds the total time to receive (or send)
 //!   something, such as a complete request head (a client trickling bytes cannot extend it).
 //!
-//! A wait fails at whichever of the two comes first, with
-//! [`io::ErrorKind::TimedOut`](std::io::ErrorKind::TimedOut). Data that is already
-//! available always wins: a read is never failed while the stream has bytes for it.
+//! A wait fails at whichever of the two comes first, with [`io::ErrorKind::TimedOut`].
+//! Data that is already available always wins: a read is never failed while the stream
+//! has bytes for it.
 //! Timeouts and deadlines can be changed between operations (for example, a keep-alive
 //! loop sets the idle timeout while it waits for the next request, then a deadline for the
 //! rest of that request's head).
