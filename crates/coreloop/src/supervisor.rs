@@ -2152,20 +2152,11 @@ async fn accept_with(
                     }
                 };
                 (accepted, exhausted) = state.burst(&shared, index, &sources[index], &mut pending);
+                // Several connections queued while this wake-up was on its way: they come
+                // faster than the supervisor can usefully wake for each.
                 if let Some(ticker) = &ticker {
-                    // Several connections queued while this wake-up was on its way: they
-                    // come faster than the supervisor can usefully wake for each.
                     if !exhausted && accepted > 1 {
-                        match ticker.start(pace.start(Instant::now())) {
-                            Ok(()) => {
-                                polling = true;
-                                // Registered listeners would wake us for every connection.
-                                for source in &mut sources {
-                                    source.ready = None;
-                                }
-                            }
-                            Err(err) => warn!(error = %err, "cannot start the timerfd"),
-                        }
+                        start_polling(ticker, &mut sources, &mut polling, &mut pace);
                     }
                 }
             }
@@ -2181,19 +2172,9 @@ async fn accept_with(
             && shared.all_busy();
         let hold = hold
             && match &ticker {
-                Some(ticker) if !polling => match ticker.start(pace.start(Instant::now())) {
-                    Ok(()) => {
-                        polling = true;
-                        for source in &mut sources {
-                            source.ready = None;
-                        }
-                        true
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "cannot start the timerfd");
-                        false
-                    }
-                },
+                Some(ticker) if !polling => {
+                    start_polling(ticker, &mut sources, &mut polling, &mut pace)
+                }
                 Some(_) => true,
                 None => false,
             };
@@ -2220,6 +2201,26 @@ fn polled_enough(pace: &mut Pace, pending: usize, accepted: usize, periods: u64)
         return false;
     }
     pace.lull(accepted, periods)
+}
+
+/// Enters polling mode at the pace's interval: starts the ticker and takes the listeners
+/// out of the reactor (registered, they would wake the thread for every connection).
+/// Returns whether it did; without the ticker the loop stays on readiness.
+fn start_polling(
+    ticker: &coreloop_ipc::Ticker,
+    sources: &mut [Source],
+    polling: &mut bool,
+    pace: &mut Pace,
+) -> bool {
+    if let Err(err) = ticker.start(pace.start(Instant::now())) {
+        warn!(error = %err, "cannot start the timerfd");
+        return false;
+    }
+    *polling = true;
+    for source in sources {
+        source.ready = None;
+    }
+    true
 }
 
 /// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
