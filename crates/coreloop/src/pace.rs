@@ -126,9 +126,16 @@ impl Pace {
     /// saves no wake-up, it only delays connections. Judged per poll alone, a long
     /// interval would keep itself going, since it gathers several connections at almost
     /// any rate.
-    pub(crate) fn sparse(&self, accepted: usize, periods: u64) -> bool {
-        let waited = self.interval.as_nanos() * u128::from(periods.max(1));
-        accepted as u128 <= (waited / MIN.as_nanos()).max(1)
+    fn sparse(&self, accepted: usize, periods: u64) -> bool {
+        let waited = self.waited(periods);
+        accepted as u128 <= (waited.as_nanos() / MIN.as_nanos()).max(1)
+    }
+
+    /// How long a poll that came after `periods` intervals waited (a count of 0 is read
+    /// as 1).
+    fn waited(&self, periods: u64) -> Duration {
+        let periods = u32::try_from(periods.max(1)).unwrap_or(u32::MAX);
+        self.interval.saturating_mul(periods)
     }
 
     /// Whether a poll that found `accepted` connections after `periods` intervals ends a
@@ -140,10 +147,7 @@ impl Pace {
             self.busy();
             return false;
         }
-        let periods = u32::try_from(periods.max(1)).unwrap_or(u32::MAX);
-        self.sparse_for = self
-            .sparse_for
-            .saturating_add(self.interval.saturating_mul(periods));
+        self.sparse_for = self.sparse_for.saturating_add(self.waited(periods));
         self.lulled = self.sparse_for >= LULL;
         self.lulled
     }
