@@ -986,9 +986,9 @@ def main(argv: list[str]) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     machine = machine_info()
-    realtime = (not args.no_realtime and any(l in OPEN_LOADS for l in args.loads)
-                and realtime_allowed())
-    if any(l in OPEN_LOADS for l in args.loads):
+    open_loop = any(l in OPEN_LOADS for l in args.loads)
+    realtime = not args.no_realtime and open_loop and realtime_allowed()
+    if open_loop:
         print("open-loop generator: " + ("SCHED_FIFO (chrt --fifo 10)" if realtime else
               "normal priority (--no-realtime, or not permitted)"), flush=True)
     runs: list[dict] = []
