@@ -69,17 +69,17 @@ pub(crate) fn run<H: Handler>(config: Config, factory: Factory<H>, id: usize) ->
     let runtime = builder.build().map_err(Error::Runtime)?;
     let local = tokio::task::LocalSet::new();
     let id = WorkerId(id);
+    // The loop has one thread and the process one worker, so the worker's span is entered
+    // once, for the thread, rather than around each poll of each task: every task polled
+    // here, a connection's handler included, logs inside it.
     let span = tracing::info_span!("worker", worker.id = id.0, worker.pid = std::process::id());
-    let code = local.block_on(
-        &runtime,
-        async move {
-            if let Err(reason) = placement {
-                return fail_start(channel, reason).await;
-            }
-            serve(config, factory, id, channel, clock).await
+    let _in_worker = span.enter();
+    let code = local.block_on(&runtime, async move {
+        if let Err(reason) = placement {
+            return fail_start(channel, reason).await;
         }
-        .instrument(span),
-    );
+        serve(config, factory, id, channel, clock).await
+    });
     // Dropping the LocalSet cancels the handlers still running after the deadline, which
     // closes their connections.
     drop(local);
@@ -250,9 +250,7 @@ async fn serve<H: Handler>(
     let acceptors: Vec<_> = own_listeners
         .into_iter()
         .map(|(index, listener)| {
-            tokio::task::spawn_local(
-                accept_own(listener, index, spawner.clone()).instrument(tracing::Span::current()),
-            )
+            tokio::task::spawn_local(accept_own(listener, index, spawner.clone()))
         })
         .collect();
 
@@ -453,25 +451,23 @@ impl<H: Handler> Spawner<H> {
         };
         let guard = self.tracker.enter();
         let fut = self.handler.call(conn);
-        // The connection span is debug-level; when it is off, the handler still runs inside
-        // the worker's span, so its logs say which worker they come from.
-        let span = conn_span(meta.id, &meta.peer);
-        let span = if span.is_disabled() {
-            tracing::Span::current()
-        } else {
-            span
-        };
-        tokio::task::spawn_local(
-            async move {
-                match (HandlerPoll { inner: fut }).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => log_handler_error(err.into()),
-                    Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
-                }
-                drop(guard);
+        let task = async move {
+            match (HandlerPoll { inner: fut }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => log_handler_error(err.into()),
+                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
             }
-            .instrument(span),
-        );
+            drop(guard);
+        };
+        // The connection span is debug-level. When it is off, nothing is entered per poll:
+        // the handler runs inside the worker's span, which `run` entered for the thread, so
+        // its logs still say which worker they come from.
+        let span = conn_span(meta.id, &meta.peer);
+        if span.is_disabled() {
+            tokio::task::spawn_local(task);
+        } else {
+            tokio::task::spawn_local(task.instrument(span));
+        }
     }
 }
 
