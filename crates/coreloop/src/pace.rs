@@ -66,11 +66,10 @@ pub(crate) struct Pace {
     window: Option<(Instant, Sample)>,
     /// When polling last stopped, while it is stopped.
     stopped: Option<Instant>,
-    /// How long the sparse polls since the last dense one waited, in all.
+    /// How long the sparse polls since the last dense one waited, in all. Once it
+    /// reaches [`LULL`] the load that set the interval is gone, so the next start is at
+    /// [`MIN`] whenever it comes.
     sparse_for: Duration,
-    /// Set when a lull ended polling: the load that set the interval is gone, so the next
-    /// start is at [`MIN`] whenever it comes.
-    lulled: bool,
 }
 
 /// One reading of the thread's scheduler statistics.
@@ -93,7 +92,6 @@ impl Pace {
             window: None,
             stopped: None,
             sparse_for: Duration::ZERO,
-            lulled: false,
         }
     }
 
@@ -105,7 +103,7 @@ impl Pace {
             .stopped
             .take()
             .is_some_and(|since| now.duration_since(since) > RESUME);
-        if std::mem::take(&mut self.lulled) || paused {
+        if self.sparse_for >= LULL || paused {
             self.interval = MIN;
             self.window = None;
         }
@@ -148,15 +146,13 @@ impl Pace {
             return false;
         }
         self.sparse_for = self.sparse_for.saturating_add(self.waited(periods));
-        self.lulled = self.sparse_for >= LULL;
-        self.lulled
+        self.sparse_for >= LULL
     }
 
     /// A poll that must not end polling whatever it found (connections are held for a
     /// busy worker): the lull, if any, is over.
     pub(crate) fn busy(&mut self) {
         self.sparse_for = Duration::ZERO;
-        self.lulled = false;
     }
 
     /// Called at every poll. Returns the new interval when it changes.
