@@ -149,10 +149,12 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
             // Read only for --dump: no clock read per request otherwise.
             let began = dump.then(Instant::now);
             let outcome = tokio::time::timeout(timeout, one(addr, request, dump)).await;
+            // Before the lock: waiting for it is not the server's latency.
+            let done = Instant::now();
             let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
             match outcome {
                 Ok(Ok((bytes, pid))) => {
-                    let us = scheduled.elapsed().as_micros() as u64;
+                    let us = (done - scheduled).as_micros() as u64;
                     t.latencies_us.push(us);
                     if !is_burn {
                         t.cheap_us.push(us);
@@ -162,7 +164,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: &Args) {
                         t.dump.push(Dumped {
                             scheduled_us: (scheduled - first).as_micros() as u64,
                             late_us: (began - scheduled).as_micros() as u64,
-                            served_us: began.elapsed().as_micros() as u64,
+                            served_us: (done - began).as_micros() as u64,
                             latency_us: us,
                             slow: is_burn,
                             pid: pid.unwrap_or(0),
