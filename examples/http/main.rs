@@ -85,12 +85,13 @@ struct Args {
     /// Seconds without a report from a worker's event loop before it is killed and replaced.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     heartbeat_timeout: f64,
-    /// Crash-loop limit: more restarts than this within --restart-period stops the server.
-    #[arg(long, default_value_t = 20)]
-    max_restarts: usize,
-    /// Crash-loop window, seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    restart_period: u64,
+    /// Start failures in a row of one worker (it died before it was ready) that stop the
+    /// server. Workers that were ready are always replaced at once.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    max_start_failures: u32,
+    /// Most worker restarts within any one second; more wait their turn.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    max_spawns_per_second: u32,
     /// Most connections one worker holds at once.
     #[arg(long, default_value_t = 25_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections_per_worker: u64,
@@ -215,7 +216,8 @@ fn main() -> anyhow::Result<()> {
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .upgrade_timeout(Duration::from_secs(args.upgrade_timeout))
         .heartbeat_timeout(Duration::from_secs_f64(args.heartbeat_timeout))
-        .restart_limit(args.max_restarts, Duration::from_secs(args.restart_period))
+        .start_failure_limit(args.max_start_failures)
+        .spawn_rate_limit(args.max_spawns_per_second)
         .distribution(match args.mode {
             Mode::Forward => Distribution::Forward,
             Mode::Reuseport => Distribution::ReusePort,

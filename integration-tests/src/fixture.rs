@@ -36,12 +36,12 @@ pub struct CommonArgs {
     /// Seconds without a report from a worker's event loop before it is killed.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub heartbeat_timeout: f64,
-    /// Crash-loop limit: restarts allowed within --restart-period.
-    #[arg(long, default_value_t = 20)]
-    pub max_restarts: usize,
-    /// Crash-loop window, seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub restart_period: u64,
+    /// Start failures in a row of one worker that stop the server.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_start_failures: u32,
+    /// Most worker restarts within any one second.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub max_spawns_per_second: u32,
     /// Seconds the new generation of a binary upgrade may take to serve.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub upgrade_timeout: f64,
@@ -70,7 +70,8 @@ impl CommonArgs {
             .workers(self.workers)
             .shutdown_timeout(secs("shutdown-timeout", self.shutdown_timeout)?)
             .heartbeat_timeout(secs("heartbeat-timeout", self.heartbeat_timeout)?)
-            .restart_limit(self.max_restarts, Duration::from_secs(self.restart_period))
+            .start_failure_limit(self.max_start_failures)
+            .spawn_rate_limit(self.max_spawns_per_second)
             .upgrade_timeout(secs("upgrade-timeout", self.upgrade_timeout)?);
         if let Some(path) = &self.pid_file {
             builder = builder.pid_file(path);

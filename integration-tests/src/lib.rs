@@ -290,9 +290,14 @@ pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         })
 }
 
-/// A supervisor's `worker ready worker.id=N worker.pid=P` line, parsed.
+/// Whether `line` is the supervisor's event `name` (its `event` field).
+pub fn is_event(line: &str, name: &str) -> bool {
+    log_field(line, "event").is_some_and(|event| event.trim_matches('"') == name)
+}
+
+/// A supervisor's `worker_ready` event (`worker.id=N worker.pid=P`), parsed.
 pub fn parse_worker_ready(line: &str) -> Option<(usize, u32)> {
-    if !line.contains(" worker ready worker.id=") {
+    if !is_event(line, "worker_ready") {
         return None;
     }
     let id = log_field(line, "worker.id")?.parse().ok()?;

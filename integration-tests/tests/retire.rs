@@ -13,8 +13,8 @@ use rustix::process::Signal;
 
 #[test]
 fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
-    // A crash-loop limit of 0: any restart counted as a crash would stop the server.
-    let server = Server::start(ServerConfig::new(2).args(["--max-restarts", "0"]))?;
+    // A start-failure limit of 1: a retirement counted as a start failure would stop it.
+    let server = Server::start(ServerConfig::new(2).args(["--max-start-failures", "1"]))?;
     let supervisor = server.pid();
     let workers = server.worker_pids();
     let (retiree, other) = (workers[&0], workers[&1]);

@@ -27,6 +27,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use rustix::fs::{Mode, OFlags};
+use rustix::mm::ProtFlags;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// Creates a connected `AF_UNIX` `SOCK_SEQPACKET` pair, both ends non-blocking and
@@ -190,11 +191,15 @@ impl AsFd for Readiness {
 ///
 /// The worker writes the first from its runtime's park and unpark hooks (two stores per
 /// wake-up, no system call), and the second around every poll of a connection's handler
-/// (a vDSO clock read and two stores); the supervisor reads them when it picks a worker.
-/// A loop that has been awake for a long time has a long batch of work; one poll that has
-/// run for long is a handler that does not yield. The supervisor learns that before it
-/// has sent the worker anything, which no message could tell it, since the worker cannot
-/// send while it is busy.
+/// (a vDSO clock read and two stores); the supervisor reads them, through a
+/// [`LoopClockView`], when it picks a worker. A loop that has been awake for a long time
+/// has a long batch of work; one poll that has run for long is a handler that does not
+/// yield. The supervisor learns that before it has sent the worker anything, which no
+/// message could tell it, since the worker cannot send while it is busy.
+///
+/// The worker creates the memory and seals its size (`F_SEAL_SHRINK`, `F_SEAL_GROW`,
+/// `F_SEAL_SEAL`) before anyone else sees it: see [`LoopClockView::from_fd`] for why the
+/// supervisor maps nothing else.
 #[derive(Debug)]
 pub struct LoopClock {
     words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
@@ -210,60 +215,37 @@ unsafe impl Sync for LoopClock {}
 /// Size of the shared memory: two `u64`s.
 const CLOCK_LEN: usize = 2 * std::mem::size_of::<u64>();
 
+/// The seals a loop clock must carry before the supervisor maps it: its size can never
+/// change again, so no page of the mapping can stop being backed by the file.
+fn clock_seals() -> rustix::fs::SealFlags {
+    use rustix::fs::SealFlags;
+    SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL
+}
+
 impl LoopClock {
-    /// Creates the shared words (a new close-on-exec `memfd`), marked asleep.
+    /// Creates the shared words (a new close-on-exec `memfd` of 16 bytes, its size sealed),
+    /// marked asleep.
     ///
     /// # Errors
     ///
-    /// The error of `memfd_create`, `ftruncate` or `mmap`.
+    /// The error of `memfd_create`, `ftruncate`, `fcntl(F_ADD_SEALS)` or `mmap`.
     pub fn create() -> io::Result<Self> {
-        let fd = rustix::fs::memfd_create("coreloop-loop-clock", rustix::fs::MemfdFlags::CLOEXEC)?;
+        use rustix::fs::MemfdFlags;
+        let fd = rustix::fs::memfd_create(
+            "coreloop-loop-clock",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
         rustix::fs::ftruncate(&fd, CLOCK_LEN as u64)?;
-        Self::map(fd)
-    }
-
-    /// Maps words created by [`create`](Self::create) in another process (its descriptor,
-    /// received over the channel).
-    ///
-    /// # Errors
-    ///
-    /// `InvalidInput` when the descriptor is not a file of at least 16 bytes; the `mmap`
-    /// error.
-    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
-        let stat = rustix::fs::fstat(&fd)?;
-        if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the loop clock is not a file of 16 bytes",
-            ));
-        }
-        Self::map(fd)
-    }
-
-    fn map(fd: OwnedFd) -> io::Result<Self> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        // SAFETY: a new shared mapping chosen by the kernel (null hint), so it overlaps no
-        // memory Rust knows about; `fd` is a regular file of at least `CLOCK_LEN` bytes
-        // (created so, or checked by `from_fd`), so the whole length is backed.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                CLOCK_LEN,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }?;
-        let words = std::ptr::NonNull::new(ptr.cast::<[std::sync::atomic::AtomicU64; 2]>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        rustix::fs::fcntl_add_seals(&fd, clock_seals())?;
+        let words = map(&fd, ProtFlags::READ | ProtFlags::WRITE)?;
         Ok(Self { words, fd })
     }
 
     fn words(&self) -> &[std::sync::atomic::AtomicU64; 2] {
         // SAFETY: `words` points at the start of a live mapping of `CLOCK_LEN` bytes, page
-        // aligned (so aligned for `AtomicU64`), unmapped only in `drop`; the memory is only
-        // ever accessed atomically, by this process and the peer alike.
+        // aligned (so aligned for `AtomicU64`), of a file whose size is sealed at
+        // `CLOCK_LEN`, unmapped only in `drop`; the memory is only ever accessed
+        // atomically, by this process and the peer alike.
         unsafe { self.words.as_ref() }
     }
 
@@ -291,6 +273,68 @@ impl LoopClock {
     pub fn poll_ended(&self) {
         self.words()[1].store(0, Ordering::Release);
     }
+}
+
+impl Drop for LoopClock {
+    fn drop(&mut self) {
+        // SAFETY: the mapping of `CLOCK_LEN` bytes made in `create`; no reference into it
+        // outlives `self` (`words()` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.words.as_ptr().cast(), CLOCK_LEN) };
+    }
+}
+
+/// The supervisor's read-only view of a worker's [`LoopClock`].
+#[derive(Debug)]
+pub struct LoopClockView {
+    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
+    _fd: OwnedFd,
+}
+
+// SAFETY: as for `LoopClock`: the mapped words are only loaded atomically, and the mapping
+// lives as long as the value.
+unsafe impl Send for LoopClockView {}
+// SAFETY: as above: `&LoopClockView` offers atomic loads only.
+unsafe impl Sync for LoopClockView {}
+
+impl LoopClockView {
+    /// Maps, read-only, the loop clock a worker created (its descriptor, received over the
+    /// channel).
+    ///
+    /// The worker is not trusted: it holds the same file and could truncate it, and a
+    /// mapped page whose file no longer backs it raises `SIGBUS` in every process that
+    /// reads it, the supervisor included. So the descriptor is mapped only if it is a
+    /// `memfd` whose size is sealed (`F_SEAL_SHRINK`, `F_SEAL_GROW`, `F_SEAL_SEAL`: seals
+    /// can be added, never removed) and is at least 16 bytes, checked in that order, so
+    /// that the size read is final. What the worker can still do is write any value into
+    /// the two words; they only steer connections toward or away from that worker.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` when the descriptor is not a memfd with those seals, or is shorter
+    /// than 16 bytes; the `mmap` error.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_owned());
+        // Files that cannot be sealed (sockets, pipes, regular files) fail with EINVAL.
+        let seals = rustix::fs::fcntl_get_seals(&fd)
+            .map_err(|_| invalid("the loop clock is not a sealable memfd"))?;
+        if !seals.contains(clock_seals()) {
+            return Err(invalid("the loop clock's size is not sealed"));
+        }
+        let stat = rustix::fs::fstat(&fd)?;
+        if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
+            return Err(invalid("the loop clock is not a file of 16 bytes"));
+        }
+        let words = map(&fd, ProtFlags::READ)?;
+        Ok(Self { words, _fd: fd })
+    }
+
+    fn words(&self) -> &[std::sync::atomic::AtomicU64; 2] {
+        // SAFETY: `words` points at the start of a live read-only mapping of `CLOCK_LEN`
+        // bytes, page aligned, of a file sealed against shrinking at no less than
+        // `CLOCK_LEN` bytes (checked in `from_fd`), so every byte stays backed; unmapped
+        // only in `drop`; only ever loaded atomically here.
+        unsafe { self.words.as_ref() }
+    }
 
     /// How long the handler poll now running has run, or `None` between handler polls.
     pub fn poll_running_for(&self) -> Option<std::time::Duration> {
@@ -303,18 +347,44 @@ impl LoopClock {
     }
 }
 
+impl Drop for LoopClockView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping of `CLOCK_LEN` bytes made in `from_fd`; no reference into it
+        // outlives `self` (`words()` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.words.as_ptr().cast(), CLOCK_LEN) };
+    }
+}
+
+/// Maps the first `CLOCK_LEN` bytes of `fd`, shared, with `prot`.
+///
+/// The caller guarantees that `fd` is a file whose size is sealed at `CLOCK_LEN` bytes or
+/// more, so the mapping stays backed for as long as it exists.
+fn map(
+    fd: &OwnedFd,
+    prot: ProtFlags,
+) -> io::Result<std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>> {
+    // SAFETY: a new shared mapping chosen by the kernel (null hint), so it overlaps no
+    // memory Rust knows about; `fd` is a file of at least `CLOCK_LEN` bytes whose size is
+    // sealed (created so in `LoopClock::create`, or checked by `LoopClockView::from_fd`),
+    // so the whole length is backed for the mapping's life.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            CLOCK_LEN,
+            prot,
+            rustix::mm::MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }?;
+    std::ptr::NonNull::new(ptr.cast::<[std::sync::atomic::AtomicU64; 2]>())
+        .ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
 /// Time elapsed since a stored instant; `None` for 0 (not running).
 fn since(stored_ns: u64) -> Option<std::time::Duration> {
     (stored_ns != 0)
         .then(|| std::time::Duration::from_nanos(monotonic_ns().saturating_sub(stored_ns)))
-}
-
-impl Drop for LoopClock {
-    fn drop(&mut self) {
-        // SAFETY: the mapping of `CLOCK_LEN` bytes made in `map`; no reference into it
-        // outlives `self` (`words()` borrows `self`).
-        let _ = unsafe { rustix::mm::munmap(self.words.as_ptr().cast(), CLOCK_LEN) };
-    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (never 0: the clock starts at boot, long before).
@@ -343,9 +413,10 @@ mod tests {
     }
 
     /// A clock as the worker creates it, and the same memory as the supervisor maps it.
-    fn both_ends() -> (LoopClock, LoopClock) {
+    fn both_ends() -> (LoopClock, LoopClockView) {
         let worker = LoopClock::create().unwrap();
-        let supervisor = LoopClock::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        let supervisor =
+            LoopClockView::from_fd(worker.as_fd().try_clone_to_owned().unwrap()).unwrap();
         (worker, supervisor)
     }
 
@@ -367,14 +438,48 @@ mod tests {
 
     #[test]
     fn a_file_too_short_for_both_words_is_refused() {
-        let fd = rustix::fs::memfd_create("short", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&fd, 8).unwrap();
-        assert!(LoopClock::from_fd(fd).is_err());
+        let fd = sealable(8);
+        rustix::fs::fcntl_add_seals(&fd, clock_seals()).unwrap();
+        assert!(LoopClockView::from_fd(fd).is_err());
     }
 
     #[test]
     fn a_descriptor_that_is_not_a_clock_is_refused() {
         let (a, _b) = socketpair_cloexec().unwrap();
-        assert!(LoopClock::from_fd(a).is_err());
+        assert!(LoopClockView::from_fd(a).is_err());
+    }
+
+    fn sealable(len: u64) -> OwnedFd {
+        let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+        let fd = rustix::fs::memfd_create("test", flags).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        fd
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        // What a hostile worker would send: memory it can truncate under the mapping.
+        let fd = sealable(16);
+        let err = LoopClockView::from_fd(fd.try_clone().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        // Sealed against shrinking only: it could still be grown and the seals changed.
+        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK).unwrap();
+        assert!(LoopClockView::from_fd(fd).is_err());
+        // A memfd created without sealing allowed carries F_SEAL_SEAL alone.
+        let fd = rustix::fs::memfd_create("nosealing", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 16).unwrap();
+        assert!(LoopClockView::from_fd(fd).is_err());
+    }
+
+    #[test]
+    fn the_worker_cannot_truncate_its_clock_under_the_supervisor() {
+        let (worker, supervisor) = both_ends();
+        // The worker's own descriptor, as a hostile handler would find it.
+        let err = rustix::fs::ftruncate(worker.as_fd(), 0).unwrap_err();
+        assert_eq!(err, rustix::io::Errno::PERM);
+        let err = rustix::fs::ftruncate(worker.as_fd(), 1 << 20).unwrap_err();
+        assert_eq!(err, rustix::io::Errno::PERM);
+        worker.woke();
+        assert!(supervisor.awake_for().is_some(), "the mapping still reads");
     }
 }

@@ -37,7 +37,7 @@
 //! The only `unsafe` code of coreloop lives in the private `fd` module: one block that
 //! registers an owned descriptor with tokio's reactor ([`Readiness`]), one that adopts
 //! the sockets systemd passed by number ([`take_systemd_listeners`]), and the mapping of
-//! the words a worker and its supervisor share ([`LoopClock`]).
+//! the words a worker and its supervisor share ([`LoopClock`], [`LoopClockView`]).
 //!
 //! The socket pair is used through rustix's `sendmsg`/`recvmsg` and our own readiness
 //! registration rather than through `tokio-seqpacket`, whose sockets register for read
@@ -53,7 +53,10 @@ mod message;
 mod timer;
 
 pub use channel::{Channel, ChannelError, Fds, Queue, TrySendError};
-pub use fd::{LoopClock, Readiness, inherited_channel, socketpair_cloexec, take_systemd_listeners};
+pub use fd::{
+    LoopClock, LoopClockView, Readiness, inherited_channel, socketpair_cloexec,
+    take_systemd_listeners,
+};
 pub use message::{
     ConnBatch, ConnMeta, MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, PROTOCOL_VERSION,
     PeerAddr, ProtocolError,

@@ -47,8 +47,7 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) tcp_nodelay: bool,
     pub(crate) backlog: u32,
-    pub(crate) max_restarts: usize,
-    pub(crate) restart_period: Duration,
+    pub(crate) restart_limits: crate::restart::Limits,
     pub(crate) heartbeat_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) recycle_after: Option<(u64, u64)>,
@@ -128,8 +127,10 @@ impl Default for ServerBuilder {
                 shutdown_timeout: Duration::from_secs(30),
                 tcp_nodelay: true,
                 backlog: 1024,
-                max_restarts: 20,
-                restart_period: Duration::from_secs(60),
+                restart_limits: crate::restart::Limits {
+                    start_failures: 10,
+                    spawns_per_second: 20,
+                },
                 heartbeat_timeout: Duration::from_secs(10),
                 max_connections: 25_000,
                 recycle_after: None,
@@ -314,11 +315,27 @@ impl ServerBuilder {
         self
     }
 
-    /// Crash-loop limit: when workers are restarted more than `max` times within `period`,
-    /// the server stops and `run()` returns [`Error::CrashLoop`]. Default: 20 within 60 s.
-    pub fn restart_limit(mut self, max: usize, period: Duration) -> Self {
-        self.config.max_restarts = max;
-        self.config.restart_period = period;
+    /// When the server gives up on a worker that cannot start: after `failures` start
+    /// failures in a row of one worker slot (its factory failed, or it exited or was
+    /// killed before it was ready), the server stops and `run()` returns
+    /// [`Error::StartFailures`]. A start failure while the server boots stops it at once
+    /// ([`Error::WorkerStart`]). Default: 10 (`0` counts as 1).
+    ///
+    /// Only start failures count. A worker that was ready and then died, whatever killed
+    /// it, is replaced at once and never stops the server. Between start failures of a
+    /// slot, the restart waits 100 ms · 2ⁿ⁻¹ (at most 10 s, jittered); a worker of that
+    /// slot that gets ready resets the count and the wait.
+    pub fn start_failure_limit(mut self, failures: u32) -> Self {
+        self.config.restart_limits.start_failures = failures;
+        self
+    }
+
+    /// Most workers restarted within any one second: restarts over the ceiling wait their
+    /// turn (none is dropped), so that workers dying in a storm cannot turn the
+    /// supervisor into a fork bomb. Boot, reload, recycling and scaling are not counted.
+    /// Default: 20 (`0` counts as 1).
+    pub fn spawn_rate_limit(mut self, per_second: u32) -> Self {
+        self.config.restart_limits.spawns_per_second = per_second;
         self
     }
 
@@ -498,7 +515,7 @@ impl<H: Handler> Server<H> {
     ///
     /// In the supervisor: [`Error::Config`], [`Error::Bind`], [`Error::Runtime`],
     /// [`Error::NestedRuntime`], [`Error::Signal`], [`Error::SpawnWorker`],
-    /// [`Error::WorkerStart`] and [`Error::CrashLoop`]. Nothing is left running when it
+    /// [`Error::WorkerStart`] and [`Error::StartFailures`]. Nothing is left running when it
     /// returns an error.
     pub fn run(self) -> Result<(), Error> {
         if tokio::runtime::Handle::try_current().is_ok() {

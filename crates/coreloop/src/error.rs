@@ -6,7 +6,6 @@
 //! not a stable interface: match on the variant instead.
 
 use std::io;
-use std::time::Duration;
 
 /// Boxed error returned by handlers and factories.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -63,13 +62,18 @@ pub enum Error {
         /// What the worker reported, or how it exited.
         reason: String,
     },
-    /// Workers kept dying: more restarts than allowed within the period.
-    #[error("giving up: {restarts} worker restarts within {period:?}")]
-    CrashLoop {
-        /// Restarts counted within the period.
-        restarts: usize,
-        /// The period.
-        period: Duration,
+    /// A worker slot failed to start too many times in a row (see
+    /// [`ServerBuilder::start_failure_limit`](crate::ServerBuilder::start_failure_limit)).
+    #[error(
+        "giving up: worker {id} failed to start {failures} times in a row; the last time: {reason}"
+    )]
+    StartFailures {
+        /// The worker's id.
+        id: usize,
+        /// Consecutive start failures.
+        failures: u32,
+        /// What the worker reported the last time, or how it exited.
+        reason: String,
     },
     /// This process was started as the new supervisor of a binary upgrade, and taking the
     /// listeners over from the running one failed; the running one keeps serving.

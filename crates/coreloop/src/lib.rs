@@ -67,14 +67,17 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod boundary;
 mod builder;
 mod cpu;
 mod dispatch;
 mod error;
+mod exit;
 mod handler;
 mod listener;
 mod metrics;
 mod pace;
+mod restart;
 mod role;
 mod shutdown;
 mod supervisor;

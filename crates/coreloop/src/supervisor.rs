@@ -12,9 +12,10 @@
 //!   errors from exhausted resources (`EMFILE`, …) are logged once per episode and
 //!   retried after a growing pause, never in a spin.
 //! - **one watcher per worker** ([`watch`]): reads the worker's channel (`Ready`, `Failed`,
-//!   `Retiring`, `Status`), reaps the process (`tokio::process`: no zombies), takes back the
-//!   connections a dead worker never read, and starts a replacement with backoff, within
-//!   the crash-loop limit.
+//!   `Retiring`, `Status`) through the trust boundary ([`crate::boundary`]: a worker that
+//!   breaks the protocol is killed), reaps the process (`tokio::process`: no zombies) after
+//!   killing what it forked, takes back the connections a dead worker never read, and
+//!   carries out the restart policy's decision ([`crate::restart`]).
 //! - **the health check** ([`health_loop`]): stops dispatching to a worker whose reports
 //!   are late, kills one whose event loop has been blocked past the heartbeat timeout, and
 //!   starts recycling workers that have served their share or grown too large.
@@ -40,7 +41,6 @@
 //! holds new clients. The supervisor's copy of a descriptor is closed once it is queued.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -57,12 +57,16 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::boundary::{CLOSED_GRACE, LogBudget, Screen, Violation};
 use crate::builder::{Command, Config};
 use crate::dispatch::{Busy, Candidate, Planner, XorShift};
 use crate::error::Error;
+use crate::exit::ExitReason;
+use crate::handler::WorkerId;
 use crate::listener::{self, AcceptError, Handover, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};
 use crate::pace::{self, Pace};
+use crate::restart::{Death, Decision, GiveUp, RestartPolicy};
 use crate::upgrade::Successor;
 use prometheus_client::metrics::counter::Counter;
 
@@ -71,17 +75,12 @@ const ACCEPT_BURST: usize = 128;
 /// First and longest pause after an accept error that signals exhaustion.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Restart backoff: the first restart of a worker that had been up for `STABLE_UPTIME`
-/// is immediate; consecutive failures wait `RESTART_BACKOFF_MIN · 2ⁿ` (± 50 % jitter),
-/// at most `RESTART_BACKOFF_MAX`; and when no worker is left serving, a restart is
-/// immediate whatever the count, since clients are waiting.
-const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// Extra time the supervisor gives a draining worker beyond the shutdown timeout (the
 /// worker enforces the timeout itself) before it sends SIGKILL.
 const KILL_MARGIN: Duration = Duration::from_millis(500);
-/// How long a replacement (reload, recycle, scale-up) may take to become ready.
+/// How long a worker may take to become ready: a replacement (reload, recycle) that takes
+/// longer is given up, and any worker still starting after this is killed as a start
+/// failure.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Descriptors a worker keeps free for its own use below `RLIMIT_NOFILE`.
 const FD_RESERVE: u64 = 64;
@@ -258,9 +257,11 @@ struct Worker {
     /// Whether it is reading its queue, as last looked at (see [`Worker::look`]).
     reading: Reading,
     /// When its event loop last woke up, shared with it (`LoopClock`, sent before `Ready`).
-    clock: Option<coreloop_ipc::LoopClock>,
+    clock: Option<coreloop_ipc::LoopClockView>,
     state: State,
     started: Instant,
+    /// It said `Ready` (whatever its state is now).
+    was_ready: bool,
     /// Connections handed to it, and the count it last reported finished.
     sent: u64,
     closed: u64,
@@ -278,9 +279,9 @@ struct Worker {
     live: u32,
     /// Its slot's `forwarded` counter.
     forwarded: Counter,
-    /// Why the supervisor is retiring it (`reload`, `recycle`, `hang`, …); `None` until
-    /// then, so an exit without a reason is a crash.
-    exit_reason: Option<&'static str>,
+    /// Why the supervisor is retiring or killing it; `None` until then, so an exit without
+    /// a reason is a crash (or a start failure, before it was ready).
+    exit_reason: Option<ExitReason>,
 }
 
 impl Worker {
@@ -402,8 +403,10 @@ struct Shared {
     workers: RefCell<Vec<Worker>>,
     /// Number of worker slots wanted (changed by scaling).
     target: Cell<usize>,
-    /// Consecutive short-lived failures per slot, for the restart backoff.
-    failures: RefCell<Vec<u32>>,
+    /// When a worker that died is replaced, and when the server gives up.
+    policy: RefCell<RestartPolicy>,
+    /// What workers can make the supervisor log (see [`crate::boundary`]).
+    log_budget: RefCell<LogBudget>,
     /// Per-worker connection cap: the configured one, kept below `RLIMIT_NOFILE`.
     cap: u64,
     /// Signalled on every change that may matter to a waiting task.
@@ -417,7 +420,6 @@ struct Shared {
     booted: Cell<bool>,
     reloading: Cell<bool>,
     fatal: Fatal,
-    restarts: RefCell<VecDeque<Instant>>,
     rng: Cell<XorShift>,
     /// The supervisor's span: parent of every watcher's span, whichever task spawns it.
     span: tracing::Span,
@@ -524,7 +526,8 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
     let planner = Planner::new(config.dispatch, seed());
     let shared = Rc::new(Shared {
         target: Cell::new(config.workers),
-        failures: RefCell::new(vec![0; config.workers]),
+        policy: RefCell::new(RestartPolicy::new(config.restart_limits, seed())),
+        log_budget: RefCell::new(LogBudget::new(Instant::now())),
         config,
         workers: RefCell::new(Vec::new()),
         cap,
@@ -537,7 +540,6 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         booted: Cell::new(false),
         reloading: Cell::new(false),
         fatal: RefCell::new(None),
-        restarts: RefCell::new(VecDeque::new()),
         rng: Cell::new(XorShift::new(seed())),
         span: tracing::Span::current(),
         cpus,
@@ -619,6 +621,7 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         }
     }
     shared.booted.set(true);
+    shared.policy.borrow_mut().booted();
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| &l.bound)
@@ -819,7 +822,7 @@ impl Shared {
         format!("serving: {ready} of {} workers ready", self.target.get())
     }
 
-    fn set_exit_reason(&self, pid: u32, reason: &'static str) {
+    fn set_exit_reason(&self, pid: u32, reason: ExitReason) {
         self.with_worker(pid, |w| {
             w.exit_reason.get_or_insert(reason);
         });
@@ -850,6 +853,11 @@ impl Shared {
         drop(workers);
         self.metrics.workers_ready.set(ready as i64);
         self.metrics.encode()
+    }
+
+    /// Whether a line a worker caused may be logged now (see [`LogBudget::admit`]).
+    fn admit_log(&self) -> Option<u64> {
+        self.log_budget.borrow_mut().admit(Instant::now())
     }
 
     fn take_fatal(&self) -> Option<Error> {
@@ -1102,18 +1110,34 @@ impl Shared {
     async fn stop_now(&self) {
         self.stopping.set(true);
         for worker in self.workers.borrow().iter() {
-            kill(worker.pid);
+            kill_worker(worker.pid);
         }
         self.all_exited().await;
     }
 }
 
-/// SIGKILL to a worker the supervisor has not reaped yet (a watcher removes a worker from
+/// SIGKILL to a process the supervisor has not reaped yet (a watcher removes a worker from
 /// the pool before it reaps it, and nobody else reaps our children, so the pid cannot
 /// have been reused).
 pub(crate) fn kill(pid: u32) {
     if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
+}
+
+/// SIGKILL to a worker the supervisor has not reaped yet, and to its process group: what
+/// it forked goes with it. (Each worker leads its own group, whose id is its pid; while
+/// the worker is not reaped, that id cannot name anything else. The worker itself is
+/// signalled by pid too, in case it left its group.)
+fn kill_worker(pid: u32) {
+    kill(pid);
+    kill_group(pid);
+}
+
+/// SIGKILL to the process group `pid` of a worker not reaped yet (see [`kill_worker`]).
+fn kill_group(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
     }
 }
 
@@ -1175,6 +1199,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         clock: None,
         state: State::Starting,
         started: Instant::now(),
+        was_ready: false,
         sent: 0,
         closed: 0,
         rss_kib: 0,
@@ -1190,7 +1215,12 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         kill_at: None,
     });
     shared.changed.notify_waiters();
-    debug!(worker.id = slot, worker.pid = pid, "worker spawned");
+    debug!(
+        event = "worker_spawned",
+        worker.id = slot,
+        worker.pid = pid,
+        "worker spawned"
+    );
     let span =
         tracing::info_span!(parent: &shared.span, "watch", worker.id = slot, worker.pid = pid);
     tokio::task::spawn_local(
@@ -1199,51 +1229,30 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
     Ok(pid)
 }
 
-/// Follows one worker from spawn to reaping, then decides on its replacement.
+/// Follows one worker from spawn to reaping, then carries out the restart policy's
+/// decision about its slot.
 async fn watch(
     shared: Rc<Shared>,
     slot: usize,
     pid: u32,
-    mut child: tokio::process::Child,
+    child: tokio::process::Child,
     channel: Rc<Channel>,
     queue: Rc<Queue>,
 ) {
     let mut failure: Option<String> = None;
-    let mut channel_ok = true;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            received = channel.recv(), if channel_ok => match received {
-                Ok(Some((Message::LoopClock, fds))) => match fds.into_iter().next().map(coreloop_ipc::LoopClock::from_fd) {
-                    Some(Ok(clock)) => {
-                        shared.with_worker(pid, |w| w.clock = Some(clock));
-                    }
-                    Some(Err(err)) => warn!(error = %err, "unusable loop clock from worker"),
-                    None => warn!("loop clock without its descriptor"),
-                },
-                Ok(Some((msg, _))) => on_message(&shared, slot, pid, &channel, msg, &mut failure).await,
-                Ok(None) => channel_ok = false,
-                Err(err) => {
-                    warn!(error = %err, "bad message from worker");
-                    if matches!(err, coreloop_ipc::ChannelError::Io(_)) {
-                        channel_ok = false;
-                    }
-                }
-            },
-        }
-    };
-    let status = match status {
-        Ok(status) => Some(status),
-        Err(err) => {
-            error!(error = %err, "cannot wait for worker");
-            None
-        }
-    };
+    let status = follow(&shared, slot, pid, child, &channel, &mut failure).await;
     // What the worker said just before it exited (a start failure) may still be queued.
-    while let Ok(Some((msg, _))) = channel.try_recv() {
-        if let Message::Failed { reason } = msg {
-            error!(worker.id = slot, worker.pid = pid, reason = %reason, "worker failed to start");
-            failure = Some(reason);
+    // Nothing else is read: a worker that was stopped for breaking the protocol is not
+    // listened to any more.
+    if failure.is_none()
+        && shared.with_worker(pid, |w| w.exit_reason) != Some(Some(ExitReason::Violation))
+    {
+        while let Ok(Some((msg, _))) = channel.try_recv() {
+            if let Message::Failed { reason } = msg {
+                error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
+                failure = Some(reason);
+                break;
+            }
         }
     }
     let removed = {
@@ -1255,11 +1264,184 @@ async fn watch(
     let Some(worker) = removed else { return };
     // What decides on the replacement; the rest (the queue's other reference among it) is
     // released now, so the dead worker's channel closes before its replacement starts.
-    let (state, exit_reason, started) = (worker.state, worker.exit_reason, worker.started);
+    let (state, exit_reason, started, was_ready) = (
+        worker.state,
+        worker.exit_reason,
+        worker.started,
+        worker.was_ready,
+    );
     drop(worker);
-    let described = describe(status);
+    recover(&shared, &queue);
+    drop(queue);
 
-    // Take back what the worker never read and give it to live workers.
+    let described = describe(status);
+    if shared.stopping.get() {
+        debug!(event = "worker_exited", worker.id = slot, worker.pid = pid, status = %described, "worker exited");
+        return;
+    }
+    let drained = state == State::Draining && status.is_some_and(|s| s.success());
+    let reason = match exit_reason {
+        Some(reason) => reason,
+        None if drained => ExitReason::Drained,
+        None if was_ready => ExitReason::Crash,
+        None => ExitReason::StartFailure,
+    };
+    let death = match reason {
+        ExitReason::Drained
+        | ExitReason::Reload
+        | ExitReason::Recycle
+        | ExitReason::Retire
+        | ExitReason::ScaleDown => Death::Drained,
+        _ if was_ready => Death::AfterReady,
+        _ => Death::BeforeReady,
+    };
+    shared
+        .metrics
+        .restarts
+        .get_or_create(&RestartLabels {
+            worker: slot as u32,
+            reason: reason.label(),
+        })
+        .inc();
+    let uptime_ms = started.elapsed().as_millis() as u64;
+    if death == Death::Drained {
+        info!(event = "worker_exited", worker.id = slot, worker.pid = pid, reason = reason.label(), status = %described, "worker exited after draining");
+    } else if let Some(suppressed) = shared.admit_log() {
+        if suppressed > 0 {
+            warn!(
+                event = "log_suppressed",
+                suppressed, "lines about workers were suppressed: over the log budget"
+            );
+        }
+        warn!(event = "worker_exited", worker.id = slot, worker.pid = pid, reason = reason.label(), status = %described, uptime_ms, failure = ?failure.as_deref().unwrap_or(""), "worker died");
+    }
+    let failure = failure.map_or_else(
+        || format!("exited ({described}) before it was ready"),
+        |reason| crate::boundary::printable(&reason),
+    );
+    restart(&shared, slot, death, failure).await;
+}
+
+/// Reads one worker's channel until its process has exited (it is not reaped yet), then
+/// kills what it forked and reaps it. Every message is checked at the trust boundary
+/// ([`Screen`]); a worker that breaks the protocol is killed.
+async fn follow(
+    shared: &Rc<Shared>,
+    slot: usize,
+    pid: u32,
+    mut child: tokio::process::Child,
+    channel: &Channel,
+    failure: &mut Option<String>,
+) -> Option<ExitStatus> {
+    let mut screen = Screen::new(Instant::now());
+    // A pidfd turns readable when the process exits, before it is reaped: the moment its
+    // process group can still be killed safely. Without one (kernels before 5.3), the
+    // group is left alone.
+    let mut pidfd = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok())
+        .and_then(|fd| coreloop_ipc::Readiness::new(fd, tokio::io::Interest::READABLE).ok());
+    let mut reading = true;
+    let mut closed_at: Option<tokio::time::Instant> = None;
+    loop {
+        let grace = closed_at.map(|at| at + CLOSED_GRACE);
+        tokio::select! {
+            exited = std::future::poll_fn(|cx| match &pidfd {
+                Some(pidfd) => pidfd.poll_read_ready(cx),
+                None => Poll::Pending,
+            }), if pidfd.is_some() => {
+                if exited.is_err() {
+                    pidfd = None;
+                    continue;
+                }
+                kill_group(pid);
+                break;
+            }
+            status = child.wait(), if pidfd.is_none() => return report_wait(status),
+            received = channel.recv(), if reading => match received {
+                Ok(Some((msg, fds))) => {
+                    let verdict = screen.check(Instant::now(), &msg).and_then(|()| match msg {
+                        Message::LoopClock => take_clock(shared, pid, fds),
+                        _ => Ok(()),
+                    });
+                    match verdict {
+                        Ok(()) if matches!(msg, Message::LoopClock) => {}
+                        Ok(()) => on_message(shared, slot, pid, channel, msg, failure).await,
+                        Err(violation) => {
+                            broke_protocol(shared, slot, pid, violation);
+                            reading = false;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    reading = false;
+                    closed_at = Some(tokio::time::Instant::now());
+                }
+                Err(err) => {
+                    broke_protocol(shared, slot, pid, Violation::of(&err));
+                    reading = false;
+                }
+            },
+            () = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() => {
+                closed_at = None;
+                broke_protocol(shared, slot, pid, Violation::ChannelClosed);
+            }
+        }
+    }
+    report_wait(child.wait().await)
+}
+
+fn report_wait(status: std::io::Result<ExitStatus>) -> Option<ExitStatus> {
+    match status {
+        Ok(status) => Some(status),
+        Err(err) => {
+            error!(error = %err, "cannot wait for worker");
+            None
+        }
+    }
+}
+
+/// Maps the loop clock a worker sent, if it is one the supervisor can trust.
+fn take_clock(shared: &Shared, pid: u32, fds: coreloop_ipc::Fds) -> Result<(), Violation> {
+    let fd = fds.into_iter().next().ok_or(Violation::WrongDescriptors)?;
+    let clock = coreloop_ipc::LoopClockView::from_fd(fd).map_err(|err| {
+        debug!(worker.pid = pid, error = %err, "unusable loop clock");
+        Violation::BadLoopClock
+    })?;
+    shared.with_worker(pid, |w| w.clock = Some(clock));
+    Ok(())
+}
+
+/// A worker broke the protocol: it gets no more connections, is killed, and will be
+/// replaced like any worker that died. Said once, within the log budget.
+fn broke_protocol(shared: &Shared, slot: usize, pid: u32, violation: Violation) {
+    shared.with_worker(pid, |w| {
+        w.exit_reason = Some(ExitReason::Violation);
+        w.state = State::Draining;
+    });
+    if let Some(suppressed) = shared.admit_log() {
+        if suppressed > 0 {
+            warn!(
+                event = "log_suppressed",
+                suppressed, "lines about workers were suppressed: over the log budget"
+            );
+        }
+        error!(
+            event = "protocol_violation",
+            worker.id = slot,
+            worker.pid = pid,
+            violation = violation.label(),
+            detail = %violation,
+            "worker broke the protocol; killing it"
+        );
+    }
+    kill_worker(pid);
+    shared.changed.notify_waiters();
+}
+
+/// Takes back what a dead worker never read and gives it to live workers.
+fn recover(shared: &Rc<Shared>, queue: &Queue) {
     let mut recovered = Vec::new();
     loop {
         match queue.try_recv() {
@@ -1274,95 +1456,79 @@ async fn watch(
             }
             Ok(Some(_)) => {}
             Ok(None) => break,
+            // Only the supervisor writes into this queue; an error here is its own bug,
+            // and what is after it is still taken.
             Err(err) => warn!(error = %err, "bad message in a dead worker's queue"),
         }
     }
-    drop(queue);
-    if !recovered.is_empty() {
-        shared.metrics.recovered.inc_by(recovered.len() as u64);
-        info!(
-            recovered = recovered.len(),
-            "re-dispatched connections the worker never took"
-        );
-        let shared = Rc::clone(&shared);
-        tokio::task::spawn_local(async move {
-            let mut scratch = Scratch::default();
-            shared.dispatch_all(&mut recovered, &mut scratch).await;
-        });
+    if recovered.is_empty() {
+        return;
     }
+    shared.metrics.recovered.inc_by(recovered.len() as u64);
+    info!(
+        recovered = recovered.len(),
+        "re-dispatched connections the worker never took"
+    );
+    let shared = Rc::clone(shared);
+    tokio::task::spawn_local(async move {
+        let mut scratch = Scratch::default();
+        shared.dispatch_all(&mut recovered, &mut scratch).await;
+    });
+}
 
-    if shared.stopping.get() {
-        debug!(status = %described, "worker exited");
-        return;
-    }
-    if !shared.booted.get() {
-        let reason = failure.unwrap_or_else(|| format!("exited ({described}) before it was ready"));
-        shared.fail(Error::WorkerStart { id: slot, reason });
-        return;
-    }
-    let expected = state == State::Draining && status.is_some_and(|s| s.success());
-    let reason = match exit_reason {
-        Some(reason) => reason,
-        None if expected => "drained",
-        None => "crash",
+/// Carries out the restart policy's decision about `slot`, whose worker ended (`death`).
+/// `failure`: what the worker said, or how it exited, for the error if the server gives up.
+async fn restart(shared: &Rc<Shared>, slot: usize, death: Death, failure: String) {
+    let wanted = |shared: &Shared| {
+        !shared.stopping.get() && slot < shared.target.get() && !shared.slot_covered(slot)
     };
-    shared
-        .metrics
-        .restarts
-        .get_or_create(&RestartLabels {
-            worker: slot as u32,
-            reason,
-        })
-        .inc();
-    let uptime = started.elapsed();
-    if expected {
-        info!(status = %described, "worker exited after draining");
-    } else {
-        warn!(status = %described, uptime_ms = uptime.as_millis() as u64, reason = failure.as_deref().unwrap_or(""), "worker died");
-    }
-    if slot >= shared.target.get() || shared.slot_covered(slot) {
-        return;
-    }
-    let delay = if expected {
-        Duration::ZERO
-    } else {
-        if let Err(err) = count_restart(&shared) {
-            shared.fail(err);
-            return;
+    let id = WorkerId(slot);
+    let mut decision = shared
+        .policy
+        .borrow_mut()
+        .died(id, death, wanted(shared), Instant::now());
+    loop {
+        match decision {
+            Decision::Nothing => return,
+            Decision::Stop(give_up) => {
+                let err = match give_up {
+                    GiveUp::Boot { .. } => Error::WorkerStart {
+                        id: slot,
+                        reason: failure,
+                    },
+                    GiveUp::StartFailures { failures, .. } => Error::StartFailures {
+                        id: slot,
+                        failures,
+                        reason: failure,
+                    },
+                };
+                shared.fail(err);
+                return;
+            }
+            Decision::Now => {
+                if wanted(shared) {
+                    if let Err(err) = spawn_worker(shared, slot) {
+                        error!(error = %err, "cannot start replacement worker");
+                        shared.fail(err);
+                    }
+                }
+                return;
+            }
+            Decision::After { delay, why } => {
+                info!(
+                    event = "restart_scheduled",
+                    worker.id = slot,
+                    delay_ms = delay.as_millis() as u64,
+                    why = why.label(),
+                    "restarting after backoff"
+                );
+                tokio::time::sleep(delay).await;
+                if !wanted(shared) {
+                    return;
+                }
+                decision = shared.policy.borrow_mut().due(Instant::now());
+            }
         }
-        let mut failures = shared.failures.borrow_mut();
-        let Some(count) = failures.get_mut(slot) else {
-            return;
-        };
-        let serving = shared.count(|w| w.state == State::Ready);
-        if uptime >= STABLE_UPTIME {
-            *count = 0;
-            Duration::ZERO
-        } else if serving == 0 {
-            // Nobody is serving: clients are waiting in the backlog, so waiting longer
-            // protects nothing. Restart at once (the crash-loop limit still applies).
-            *count = count.saturating_add(1);
-            Duration::ZERO
-        } else {
-            *count = count.saturating_add(1);
-            let exp = RESTART_BACKOFF_MIN.saturating_mul(1 << (*count).min(16));
-            exp.mul_f64(0.5 + shared.random_unit())
-                .min(RESTART_BACKOFF_MAX)
-        }
-    };
-    if !delay.is_zero() {
-        info!(
-            delay_ms = delay.as_millis() as u64,
-            "restarting after backoff"
-        );
-        tokio::time::sleep(delay).await;
-    }
-    if shared.stopping.get() || slot >= shared.target.get() || shared.slot_covered(slot) {
-        return;
-    }
-    if let Err(err) = spawn_worker(&shared, slot) {
-        error!(error = %err, "cannot start replacement worker");
-        shared.fail(err);
     }
 }
 
@@ -1376,13 +1542,20 @@ async fn on_message(
 ) {
     match msg {
         Message::Ready { .. } => {
-            info!(worker.id = slot, worker.pid = pid, "worker ready");
+            info!(
+                event = "worker_ready",
+                worker.id = slot,
+                worker.pid = pid,
+                "worker ready"
+            );
             shared.with_worker(pid, |w| {
+                w.was_ready = true;
                 if w.state == State::Starting {
                     w.state = State::Ready;
                     w.last_report = Instant::now();
                 }
             });
+            shared.policy.borrow_mut().ready(WorkerId(slot));
             shared.changed.notify_waiters();
         }
         Message::Status {
@@ -1401,6 +1574,7 @@ async fn on_message(
                 .unwrap_or(false);
             if resumed {
                 info!(
+                    event = "worker_resumed",
                     worker.id = slot,
                     worker.pid = pid,
                     live,
@@ -1410,18 +1584,19 @@ async fn on_message(
             shared.changed.notify_waiters();
         }
         Message::Failed { reason } => {
-            error!(worker.id = slot, worker.pid = pid, reason = %reason, "worker failed to start");
+            error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
             *failure = Some(reason);
         }
         Message::Retiring => {
             info!(
+                event = "worker_retiring",
                 worker.id = slot,
                 worker.pid = pid,
                 "worker asks to retire; draining it"
             );
             let timeout_ms = shared.timeout_ms();
             shared.mark_draining(pid);
-            shared.set_exit_reason(pid, "retire");
+            shared.set_exit_reason(pid, ExitReason::Retire);
             shared.changed.notify_waiters();
             if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
                 debug!(error = %err, "cannot send Drain");
@@ -1432,32 +1607,12 @@ async fn on_message(
                 }
             }
         }
-        other => warn!(
+        // The screen lets nothing else through.
+        other => debug!(
             message = other.kind_name(),
             "unexpected message from worker"
         ),
     }
-}
-
-/// Records one unexpected restart; errors when the crash-loop limit is passed.
-fn count_restart(shared: &Shared) -> Result<(), Error> {
-    let now = Instant::now();
-    let period = shared.config.restart_period;
-    let mut restarts = shared.restarts.borrow_mut();
-    restarts.push_back(now);
-    while restarts
-        .front()
-        .is_some_and(|t| now.duration_since(*t) > period)
-    {
-        restarts.pop_front();
-    }
-    if restarts.len() > shared.config.max_restarts {
-        return Err(Error::CrashLoop {
-            restarts: restarts.len(),
-            period,
-        });
-    }
-    Ok(())
 }
 
 pub(crate) fn describe(status: Option<ExitStatus>) -> String {
@@ -1474,7 +1629,10 @@ pub(crate) fn describe(status: Option<ExitStatus>) -> String {
 
 /// Starts a replacement for the worker `old`, waits until it is ready, then drains `old`.
 /// Returns whether the replacement became ready.
-async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
+///
+/// `reason` is the old worker's exit reason; `why`, what triggered the replacement, for
+/// the log (`reload`, `connection count`, `rss`).
+async fn replace(shared: &Rc<Shared>, old: u32, reason: ExitReason, why: &'static str) -> bool {
     let Some(slot) = shared.with_worker(old, |w| {
         w.replacing = true;
         w.slot
@@ -1514,7 +1672,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
             "replacement did not become ready; keeping the old worker"
         );
         if shared.with_worker(new, |w| w.state).is_some() {
-            kill(new);
+            kill_worker(new);
         }
         shared.with_worker(old, |w| w.replacing = false);
         return false;
@@ -1526,7 +1684,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, why: &str) -> bool {
         why,
         "replacement ready; draining the old worker"
     );
-    shared.set_exit_reason(old, if why == "reload" { "reload" } else { "recycle" });
+    shared.set_exit_reason(old, reason);
     shared.drain_worker(old).await;
     true
 }
@@ -1654,7 +1812,7 @@ fn start_reload(shared: &Rc<Shared>) {
                 if shared.stopping.get() {
                     break;
                 }
-                if !replace(&shared, *pid, "reload").await {
+                if !replace(&shared, *pid, ExitReason::Reload, "reload").await {
                     error!(replaced, "reload aborted");
                     shared.reloading.set(false);
                     shared.notify_ready();
@@ -1674,12 +1832,6 @@ fn start_reload(shared: &Rc<Shared>) {
 fn scale_up(shared: &Rc<Shared>) {
     let slot = shared.target.get();
     shared.target.set(slot + 1);
-    {
-        let mut failures = shared.failures.borrow_mut();
-        if failures.len() <= slot {
-            failures.resize(slot + 1, 0);
-        }
-    }
     match spawn_worker(shared, slot) {
         Ok(_) => {
             info!(workers = slot + 1, "scaled up");
@@ -1709,7 +1861,7 @@ async fn scale_down(shared: &Rc<Shared>) {
         .map(|w| w.pid)
         .collect();
     for pid in pids {
-        shared.set_exit_reason(pid, "scale-down");
+        shared.set_exit_reason(pid, ExitReason::ScaleDown);
         shared.drain_worker(pid).await;
     }
     info!(workers = slot, "scaled down");
@@ -1806,30 +1958,23 @@ async fn health_loop(shared: Rc<Shared>) {
         {
             let mut workers = shared.workers.borrow_mut();
             for w in workers.iter_mut() {
-                if w.kill_at.is_some_and(|at| now >= at) {
-                    warn!(
-                        worker.id = w.slot,
-                        worker.pid = w.pid,
-                        "draining worker did not exit within the shutdown timeout; killing it"
-                    );
+                if let Some(reason) = overdue(w, now) {
                     w.kill_at = None;
-                    to_kill.push(w.pid);
+                    w.exit_reason = Some(reason);
+                    to_kill.push((w.slot, w.pid, reason));
                 }
             }
             for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
-                let silent = now.duration_since(w.last_report);
-                if silent > shared.config.heartbeat_timeout {
-                    error!(
-                        worker.id = w.slot,
-                        worker.pid = w.pid,
-                        blocked_ms = silent.as_millis() as u64,
-                        "worker event loop blocked past the heartbeat timeout; killing it"
-                    );
+                if let Some(reason) = hung(w, now, shared.config.heartbeat_timeout) {
                     w.state = State::Draining;
-                    w.exit_reason = Some("hang");
-                    to_kill.push(w.pid);
-                } else if silent > stall_after && !w.stalled {
+                    w.exit_reason = Some(reason);
+                    to_kill.push((w.slot, w.pid, reason));
+                    continue;
+                }
+                let silent = now.duration_since(w.last_report);
+                if silent > stall_after && !w.stalled {
                     warn!(
+                        event = "worker_stalled",
                         worker.id = w.slot,
                         worker.pid = w.pid,
                         silent_ms = silent.as_millis() as u64,
@@ -1849,8 +1994,12 @@ async fn health_loop(shared: Rc<Shared>) {
                 }
             }
         }
-        for pid in to_kill {
-            kill(pid);
+        for (slot, pid, reason) in to_kill {
+            let silent = shared
+                .with_worker(pid, |w| now.duration_since(w.last_report))
+                .unwrap_or_default();
+            log_kill(slot, pid, reason, silent);
+            kill_worker(pid);
         }
         shared.changed.notify_waiters();
         let room = shared
@@ -1867,11 +2016,70 @@ async fn health_loop(shared: Rc<Shared>) {
             tokio::task::spawn_local(
                 async move {
                     info!(worker.pid = pid, why, "recycling worker");
-                    replace(&shared, pid, why).await;
+                    replace(&shared, pid, ExitReason::Recycle, why).await;
                 }
                 .instrument(span),
             );
         }
+    }
+}
+
+/// Why a worker that is not serving must be killed now, if it must: draining past the
+/// shutdown timeout, or starting for longer than [`READY_TIMEOUT`].
+fn overdue(w: &Worker, now: Instant) -> Option<ExitReason> {
+    if w.kill_at.is_some_and(|at| now >= at) {
+        return Some(ExitReason::DrainTimeout);
+    }
+    (w.state == State::Starting && now.duration_since(w.started) > READY_TIMEOUT)
+        .then_some(ExitReason::StartTimeout)
+}
+
+/// Why a ready worker must be killed as hung, if it must. Its reports alone are not
+/// trusted (a thread of the worker could send them while its event loop is blocked), so
+/// what the supervisor sees for itself counts too: one handler poll running, or its queue
+/// left unread, for the heartbeat timeout.
+fn hung(w: &mut Worker, now: Instant, timeout: Duration) -> Option<ExitReason> {
+    let silent = now.duration_since(w.last_report);
+    let in_poll = w.clock.as_ref().and_then(|clock| clock.poll_running_for());
+    if silent > timeout || in_poll.is_some_and(|poll| poll > timeout) {
+        return Some(ExitReason::Hang);
+    }
+    w.look(now)
+        .is_some_and(|waited| waited > timeout)
+        .then_some(ExitReason::NotReading)
+}
+
+/// The log line of a worker the health check kills.
+fn log_kill(slot: usize, pid: u32, reason: ExitReason, silent: Duration) {
+    let message = match reason {
+        ExitReason::DrainTimeout => {
+            "draining worker did not exit within the shutdown timeout; killing it"
+        }
+        ExitReason::StartTimeout => "worker did not become ready in time; killing it",
+        ExitReason::NotReading => {
+            "worker left its connections unread past the heartbeat timeout; killing it"
+        }
+        _ => "worker event loop blocked past the heartbeat timeout; killing it",
+    };
+    // The level follows what it means for clients: a hang lost requests.
+    let blocked_ms = silent.as_millis() as u64;
+    if reason == ExitReason::DrainTimeout {
+        warn!(
+            event = "worker_killed",
+            worker.id = slot,
+            worker.pid = pid,
+            reason = reason.label(),
+            "{message}"
+        );
+    } else {
+        error!(
+            event = "worker_killed",
+            worker.id = slot,
+            worker.pid = pid,
+            reason = reason.label(),
+            blocked_ms,
+            "{message}"
+        );
     }
 }
 
