@@ -140,6 +140,25 @@ pub fn init_logging() {
 ///
 /// Read errors.
 pub async fn read_request(stream: &mut Stream) -> std::io::Result<Option<String>> {
+    Ok(read_head(stream).await?.map(|head| head.target))
+}
+
+/// What a fixture needs of a request head.
+#[derive(Debug)]
+pub struct Head {
+    /// The target (`/path?query`).
+    pub target: String,
+    /// The client asked to close the connection after the response.
+    pub close: bool,
+}
+
+/// Reads one request head; `None` if the client closed, sent garbage or nothing within
+/// 10 s.
+///
+/// # Errors
+///
+/// Read errors.
+pub async fn read_head(stream: &mut Stream) -> std::io::Result<Option<Head>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let read_head = async {
@@ -161,9 +180,18 @@ pub async fn read_request(stream: &mut Stream) -> std::io::Result<Option<String>
         Ok(Err(err)) => return Err(err),
     }
     let text = String::from_utf8_lossy(&buf);
+    let close = text.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("connection")
+                && value.trim().eq_ignore_ascii_case("close")
+        })
+    });
     let mut parts = text.split_whitespace();
     match (parts.next(), parts.next()) {
-        (Some(_method), Some(target)) => Ok(Some(target.to_owned())),
+        (Some(_method), Some(target)) => Ok(Some(Head {
+            target: target.to_owned(),
+            close,
+        })),
         _ => Ok(None),
     }
 }
