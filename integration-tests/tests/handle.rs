@@ -168,7 +168,7 @@ fn handle_stop_drains_and_exits_0() -> anyhow::Result<()> {
     server.expect_log_since(
         mark,
         "`stopped`",
-        |line| line.ends_with(" stopped"),
+        |line| coreloop_integration_tests::is_event(line, "stopped"),
         Duration::from_secs(5),
     )?;
     server.assert_no_worker_left();

@@ -94,7 +94,7 @@ fn sigterm_finishes_slow_request_then_exits() -> anyhow::Result<()> {
         server
             .wait_for_log_since(
                 mark,
-                |line| line.ends_with(" stopped"),
+                |line| coreloop_integration_tests::is_event(line, "stopped"),
                 Duration::from_secs(5)
             )
             .is_some(),

@@ -581,7 +581,10 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         };
         let mut gone = channel.send(&ready, &[]).await.is_err();
         if !gone {
-            info!("every worker serves; waiting for the running supervisor to hand over");
+            info!(
+                event = "upgrade_waiting",
+                "every worker serves; waiting for the running supervisor to hand over"
+            );
         }
         while !gone {
             let changed = shared.changed.notified();
@@ -604,7 +607,10 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         }
         listener::own_socket_files(true);
         if gone {
-            warn!("the running supervisor went away before handing over; taking over");
+            warn!(
+                event = "upgrade_taking_over",
+                "the running supervisor went away before handing over; taking over"
+            );
             // systemd: the old supervisor could not say `MAINPID=` (accepted from this
             // process with NotifyAccess=all); otherwise it says so itself.
             notify(&[NotifyState::MainPid(std::process::id())]);
@@ -630,7 +636,7 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         .collect();
     // Built now, so that its descriptors exist before the server says it is serving.
     let accept_task = accept_loop(Rc::clone(&shared), Source::registered(listeners));
-    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), "serving");
+    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), event = "serving", "serving");
     shared.notify_ready();
 
     let mut accept = Some(tokio::task::spawn_local(accept_task));
@@ -675,14 +681,14 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         }
         let command = tokio::select! {
             () = changed => continue,
-            _ = sigterm.recv() => { info!(signal = "SIGTERM", "graceful shutdown"); Command::Stop { graceful: true } }
-            _ = sigint.recv() => { info!(signal = "SIGINT", "graceful shutdown"); Command::Stop { graceful: true } }
-            _ = sigquit.recv() => { info!(signal = "SIGQUIT", "immediate shutdown"); Command::Stop { graceful: false } }
-            _ = sighup.recv() => { info!(signal = "SIGHUP", "reload"); Command::Reload }
-            _ = sigttin.recv() => { info!(signal = "SIGTTIN", "add a worker"); Command::AddWorker }
-            _ = sigttou.recv() => { info!(signal = "SIGTTOU", "remove a worker"); Command::RemoveWorker }
-            _ = sigusr2.recv() => { info!(signal = "SIGUSR2", "binary upgrade"); Command::Upgrade }
-            Some(command) = commands.recv() => { info!(?command, "command from the server handle"); command }
+            _ = sigterm.recv() => { info!(signal = "SIGTERM", event = "signal", "graceful shutdown"); Command::Stop { graceful: true } }
+            _ = sigint.recv() => { info!(signal = "SIGINT", event = "signal", "graceful shutdown"); Command::Stop { graceful: true } }
+            _ = sigquit.recv() => { info!(signal = "SIGQUIT", event = "signal", "immediate shutdown"); Command::Stop { graceful: false } }
+            _ = sighup.recv() => { info!(signal = "SIGHUP", event = "signal", "reload"); Command::Reload }
+            _ = sigttin.recv() => { info!(signal = "SIGTTIN", event = "signal", "add a worker"); Command::AddWorker }
+            _ = sigttou.recv() => { info!(signal = "SIGTTOU", event = "signal", "remove a worker"); Command::RemoveWorker }
+            _ = sigusr2.recv() => { info!(signal = "SIGUSR2", event = "signal", "binary upgrade"); Command::Upgrade }
+            Some(command) = commands.recv() => { info!(?command, event = "command", "command from the server handle"); command }
         };
         match command {
             Command::Stop { graceful: true } => break Outcome::Graceful,
@@ -700,7 +706,10 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
     // new supervisor, which never accepted anything.
     if let Some(task) = upgrade_task {
         if !task.is_finished() && !matches!(outcome, Outcome::Upgraded(_)) {
-            info!("stopping: the upgrade in progress is cancelled and its new supervisor killed");
+            info!(
+                event = "upgrade_cancelled",
+                "stopping: the upgrade in progress is cancelled and its new supervisor killed"
+            );
         }
         task.abort();
         let _ = task.await;
@@ -752,26 +761,27 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
             let drained = shared.drain_all();
             tokio::select! {
                 () = drained => {}
-                _ = sigint.recv() => { warn!("second SIGINT: stopping now"); shared.stop_now().await; }
-                _ = sigquit.recv() => { warn!("SIGQUIT: stopping now"); shared.stop_now().await; }
+                _ = sigint.recv() => { warn!(event = "stop_now", "second SIGINT: stopping now"); shared.stop_now().await; }
+                _ = sigquit.recv() => { warn!(event = "stop_now", "SIGQUIT: stopping now"); shared.stop_now().await; }
                 Some(Command::Stop { graceful: false }) = commands.recv() => { shared.stop_now().await; }
             }
             match upgraded_to {
                 Some(pid) => info!(
                     upgrade.pid = pid,
+                    event = "upgrade_complete",
                     "upgrade complete; this generation has stopped"
                 ),
-                None => info!("stopped"),
+                None => info!(event = "stopped", "stopped"),
             }
             Ok(())
         }
         Outcome::Immediate => {
             shared.stop_now().await;
-            info!("stopped");
+            info!(event = "stopped", "stopped");
             Ok(())
         }
         Outcome::Failed(err) => {
-            error!(error = %err, "stopping");
+            error!(error = %err, event = "stopping", "stopping");
             shared.stop_now().await;
             Err(err)
         }
@@ -1037,7 +1047,7 @@ impl Shared {
                             break;
                         }
                         Err(TrySendError::Failed(err)) => {
-                            warn!(worker.id = slot, worker.pid = pid, error = %err, "cannot send to worker; skipping it");
+                            warn!(worker.id = slot, worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
                             self.mark_draining(*pid);
                             self.changed.notify_waiters();
                             break;
@@ -1090,6 +1100,7 @@ impl Shared {
         if tokio::time::timeout_at(deadline, all).await.is_err() {
             warn!(
                 live = self.workers.borrow().len(),
+                event = "shutdown_timeout",
                 "shutdown timeout passed; killing remaining workers"
             );
             self.stop_now().await;
@@ -1467,6 +1478,7 @@ fn recover(shared: &Rc<Shared>, queue: &Queue) {
     shared.metrics.recovered.inc_by(recovered.len() as u64);
     info!(
         recovered = recovered.len(),
+        event = "connections_recovered",
         "re-dispatched connections the worker never took"
     );
     let shared = Rc::clone(shared);
@@ -1642,7 +1654,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, reason: ExitReason, why: &'stati
     let new = match spawn_worker(shared, slot) {
         Ok(pid) => pid,
         Err(err) => {
-            error!(error = %err, "cannot start a replacement");
+            error!(error = %err, event = "replacement_failed", "cannot start a replacement");
             shared.with_worker(old, |w| w.replacing = false);
             return false;
         }
@@ -1669,6 +1681,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, reason: ExitReason, why: &'stati
             old.pid = old,
             new.pid = new,
             why,
+            event = "replacement_failed",
             "replacement did not become ready; keeping the old worker"
         );
         if shared.with_worker(new, |w| w.state).is_some() {
@@ -1682,6 +1695,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, reason: ExitReason, why: &'stati
         old.pid = old,
         new.pid = new,
         why,
+        event = "replacement_ready",
         "replacement ready; draining the old worker"
     );
     shared.set_exit_reason(old, reason);
@@ -1709,13 +1723,16 @@ fn start_upgrade(
     if running.as_ref().is_some_and(|task| !task.is_finished())
         || shared.successor.borrow().is_some()
     {
-        warn!("an upgrade is already in progress; ignoring this request");
+        warn!(
+            event = "upgrade_refused",
+            "an upgrade is already in progress; ignoring this request"
+        );
         return running;
     }
     let exe = match &shared.exe {
         Ok(exe) => exe.clone(),
         Err(err) => {
-            error!(error = %err, "cannot upgrade: the path of this executable is unknown");
+            error!(error = %err, event = "upgrade_failed", "cannot upgrade: the path of this executable is unknown");
             return None;
         }
     };
@@ -1728,12 +1745,12 @@ fn start_upgrade(
             let timeout = shared.config.upgrade_timeout;
             match crate::upgrade::start_successor(&exe, &handover, timeout, &shared.cpus).await {
                 Ok(successor) => {
-                    info!(upgrade.pid = successor.pid, "the new generation serves");
+                    info!(upgrade.pid = successor.pid, event = "upgrade_successor_serving", "the new generation serves");
                     *shared.successor.borrow_mut() = Some(successor);
                     shared.changed.notify_waiters();
                 }
                 Err(reason) => {
-                    error!(%reason, "upgrade failed; this generation keeps serving");
+                    error!(%reason, event = "upgrade_failed", "upgrade failed; this generation keeps serving");
                     shared.notify_ready();
                 }
             }
@@ -1775,12 +1792,13 @@ async fn hand_over(
             ]);
             info!(
                 upgrade.pid = successor.pid,
+                event = "upgrade_handed_over",
                 "handed over to the new generation; draining this one"
             );
             Ok(successor)
         }
         Err(err) => {
-            error!(upgrade.pid = successor.pid, error = %err, "the new supervisor went away at the handover; this generation keeps serving");
+            error!(upgrade.pid = successor.pid, error = %err, event = "upgrade_handover_failed", "the new supervisor went away at the handover; this generation keeps serving");
             tokio::task::spawn_local(successor.abandon(crate::upgrade::EXIT_GRACE));
             shared.accepting.set(true);
             shared.notify_ready();
@@ -1792,7 +1810,10 @@ async fn hand_over(
 /// SIGHUP: rolling replacement of every worker, one at a time.
 fn start_reload(shared: &Rc<Shared>) {
     if shared.reloading.replace(true) {
-        warn!("a reload is already in progress; ignoring this one");
+        warn!(
+            event = "reload_refused",
+            "a reload is already in progress; ignoring this one"
+        );
         return;
     }
     notify_reloading("reloading");
@@ -1813,14 +1834,14 @@ fn start_reload(shared: &Rc<Shared>) {
                     break;
                 }
                 if !replace(&shared, *pid, ExitReason::Reload, "reload").await {
-                    error!(replaced, "reload aborted");
+                    error!(replaced, event = "reload_aborted", "reload aborted");
                     shared.reloading.set(false);
                     shared.notify_ready();
                     return;
                 }
                 replaced += 1;
             }
-            info!(replaced, "reload complete");
+            info!(replaced, event = "reload_complete", "reload complete");
             shared.reloading.set(false);
             shared.notify_ready();
         }
@@ -1834,11 +1855,11 @@ fn scale_up(shared: &Rc<Shared>) {
     shared.target.set(slot + 1);
     match spawn_worker(shared, slot) {
         Ok(_) => {
-            info!(workers = slot + 1, "scaled up");
+            info!(workers = slot + 1, event = "scaled_up", "scaled up");
             notify(&[NotifyState::Status(&shared.status())]);
         }
         Err(err) => {
-            error!(error = %err, "cannot add a worker");
+            error!(error = %err, event = "scale_up_failed", "cannot add a worker");
             shared.target.set(slot);
         }
     }
@@ -1848,7 +1869,10 @@ fn scale_up(shared: &Rc<Shared>) {
 async fn scale_down(shared: &Rc<Shared>) {
     let target = shared.target.get();
     if target <= 1 {
-        warn!("cannot remove the last worker");
+        warn!(
+            event = "scale_down_refused",
+            "cannot remove the last worker"
+        );
         return;
     }
     let slot = target - 1;
@@ -1864,14 +1888,14 @@ async fn scale_down(shared: &Rc<Shared>) {
         shared.set_exit_reason(pid, ExitReason::ScaleDown);
         shared.drain_worker(pid).await;
     }
-    info!(workers = slot, "scaled down");
+    info!(workers = slot, event = "scaled_down", "scaled down");
     notify(&[NotifyState::Status(&shared.status())]);
 }
 
 /// Serves `/metrics` and `/healthz`, one short connection at a time per task.
 async fn metrics_loop(shared: Rc<Shared>, listener: tokio::net::TcpListener) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving metrics on /metrics and readiness on /healthz");
+        info!(%addr, event = "metrics_serving", "serving metrics on /metrics and readiness on /healthz");
     }
     loop {
         let mut stream = match listener.accept().await {
@@ -1924,14 +1948,19 @@ async fn watchdog_loop(shared: Rc<Shared>, period: Duration) {
         let ready = shared.count(|w| w.state == State::Ready);
         if stalled.is_empty() && ready > 0 {
             if withheld {
-                info!("every worker reports again; resuming watchdog pings");
+                info!(
+                    event = "watchdog_resumed",
+                    "every worker reports again; resuming watchdog pings"
+                );
                 withheld = false;
             }
             notify(&[NotifyState::Watchdog]);
         } else if !withheld {
             warn!(
                 ?stalled,
-                ready, "withholding systemd watchdog pings: not every worker is answering"
+                ready,
+                event = "watchdog_withheld",
+                "withholding systemd watchdog pings: not every worker is answering"
             );
             withheld = true;
         }
@@ -2015,7 +2044,12 @@ async fn health_loop(shared: Rc<Shared>) {
             let span = shared.span.clone();
             tokio::task::spawn_local(
                 async move {
-                    info!(worker.pid = pid, why, "recycling worker");
+                    info!(
+                        worker.pid = pid,
+                        why,
+                        event = "recycling",
+                        "recycling worker"
+                    );
                     replace(&shared, pid, ExitReason::Recycle, why).await;
                 }
                 .instrument(span),
@@ -2175,7 +2209,7 @@ impl AcceptState {
                                 *last = Instant::now();
                             }
                             None => {
-                                error!(error = %err, listener = %listener.label, "accept failed; backing off until resources free up");
+                                error!(error = %err, listener = %listener.label, event = "accept_failed", "accept failed; backing off until resources free up");
                                 self.failing_since = Some((Instant::now(), 1, Instant::now()));
                             }
                         }

@@ -230,7 +230,7 @@ pub(crate) async fn start_successor(
             return Err(format!("channel: {err}"));
         }
     };
-    info!(upgrade.pid = pid, exe = %exe.display(), "new supervisor started");
+    info!(upgrade.pid = pid, exe = %exe.display(), event = "upgrade_started", "new supervisor started");
     let successor = Successor {
         pid,
         channel,

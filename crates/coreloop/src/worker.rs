@@ -286,12 +286,18 @@ async fn serve<H: Handler>(
 
     let grace = match end {
         End::Drain(timeout) => {
-            info!(live = tracker.live.get(), ?timeout, "draining");
+            info!(
+                live = tracker.live.get(),
+                ?timeout,
+                event = "draining",
+                "draining"
+            );
             timeout
         }
         End::Orphaned => {
             warn!(
                 live = tracker.live.get(),
+                event = "orphaned",
                 "supervisor gone; finishing in-flight work and exiting"
             );
             ORPHAN_GRACE.min(config.shutdown_timeout)
@@ -309,6 +315,7 @@ async fn serve<H: Handler>(
     {
         warn!(
             live = tracker.live.get(),
+            event = "drain_deadline_passed",
             "drain deadline passed; closing remaining connections"
         );
     }
@@ -455,7 +462,11 @@ impl<H: Handler> Spawner<H> {
             match (HandlerPoll { inner: fut }).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => log_handler_error(err.into()),
-                Err(panic) => error!(panic = panic_message(&*panic), "handler panicked"),
+                Err(panic) => error!(
+                    panic = panic_message(&*panic),
+                    event = "handler_panicked",
+                    "handler panicked"
+                ),
             }
             drop(guard);
         };
@@ -472,7 +483,10 @@ impl<H: Handler> Spawner<H> {
 }
 
 async fn retire(channel: &Channel) {
-    info!("stop signal received; asking the supervisor to drain this worker");
+    info!(
+        event = "retire_requested",
+        "stop signal received; asking the supervisor to drain this worker"
+    );
     if let Err(err) = channel.send(&Message::Retiring, &[]).await {
         debug!(error = %err, "cannot send Retiring");
     }
@@ -528,7 +542,7 @@ fn log_handler_error(err: BoxError) {
     if routine {
         debug!(%error, "connection ended with an error");
     } else {
-        warn!(%error, "handler failed");
+        warn!(%error, event = "handler_failed", "handler failed");
     }
 }
 
