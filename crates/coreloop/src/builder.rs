@@ -14,6 +14,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::addr::{ListenAddr, ToListenAddrs};
 use crate::dispatch::{Dispatch, Distribution};
 use crate::error::{BoxError, Error};
 use crate::handler::{Handler, WorkerId};
@@ -28,21 +29,50 @@ pub(crate) enum ListenSpec {
     Systemd(Option<String>),
 }
 
-impl std::fmt::Display for ListenSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ListenSpec {
+    /// Where it listens, without the unix-socket file's permissions.
+    pub(crate) fn addr(&self) -> ListenAddr {
         match self {
-            ListenSpec::Tcp(addr) => addr.fmt(f),
-            ListenSpec::Unix(path, _) => write!(f, "unix:{}", path.display()),
-            ListenSpec::Systemd(None) => f.write_str("systemd"),
-            ListenSpec::Systemd(Some(name)) => write!(f, "systemd:{name}"),
+            ListenSpec::Tcp(addr) => ListenAddr::Tcp(*addr),
+            ListenSpec::Unix(path, _) => ListenAddr::Unix(path.clone()),
+            ListenSpec::Systemd(name) => ListenAddr::Systemd(name.clone()),
         }
     }
+}
+
+impl From<ListenAddr> for ListenSpec {
+    fn from(addr: ListenAddr) -> Self {
+        match addr {
+            ListenAddr::Tcp(addr) => ListenSpec::Tcp(addr),
+            ListenAddr::Unix(path) => ListenSpec::Unix(path, UnixPerms::default()),
+            ListenAddr::Systemd(name) => ListenSpec::Systemd(name),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+/// The first address that `specs` name twice. Port 0 is never a duplicate: each such
+/// listener gets its own port.
+pub(crate) fn first_duplicate(specs: &[ListenSpec]) -> Option<ListenAddr> {
+    let mut seen = std::collections::HashSet::new();
+    specs
+        .iter()
+        .map(ListenSpec::addr)
+        .filter(|addr| !matches!(addr, ListenAddr::Tcp(tcp) if tcp.port() == 0))
+        .find(|addr| !seen.insert(addr.clone()))
 }
 
 /// Everything `run()` needs besides the handler factory.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) listeners: Vec<ListenSpec>,
+    /// Listeners used when `listeners` is empty and systemd passed no socket.
+    pub(crate) default_listeners: Vec<ListenSpec>,
     pub(crate) workers: usize,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) tcp_nodelay: bool,
@@ -123,6 +153,7 @@ impl Default for ServerBuilder {
         Self {
             config: Config {
                 listeners: Vec::new(),
+                default_listeners: Vec::new(),
                 workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 shutdown_timeout: Duration::from_secs(30),
                 tcp_nodelay: true,
@@ -150,35 +181,83 @@ impl Default for ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// Adds TCP listeners, one per address `addr` resolves to (IPv4 and IPv6 alike; an IPv6
-    /// socket is bound `IPV6_V6ONLY`). Call it again for more addresses.
+    /// Adds listeners at `addr`: `HOST:PORT` (a TCP listener for every address the host
+    /// resolves to, IPv4 and IPv6 alike; an IPv6 socket is bound `IPV6_V6ONLY`),
+    /// `[V6]:PORT`, `unix:PATH` (as [`bind_unix`](Self::bind_unix)), `systemd` or
+    /// `systemd:NAME` (as [`bind_systemd`](Self::bind_systemd) and
+    /// [`bind_systemd_named`](Self::bind_systemd_named)); or a [`SocketAddr`], an
+    /// `(ip, port)` pair, a [`ListenAddr`]: anything [`ToListenAddrs`]. Call it again for
+    /// more addresses.
+    ///
+    /// Listeners are numbered in the order they are added, from 0: that is what
+    /// [`Conn::listener`](crate::Conn::listener) reports, so a handler serving several
+    /// protocols can tell them apart. Port 0 asks the kernel for a free port; the
+    /// supervisor's `serving` log line reports the port it got.
     ///
     /// Nothing is bound here: the supervisor binds in [`Server::run`], which reports a port
-    /// in use as [`Error::Bind`].
+    /// in use as [`Error::Bind`]. Without any `bind`, the server listens on the sockets
+    /// systemd passed, if any, else on its [`bind_default`](Self::bind_default) address.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Address`] when `addr` does not parse or resolve; [`Error::Duplicate`] when
+    /// one of its addresses is already bound (`localhost:7000` after `127.0.0.1:7000`, for
+    /// example), which would shift the listeners' numbers.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use coreloop::{Conn, Server};
+    /// # async fn hello(_: Conn) -> std::io::Result<()> { Ok(()) }
+    /// Server::builder()
+    ///     .bind("127.0.0.1:8080")? // listener 0
+    ///     .bind("unix:/run/app.sock")? // listener 1
+    ///     .serve(|_| hello)
+    ///     .run()?;
+    /// # Ok::<(), coreloop::Error>(())
+    /// ```
+    pub fn bind<A: ToListenAddrs>(mut self, addr: A) -> Result<Self, Error> {
+        for addr in addr.to_listen_addrs()? {
+            let spec = ListenSpec::from(addr);
+            self.config.listeners.push(spec);
+            if let Some(addr) = first_duplicate(&self.config.listeners) {
+                return Err(Error::Duplicate { addr });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Listens on `addr` (in [`bind`](Self::bind)'s syntax) only if nothing else is
+    /// configured: no `bind…` call, and no socket passed to this process by systemd
+    /// (socket activation), which it would serve instead. The rule of a command line
+    /// whose `--bind` flag has a default. Default: none (a server with no listener at all
+    /// fails with [`Error::Config`]).
     ///
     /// # Errors
     ///
     /// [`Error::Address`] when `addr` does not parse or resolve.
-    pub fn bind<A: ToSocketAddrs + std::fmt::Debug>(mut self, addr: A) -> Result<Self, Error> {
-        let resolved = addr.to_socket_addrs().map_err(|source| Error::Address {
-            addr: format!("{addr:?}"),
-            source,
-        })?;
-        let mut any = false;
-        for spec in resolved.map(ListenSpec::Tcp) {
-            any = true;
-            if !self.config.listeners.contains(&spec) {
-                self.config.listeners.push(spec);
-            }
-        }
-        if !any {
-            return Err(Error::Address {
-                addr: format!("{addr:?}"),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "resolved to no address",
-                ),
-            });
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use coreloop::{Conn, Server};
+    /// # async fn hello(_: Conn) -> std::io::Result<()> { Ok(()) }
+    /// // `./server` listens on 127.0.0.1:8080;
+    /// // `systemd-socket-activate -l 127.0.0.1:9000 ./server` on port 9000.
+    /// Server::builder()
+    ///     .bind_default("127.0.0.1:8080")?
+    ///     .serve(|_| hello)
+    ///     .run()?;
+    /// # Ok::<(), coreloop::Error>(())
+    /// ```
+    pub fn bind_default<A: ToListenAddrs>(mut self, addr: A) -> Result<Self, Error> {
+        self.config.default_listeners = addr
+            .to_listen_addrs()?
+            .into_iter()
+            .map(ListenSpec::from)
+            .collect();
+        if let Some(addr) = first_duplicate(&self.config.default_listeners) {
+            return Err(Error::Duplicate { addr });
         }
         Ok(self)
     }
@@ -187,7 +266,8 @@ impl ServerBuilder {
     /// owner, the supervisor's user, may connect; see
     /// [`bind_unix_with`](Self::bind_unix_with)). A stale socket file left by a dead server
     /// is replaced; a path where a live server listens, or that is not a socket, is an
-    /// [`Error::Bind`] at `run()`. The file is removed when the server stops.
+    /// [`Error::Bind`] at `run()`, and binding the same path twice an [`Error::Duplicate`].
+    /// The file is removed when the server stops. The same as `bind("unix:PATH")`.
     pub fn bind_unix(self, path: impl Into<PathBuf>) -> Self {
         self.bind_unix_with(path, 0o600, None)
     }
@@ -262,8 +342,13 @@ impl ServerBuilder {
     /// Listens on the sockets systemd passed to the supervisor (socket activation:
     /// `LISTEN_FDS`, `LISTEN_PID`), every one of them. Each must be a listening stream
     /// socket (TCP or unix); anything else is an [`Error::Bind`] at `run()`, and so is
-    /// finding none. They are forwarded to workers like any listener, and their
-    /// [`Conn::listener`](crate::Conn::listener) index counts each inherited socket.
+    /// finding none. They are forwarded to workers like any listener, and all share the
+    /// [`Conn::listener`](crate::Conn::listener) index of this call. The same as
+    /// `bind("systemd")`.
+    ///
+    /// A server configured with no listener at all does this by itself when systemd
+    /// passed it sockets. A server with listeners that were all configured otherwise logs
+    /// a warning naming each passed socket it leaves unused.
     ///
     /// # Examples
     ///
@@ -280,7 +365,8 @@ impl ServerBuilder {
     }
 
     /// Like [`bind_systemd`](Self::bind_systemd), only the sockets named `name` in
-    /// `LISTEN_FDNAMES` (a socket unit's `FileDescriptorName=`).
+    /// `LISTEN_FDNAMES` (a socket unit's `FileDescriptorName=`). The same as
+    /// `bind("systemd:NAME")`.
     pub fn bind_systemd_named(mut self, name: impl Into<String>) -> Self {
         self.config
             .listeners
@@ -513,10 +599,10 @@ impl<H: Handler> Server<H> {
     ///
     /// # Errors
     ///
-    /// In the supervisor: [`Error::Config`], [`Error::Bind`], [`Error::Runtime`],
-    /// [`Error::NestedRuntime`], [`Error::Signal`], [`Error::SpawnWorker`],
-    /// [`Error::WorkerStart`] and [`Error::StartFailures`]. Nothing is left running when it
-    /// returns an error.
+    /// In the supervisor: [`Error::Config`], [`Error::Duplicate`], [`Error::Bind`],
+    /// [`Error::Runtime`], [`Error::NestedRuntime`], [`Error::Signal`],
+    /// [`Error::SpawnWorker`], [`Error::WorkerStart`], [`Error::WorkerExited`] and
+    /// [`Error::StartFailures`]. Nothing is left running when it returns an error.
     pub fn run(self) -> Result<(), Error> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(Error::NestedRuntime);
@@ -531,6 +617,7 @@ impl<H: Handler> Server<H> {
                     ..
                 } = self;
                 drop(inbox);
+                let config = crate::listener::worker_listeners(config);
                 crate::worker::run(config, factory, id)
             }
             crate::role::Role::Supervisor => crate::supervisor::run(self.config, self.inbox),

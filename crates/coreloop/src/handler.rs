@@ -17,7 +17,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::error::BoxError;
 use crate::shutdown::ShutdownSignal;
 
-pub use coreloop_ipc::PeerAddr;
+use crate::addr::PeerAddr;
 
 /// Identifies one worker slot: `0..workers`. A replacement worker keeps its slot's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,7 +87,7 @@ where
 #[derive(Debug)]
 pub struct Conn {
     pub(crate) stream: Stream,
-    pub(crate) peer: PeerAddr,
+    pub(crate) peer: coreloop_ipc::PeerAddr,
     pub(crate) id: u64,
     pub(crate) listener: usize,
     pub(crate) worker: WorkerId,
@@ -108,7 +108,7 @@ impl Conn {
 
     /// The client's address, as the acceptor's `accept` reported it (no system call).
     pub fn peer_addr(&self) -> PeerAddr {
-        self.peer
+        PeerAddr::from(self.peer)
     }
 
     /// The local address the client connected to.

@@ -67,6 +67,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod addr;
 mod boundary;
 mod builder;
 mod cpu;
@@ -85,10 +86,11 @@ mod timeout;
 mod upgrade;
 mod worker;
 
+pub use addr::{ListenAddr, PeerAddr, ToListenAddrs};
 pub use builder::{Server, ServerBuilder, ServerHandle};
 pub use dispatch::{Dispatch, Distribution};
 pub use error::{BoxError, Error};
-pub use handler::{Conn, Handler, LocalAddr, PeerAddr, Stream, WorkerId};
+pub use handler::{Conn, Handler, LocalAddr, Stream, WorkerId};
 pub use role::is_worker;
 pub use shutdown::ShutdownSignal;
 pub use timeout::TimeoutStream;

@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +19,10 @@ use coreloop_ipc::PeerAddr;
 use coreloop_ipc::Readiness;
 use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::builder::{Config, ListenSpec, UnixPerms};
+use crate::addr::ListenAddr;
+use crate::builder::{Config, ListenSpec, UnixPerms, first_duplicate};
 use crate::dispatch::Distribution;
 use crate::error::Error;
 
@@ -51,8 +53,13 @@ pub(crate) struct Handover {
 /// A bound, listening socket that the supervisor owns.
 #[derive(Debug)]
 pub(crate) struct Bound {
-    /// What it is, for logs: the address, `unix:PATH`, or `systemd:NAME(address)`.
+    /// What it is, for logs: the address it got (the real port when port 0 was asked
+    /// for), `unix:PATH`, or `systemd:NAME(address)`.
     pub(crate) label: String,
+    /// The address it is bound to, as the kernel reports it (`getsockname`): the real
+    /// port of a port-0 listener. `None` for an unnamed or abstract unix socket passed by
+    /// systemd.
+    pub(crate) local: Option<ListenAddr>,
     /// The configured listener it serves ([`ListenSpec`]'s display form) and, for a
     /// socket from systemd, its name: what a binary upgrade hands over with it.
     pub(crate) spec: String,
@@ -72,14 +79,104 @@ pub(crate) struct Bound {
 /// A socket passed by systemd, with its `LISTEN_FDNAMES` name.
 type Inherited = (OwnedFd, String);
 
+/// Environment variable telling a worker that the supervisor listens on the
+/// configuration's default listeners ([`ServerBuilder::bind_default`]): the worker cannot
+/// tell by itself, as it does not see the sockets systemd passed to the supervisor.
+///
+/// [`ServerBuilder::bind_default`]: crate::ServerBuilder::bind_default
+const ENV_DEFAULT_LISTENERS: &str = "CORELOOP_DEFAULT_LISTENERS";
+
+/// Whether systemd passed sockets to this process (`LISTEN_PID` is this process and
+/// `LISTEN_FDS` is positive), without taking them.
+fn systemd_passed() -> bool {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| pid == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    ours && count > 0
+}
+
+/// Supervisor: the listeners to bind when none was configured: the sockets systemd
+/// passed (or that the previous supervisor of a binary upgrade served from systemd), else
+/// the default listeners. Then checks that no address is configured twice.
+fn settle_listeners(config: &mut Config, adopted: &[Handover]) -> Result<(), Error> {
+    if config.listeners.is_empty() {
+        let systemd = ListenSpec::Systemd(None);
+        let handed_over = adopted.iter().any(|a| a.spec == systemd.to_string());
+        if systemd_passed() || handed_over {
+            info!("no listener configured: serving the sockets systemd passed");
+            config.listeners = vec![systemd];
+        } else {
+            config.listeners = config.default_listeners.clone();
+        }
+    }
+    if config.listeners.is_empty() {
+        return Err(Error::Config(
+            "no listener: call bind(), or start the server with systemd socket activation".into(),
+        ));
+    }
+    if let Some(addr) = first_duplicate(&config.listeners) {
+        return Err(Error::Duplicate { addr });
+    }
+    Ok(())
+}
+
+/// Supervisor, when starting a worker: the environment telling it whether the default
+/// listeners are in use (see [`worker_listeners`]).
+pub(crate) fn worker_env(config: &Config) -> Option<(&'static str, &'static str)> {
+    let defaulted =
+        !config.default_listeners.is_empty() && config.listeners == config.default_listeners;
+    defaulted.then_some((ENV_DEFAULT_LISTENERS, "1"))
+}
+
+/// Worker: its configuration with the listeners the supervisor settled on, as far as a
+/// worker needs them (its own `SO_REUSEPORT` sockets are bound from them): the default
+/// listeners when the supervisor uses them, else the configured ones (none, when the
+/// supervisor serves systemd's sockets).
+pub(crate) fn worker_listeners(mut config: Config) -> Config {
+    if config.listeners.is_empty() && std::env::var_os(ENV_DEFAULT_LISTENERS).is_some() {
+        config.listeners = config.default_listeners.clone();
+    }
+    config
+}
+
+/// Logs, and closes, the sockets systemd passed that no listener uses: a socket nobody
+/// accepts on would leave its clients waiting until they time out.
+fn warn_unused(unused: impl IntoIterator<Item = Inherited>) {
+    for (fd, name) in unused {
+        let addr = local_of(&fd).map_or_else(
+            |err| format!("unknown ({err})"),
+            |local| local.map_or_else(|| "unix".into(), |addr| addr.to_string()),
+        );
+        warn!(
+            listener.name = %name,
+            listener.addr = %addr,
+            fd = std::os::fd::AsRawFd::as_raw_fd(&fd),
+            "systemd passed a socket that no listener uses; closing it (bind `systemd` or `systemd:NAME` to serve it)"
+        );
+    }
+}
+
 /// Binds every configured listener; on any failure, the ones already bound are closed
 /// (and their socket files removed) before the error is returned.
+///
+/// With no listener configured, settles on systemd's sockets or the default listeners
+/// first, and records that in `config`. Sockets passed by systemd that no listener uses
+/// are logged and closed.
 ///
 /// In the new supervisor of a binary upgrade, `adopted` holds the previous supervisor's
 /// sockets: a configured listener with a socket there takes it over instead of binding
 /// (the address stays open throughout); one without is bound anew; adopted sockets that
 /// no listener claims are closed.
-pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<Vec<Bound>, Error> {
+pub(crate) fn bind_all(
+    config: &mut Config,
+    adopted: &mut Vec<Handover>,
+) -> Result<Vec<Bound>, Error> {
+    settle_listeners(config, adopted)?;
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
     let nodelay = config.tcp_nodelay;
     let reuseport = config.distribution == Distribution::ReusePort;
@@ -92,10 +189,21 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<V
         let index = index as u16;
         let key = spec.to_string();
         let reserved = reuseport && matches!(spec, ListenSpec::Tcp(_));
-        let (handed_over, rest): (Vec<Handover>, Vec<Handover>) = std::mem::take(adopted)
-            .into_iter()
-            .partition(|a| a.spec == key);
-        *adopted = rest;
+        let handed_over: Vec<Handover> = if matches!(spec, ListenSpec::Systemd(_)) {
+            let (taken, rest) = std::mem::take(adopted)
+                .into_iter()
+                .partition(|a| a.spec == key);
+            *adopted = rest;
+            taken
+        } else {
+            // One socket per address (two port-0 listeners have the same spec).
+            adopted
+                .iter()
+                .position(|a| a.spec == key)
+                .map(|i| adopted.remove(i))
+                .into_iter()
+                .collect()
+        };
         if !handed_over.is_empty() {
             for taken in handed_over {
                 bound.push(adopt(spec, index, taken, reserved)?);
@@ -149,7 +257,8 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<V
                     })?;
                     found += 1;
                     bound.push(Bound {
-                        label: format!("systemd:{fd_name}({local})"),
+                        label: format!("systemd:{fd_name}({})", describe(local.as_ref())),
+                        local,
                         spec: key.clone(),
                         name: fd_name,
                         index,
@@ -171,9 +280,13 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<V
                 continue;
             }
         };
-        match result {
-            Ok((fd, accepts, unix_file)) => bound.push(Bound {
-                label: key.clone(),
+        match result.and_then(|(fd, accepts, unix_file)| {
+            let local = local_of(&fd)?;
+            Ok((fd, accepts, unix_file, local))
+        }) {
+            Ok((fd, accepts, unix_file, local)) => bound.push(Bound {
+                label: describe(local.as_ref()),
+                local,
                 spec: key,
                 name: String::new(),
                 index,
@@ -189,7 +302,30 @@ pub(crate) fn bind_all(config: &Config, adopted: &mut Vec<Handover>) -> Result<V
             }
         }
     }
+    match inherited {
+        Some(Ok(slots)) => warn_unused(slots.into_iter().flatten()),
+        Some(Err(_)) => {}
+        None if systemd_passed() => match coreloop_ipc::take_systemd_listeners() {
+            Ok(passed) => warn_unused(passed),
+            Err(err) => warn!(error = %err, "cannot take the sockets systemd passed"),
+        },
+        None => {}
+    }
     Ok(bound)
+}
+
+/// What a socket's local address says in logs.
+fn describe(local: Option<&ListenAddr>) -> String {
+    local.map_or_else(|| "unix".into(), ToString::to_string)
+}
+
+/// The local addresses of `bound` sockets as the kernel reports them (the real port of a
+/// port-0 listener), in configuration order; `None` for an unnamed unix socket.
+#[allow(dead_code)] // For `ServerHandle`'s report of the bound addresses.
+pub(crate) fn local_addrs<'a>(
+    bound: impl IntoIterator<Item = &'a Bound>,
+) -> Vec<Option<ListenAddr>> {
+    bound.into_iter().map(|b| b.local.clone()).collect()
 }
 
 /// Takes over a socket the previous supervisor handed over for `spec`.
@@ -201,13 +337,13 @@ fn adopt(spec: &ListenSpec, index: u16, taken: Handover, reserved: bool) -> Resu
     let local = if reserved {
         // A reuseport reservation is bound, not listening: nothing to accept from.
         rustix::io::ioctl_fionbio(&taken.fd, true).map_err(|err| bind_err(err.into()))?;
-        taken.spec.clone()
+        local_of(&taken.fd).map_err(bind_err)?
     } else {
         check_inherited(&taken.fd).map_err(bind_err)?
     };
     let label = match spec {
-        ListenSpec::Systemd(_) => format!("systemd:{}({local})", taken.name),
-        _ => taken.spec.clone(),
+        ListenSpec::Systemd(_) => format!("systemd:{}({})", taken.name, describe(local.as_ref())),
+        _ => describe(local.as_ref()),
     };
     // The socket file of a unix listener stays where it is; remember its identity so
     // that the file is removed when this server stops (once it owns the files).
@@ -221,6 +357,7 @@ fn adopt(spec: &ListenSpec, index: u16, taken: Handover, reserved: bool) -> Resu
     debug!(listener = %label, "listener taken over from the previous supervisor");
     Ok(Bound {
         label,
+        local,
         spec: taken.spec,
         name: taken.name,
         index,
@@ -232,8 +369,8 @@ fn adopt(spec: &ListenSpec, index: u16, taken: Handover, reserved: bool) -> Resu
 
 /// Checks that a socket passed by systemd, or handed over by the previous supervisor, is
 /// a listening stream socket (TCP or unix) and makes it non-blocking; returns its
-/// address, for logs.
-fn check_inherited(fd: &OwnedFd) -> io::Result<String> {
+/// address.
+fn check_inherited(fd: &OwnedFd) -> io::Result<Option<ListenAddr>> {
     use rustix::net::{SocketType, sockopt};
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
     if sockopt::socket_type(fd)? != SocketType::STREAM {
@@ -244,19 +381,27 @@ fn check_inherited(fd: &OwnedFd) -> io::Result<String> {
             "not a listening socket (listen() was not called)".into(),
         ));
     }
-    let local = rustix::net::getsockname(fd)?;
-    let label = match SocketAddr::try_from(local.clone()) {
-        Ok(inet) => inet.to_string(),
-        Err(_) if local.address_family() == rustix::net::AddressFamily::UNIX => "unix".into(),
-        Err(_) => {
-            return Err(invalid(format!(
-                "unsupported address family {:?}",
-                local.address_family()
-            )));
-        }
-    };
+    let local = local_of(fd)?;
     rustix::io::ioctl_fionbio(fd, true)?;
-    Ok(label)
+    Ok(local)
+}
+
+/// A socket's local address (`getsockname`): TCP, or the path of a unix socket (`None`
+/// when it has none: unnamed or abstract).
+fn local_of(fd: &impl AsFd) -> io::Result<Option<ListenAddr>> {
+    let local = rustix::net::getsockname(fd)?;
+    if let Ok(inet) = SocketAddr::try_from(local.clone()) {
+        return Ok(Some(ListenAddr::Tcp(inet)));
+    }
+    match rustix::net::SocketAddrUnix::try_from(local.clone()) {
+        Ok(unix) => Ok(unix
+            .path_bytes()
+            .map(|bytes| ListenAddr::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(bytes))))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unsupported address family {:?}", local.address_family()),
+        )),
+    }
 }
 
 /// Creates a TCP listener. `reuseport`: `None` for an ordinary listener; `Some(listen)` for

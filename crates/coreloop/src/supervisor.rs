@@ -111,7 +111,7 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
     if let (Err(err), Some(channel)) = (&result, &upgrade) {
         // The running supervisor waits for Ready or Failed; tell it why, so that its log
         // says. (Ignored after the handover: nobody reads the channel any more.)
-        let reason = err.to_string();
+        let reason = err.chain().to_string();
         let msg = Message::Failed { reason };
         let _ = runtime.block_on(async {
             tokio::time::timeout(Duration::from_secs(1), channel.send(&msg, &[])).await
@@ -121,7 +121,7 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
 }
 
 fn run_in(
-    config: Config,
+    mut config: Config,
     commands: UnboundedReceiver<Command>,
     runtime: &tokio::runtime::Runtime,
     upgrade: Option<&Channel>,
@@ -130,11 +130,6 @@ fn run_in(
     if config.workers == 0 {
         return Err(Error::Config(
             "the number of workers must be at least 1".into(),
-        ));
-    }
-    if config.listeners.is_empty() {
-        return Err(Error::Config(
-            "no listener: call bind() or bind_unix()".into(),
         ));
     }
     if config.listeners.len() > usize::from(u16::MAX) {
@@ -171,7 +166,7 @@ fn run_in(
         Some(channel) => runtime.block_on(crate::upgrade::receive_listeners(channel))?,
         None => Vec::new(),
     };
-    let bound = listener::bind_all(&config, &mut adopted)?;
+    let bound = listener::bind_all(&mut config, &mut adopted)?;
     let metrics_listener = match config.metrics {
         Some(addr) => {
             let spec = format!("metrics:{addr}");
@@ -623,7 +618,7 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
                 shared.stop_now().await;
                 return Err(err);
             }
-            error!(error = %err, "cannot write the pid file");
+            error!(error = %err.chain(), "cannot write the pid file");
         }
     }
     shared.booted.set(true);
@@ -781,7 +776,7 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
             Ok(())
         }
         Outcome::Failed(err) => {
-            error!(error = %err, event = "stopping", "stopping");
+            error!(error = %err.chain(), event = "stopping", "stopping");
             shared.stop_now().await;
             Err(err)
         }
@@ -1174,6 +1169,7 @@ fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
         .args(args)
         .env(crate::role::ENV_WORKER_ID, slot.to_string())
         .env(crate::cpu::ENV_CPUS, &shared.cpus)
+        .envs(crate::listener::worker_env(&shared.config))
         .stdin(Stdio::from(theirs))
         // Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
         // reaches the supervisor alone, which then drains the workers in order, instead
@@ -1326,11 +1322,8 @@ async fn watch(
         }
         warn!(event = "worker_exited", worker.id = slot, worker.pid = pid, reason = reason.label(), status = %described, uptime_ms, failure = ?failure.as_deref().unwrap_or(""), "worker died");
     }
-    let failure = failure.map_or_else(
-        || format!("exited ({described}) before it was ready"),
-        |reason| crate::boundary::printable(&reason),
-    );
-    restart(&shared, slot, death, failure).await;
+    let failure = failure.map(|reason| crate::boundary::printable(&reason));
+    restart(&shared, slot, death, failure, described).await;
 }
 
 /// Reads one worker's channel until its process has exited (it is not reaped yet), then
@@ -1489,8 +1482,15 @@ fn recover(shared: &Rc<Shared>, queue: &Queue) {
 }
 
 /// Carries out the restart policy's decision about `slot`, whose worker ended (`death`).
-/// `failure`: what the worker said, or how it exited, for the error if the server gives up.
-async fn restart(shared: &Rc<Shared>, slot: usize, death: Death, failure: String) {
+/// `failure`: what the worker said, and `status`, how it exited, for the error if the
+/// server gives up.
+async fn restart(
+    shared: &Rc<Shared>,
+    slot: usize,
+    death: Death,
+    failure: Option<String>,
+    status: String,
+) {
     let wanted = |shared: &Shared| {
         !shared.stopping.get() && slot < shared.target.get() && !shared.slot_covered(slot)
     };
@@ -1504,14 +1504,15 @@ async fn restart(shared: &Rc<Shared>, slot: usize, death: Death, failure: String
             Decision::Nothing => return,
             Decision::Stop(give_up) => {
                 let err = match give_up {
-                    GiveUp::Boot { .. } => Error::WorkerStart {
-                        id: slot,
-                        reason: failure,
+                    GiveUp::Boot { .. } => match failure {
+                        Some(reason) => Error::WorkerStart { id: slot, reason },
+                        None => Error::WorkerExited { id: slot, status },
                     },
                     GiveUp::StartFailures { failures, .. } => Error::StartFailures {
                         id: slot,
                         failures,
-                        reason: failure,
+                        reason: failure
+                            .unwrap_or_else(|| format!("exited ({status}) before it was ready")),
                     },
                 };
                 shared.fail(err);
@@ -1520,7 +1521,7 @@ async fn restart(shared: &Rc<Shared>, slot: usize, death: Death, failure: String
             Decision::Now => {
                 if wanted(shared) {
                     if let Err(err) = spawn_worker(shared, slot) {
-                        error!(error = %err, "cannot start replacement worker");
+                        error!(error = %err.chain(), "cannot start replacement worker");
                         shared.fail(err);
                     }
                 }
@@ -1615,7 +1616,7 @@ async fn on_message(
             }
             if !shared.stopping.get() && slot < shared.target.get() && !shared.slot_covered(slot) {
                 if let Err(err) = spawn_worker(shared, slot) {
-                    error!(error = %err, "cannot start replacement worker");
+                    error!(error = %err.chain(), "cannot start replacement worker");
                 }
             }
         }
@@ -1654,7 +1655,7 @@ async fn replace(shared: &Rc<Shared>, old: u32, reason: ExitReason, why: &'stati
     let new = match spawn_worker(shared, slot) {
         Ok(pid) => pid,
         Err(err) => {
-            error!(error = %err, event = "replacement_failed", "cannot start a replacement");
+            error!(error = %err.chain(), event = "replacement_failed", "cannot start a replacement");
             shared.with_worker(old, |w| w.replacing = false);
             return false;
         }
@@ -1859,7 +1860,7 @@ fn scale_up(shared: &Rc<Shared>) {
             notify(&[NotifyState::Status(&shared.status())]);
         }
         Err(err) => {
-            error!(error = %err, event = "scale_up_failed", "cannot add a worker");
+            error!(error = %err.chain(), event = "scale_up_failed", "cannot add a worker");
             shared.target.set(slot);
         }
     }
