@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example http                      # 127.0.0.1:8080, one worker per CPU
+//! systemd-socket-activate -l 127.0.0.1:9000 target/release/examples/http   # serves port 9000
 //! cargo run --release --example http -- --bind 127.0.0.1:8080 --bind unix:/tmp/demo.sock --workers 4
 //! curl http://127.0.0.1:8080/whoami                       # worker=<id> pid=<pid> version=<v>
 //! wrk -c64 -d10s http://127.0.0.1:8080/
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use coreloop::{Conn, Dispatch, Distribution, Server};
+use coreloop::{Conn, Dispatch, Distribution, ListenAddr, Server, ToListenAddrs};
 use respond::{Identity, Limits};
 
 #[derive(Debug, Parser)]
@@ -37,7 +38,8 @@ use respond::{Identity, Limits};
 struct Args {
     /// Address to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, or `systemd` /
     /// `systemd:NAME` for sockets passed by systemd (socket activation). Repeatable.
-    #[arg(long = "bind", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    /// [default: the sockets systemd passed, if any, else 127.0.0.1:8080]
+    #[arg(long = "bind", value_name = "ADDR")]
     binds: Vec<String>,
     /// Worker processes [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -250,19 +252,17 @@ fn main() -> anyhow::Result<()> {
     if let Some((uid, gid)) = worker_identity(args.user.as_deref(), args.group.as_deref())? {
         builder = builder.worker_user(uid, gid);
     }
+    // The library's address syntax; unix sockets get --unix-mode. Without --bind, the
+    // sockets systemd passed are served, else the default address.
     for bind in &args.binds {
-        builder = if let Some(path) = bind.strip_prefix("unix:") {
-            builder.bind_unix_with(PathBuf::from(path), unix_mode, None)
-        } else if bind == "systemd" {
-            builder.bind_systemd()
-        } else if let Some(name) = bind.strip_prefix("systemd:") {
-            builder.bind_systemd_named(name)
-        } else {
-            builder.bind(bind.as_str()).with_context(|| {
-                format!("--bind {bind}: expected HOST:PORT, unix:PATH, systemd or systemd:NAME")
-            })?
-        };
+        for addr in bind.to_listen_addrs()? {
+            builder = match addr {
+                ListenAddr::Unix(path) => builder.bind_unix_with(path, unix_mode, None),
+                addr => builder.bind(addr)?,
+            };
+        }
     }
+    builder = builder.bind_default("127.0.0.1:8080")?;
     let limits = Rc::new(Limits {
         max_header_bytes: args.max_header_bytes,
         max_headers: usize::from(args.max_headers),

@@ -12,7 +12,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use coreloop::{Conn, Handler, Server, ServerBuilder, Stream};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -24,7 +23,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The flags every fixture shares with the demo.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// Address to listen on: `HOST:PORT` or `unix:PATH`. Repeatable.
+    /// Address to listen on: `HOST:PORT`, `unix:PATH`, `systemd` or `systemd:NAME`.
+    /// Repeatable.
     #[arg(long = "bind", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub binds: Vec<String>,
     /// Worker processes.
@@ -77,12 +77,7 @@ impl CommonArgs {
             builder = builder.pid_file(path);
         }
         for bind in &self.binds {
-            builder = match bind.strip_prefix("unix:") {
-                Some(path) => builder.bind_unix(PathBuf::from(path)),
-                None => builder
-                    .bind(bind.as_str())
-                    .with_context(|| format!("--bind {bind}"))?,
-            };
+            builder = builder.bind(bind)?;
         }
         Ok(builder)
     }

@@ -143,13 +143,15 @@ fn socket_activation_with_an_unknown_name_fails_clearly() -> Result<()> {
     ensure!(!status.success(), "{status:?}");
     // The process has exited, but its last stderr lines may still be on their way to the
     // log reader: wait for the line rather than read the log as it stands.
-    let line = server
+    // The sentence, then its cause on a `Caused by:` line.
+    server
         .wait_for_log(
-            |line| line.contains("cannot listen on systemd:api"),
+            |line| line.contains("no socket named \"api\""),
             Duration::from_secs(10),
         )
         .with_context(|| format!("no clear error:\n{}", server.log_text()))?;
-    ensure!(line.contains("no socket named \"api\""), "{line}");
+    let log = server.log_text();
+    ensure!(log.contains("Error: cannot listen on systemd:api"), "{log}");
     ensure!(
         server.all_worker_pids().is_empty(),
         "workers started:\n{}",
@@ -183,13 +185,15 @@ fn a_passed_socket_that_is_not_listening_is_refused() -> Result<()> {
         .context("systemd-socket-activate did not start")?;
     let mut client = TcpStream::connect(("127.0.0.1", port))?;
     client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let line = server
+    // The sentence, then its cause on a `Caused by:` line.
+    server
         .wait_for_log(
             |line| line.contains("not a listening socket"),
             Duration::from_secs(30),
         )
         .context("the connected socket was not refused")?;
-    ensure!(line.contains("cannot listen on systemd"), "{line}");
+    let log = server.log_text();
+    ensure!(log.contains("Error: cannot listen on systemd"), "{log}");
     Ok(())
 }
 
@@ -412,5 +416,66 @@ fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid(
     // The new supervisor is the one systemd stops.
     guard.stop()?;
     notes.wait_for("STOPPING=1", Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn socket_activation_without_bind_serves_the_passed_socket() -> Result<()> {
+    require_socket_activate()?;
+    // No --bind: the demo must serve what systemd passed, not its default 127.0.0.1:8080.
+    let (mut server, port) = activate("web", &["--workers", "1"])?;
+    let (status, body) = get(port, "/whoami")?;
+    ensure!(
+        status == 200 && body.starts_with("worker="),
+        "{status} {body}"
+    );
+    let serving = server
+        .wait_for_log(
+            |line| line.contains(" serving workers="),
+            Duration::from_secs(30),
+        )
+        .context("no serving line")?;
+    ensure!(
+        serving.contains(&format!("systemd:web(127.0.0.1:{port})")) && !serving.contains(":8080"),
+        "{serving}"
+    );
+    server.signal(Signal::TERM)?;
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .context("no exit")?;
+    ensure!(status.success(), "{status:?}");
+    Ok(())
+}
+
+#[test]
+fn socket_activation_with_other_binds_warns_about_the_unused_socket() -> Result<()> {
+    require_socket_activate()?;
+    let path = unique_socket_path("unused");
+    let bind = format!("unix:{}", path.display());
+    let (mut server, port) = activate("web", &["--bind", &bind, "--workers", "1"])?;
+    // Trigger the exec; the socket this client waits on is not served.
+    let _client = TcpStream::connect(("127.0.0.1", port))?;
+    let warning = server
+        .wait_for_log(
+            |line| line.contains("WARN") && line.contains("no listener uses"),
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("no warning:\n{}", server.log_text()))?;
+    ensure!(
+        warning.contains("listener.name=web")
+            && warning.contains(&format!("listener.addr=127.0.0.1:{port}")),
+        "{warning}"
+    );
+    server
+        .wait_for_log(
+            |line| line.contains(" serving workers="),
+            Duration::from_secs(30),
+        )
+        .context("no serving line")?;
+    server.signal(Signal::TERM)?;
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .context("no exit")?;
+    ensure!(status.success(), "{status:?}");
     Ok(())
 }
