@@ -45,6 +45,18 @@
 //! keep everything before `run()` free of side effects. See [`ServerBuilder`]. A binary
 //! upgrade starts the program once more, as the new supervisor ([`is_upgrading`]).
 //!
+//! Work that must happen once, in the supervisor only, goes behind [`is_worker`]:
+//!
+//! ```no_run
+//! if !coreloop::is_worker() {
+//!     std::fs::File::create_new("/run/app.lock")?; // a worker would find it and fail
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! A worker whose `main()` fails before it reaches `run()` exits before it is ready; during
+//! the start, `run()` then returns [`Error::WorkerExited`], which points here.
+//!
 //! # Signals
 //!
 //! Sent to the supervisor:
