@@ -106,7 +106,7 @@ fn router(worker: WorkerId) -> Router {
 }
 
 async fn serve(conn: Conn, router: Router) -> Result<(), hyper::Error> {
-    let shutdown = conn.shutdown();
+    let shutdown = conn.shutdown_signal();
     let service = TowerToHyperService::new(router);
     let connection = hyper::server::conn::http1::Builder::new()
         // The timer enables hyper's header read timeout (30 s by default).

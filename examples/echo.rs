@@ -14,7 +14,7 @@ use coreloop::{Conn, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn echo(mut conn: Conn) -> std::io::Result<()> {
-    let shutdown = conn.shutdown();
+    let shutdown = conn.shutdown_signal();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = tokio::select! {

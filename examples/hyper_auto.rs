@@ -121,7 +121,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 async fn serve(conn: Conn, builder: Rc<auto::Builder<LocalExec>>) -> Result<(), BoxError> {
-    let shutdown = conn.shutdown();
+    let shutdown = conn.shutdown_signal();
     let worker = conn.worker_id();
     let service = hyper::service::service_fn(move |req| respond(req, worker));
     let connection = builder.serve_connection(TokioIo::new(conn.into_stream()), service);

@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 async fn serve(conn: Conn, greeting: Rc<str>) -> Result<(), hyper::Error> {
-    let shutdown = conn.shutdown();
+    let shutdown = conn.shutdown_signal();
     let worker = conn.worker_id();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let body = format!("{greeting} from worker {worker}: {}\n", req.uri().path());

@@ -100,7 +100,7 @@ async fn serve(
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
 ) -> Result<(), hyper::Error> {
-    let shutdown = conn.shutdown();
+    let shutdown = conn.shutdown_signal();
     let worker = conn.worker_id();
     let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(conn.into_stream()));
     let tls = tokio::select! {

@@ -287,7 +287,7 @@ fn main() -> anyhow::Result<()> {
                 let who = Rc::clone(&who);
                 let limits = Rc::clone(&limits);
                 async move {
-                    let shutdown = conn.shutdown();
+                    let shutdown = conn.shutdown_signal();
                     respond::serve(conn.stream_mut(), &who, &limits, &shutdown).await
                 }
             }

@@ -100,8 +100,8 @@ impl Conn {
         &mut self.stream
     }
 
-    /// Takes the stream, e.g. to hand it to hyper. Keep a [`Conn::shutdown`] clone first
-    /// if the handler needs it.
+    /// Takes the stream, e.g. to hand it to hyper. Take the
+    /// [`shutdown_signal`](Conn::shutdown_signal) first if the handler needs it.
     pub fn into_stream(self) -> Stream {
         self.stream
     }
@@ -138,19 +138,67 @@ impl Conn {
         self.worker
     }
 
-    /// The worker's shutdown signal: triggered when the worker starts draining.
-    pub fn shutdown(&self) -> ShutdownSignal {
+    /// The worker's shutdown signal: triggered when the worker starts draining. It closes
+    /// nothing by itself; a handler awaits it next to its reads (or checks it between
+    /// requests) and returns, or the connection is cut when the shutdown timeout expires.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coreloop::Conn;
+    /// use tokio::io::AsyncReadExt;
+    ///
+    /// async fn handle(mut conn: Conn) -> std::io::Result<()> {
+    ///     let draining = conn.shutdown_signal();
+    ///     let mut buf = [0u8; 1024];
+    ///     loop {
+    ///         tokio::select! {
+    ///             read = conn.stream_mut().read(&mut buf) => if read? == 0 { return Ok(()) },
+    ///             () = draining.triggered() => return Ok(()),
+    ///         }
+    ///     }
+    /// }
+    /// # fn assert_handler(_: impl coreloop::Handler) {}
+    /// # assert_handler(handle);
+    /// ```
+    pub fn shutdown_signal(&self) -> ShutdownSignal {
         self.shutdown.clone()
+    }
+
+    /// The worker's shutdown signal. Renamed: it does not shut the connection down.
+    #[deprecated(note = "renamed to `shutdown_signal`")]
+    pub fn shutdown(&self) -> ShutdownSignal {
+        self.shutdown_signal()
     }
 }
 
-/// The local end of a connection.
+/// The local end of a connection, or the address a listener is bound to
+/// ([`ServerHandle::wait_ready`](crate::ServerHandle::wait_ready)).
 #[derive(Debug, Clone)]
 pub enum LocalAddr {
     /// A TCP listener's address.
     Inet(std::net::SocketAddr),
     /// A unix-socket listener's address.
     Unix(tokio::net::unix::SocketAddr),
+}
+
+impl LocalAddr {
+    /// The TCP address, if this is one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coreloop::LocalAddr;
+    ///
+    /// let addr = LocalAddr::Inet("127.0.0.1:8080".parse().unwrap());
+    /// assert_eq!(addr.inet(), Some("127.0.0.1:8080".parse().unwrap()));
+    /// ```
+    pub fn inet(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            LocalAddr::Inet(addr) => Some(*addr),
+            LocalAddr::Unix(_) => None,
+        }
+    }
 }
 
 /// A connection's stream: TCP or unix. Implements [`AsyncRead`] and [`AsyncWrite`], so a

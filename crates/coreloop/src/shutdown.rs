@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 ///
 /// ```no_run
 /// # async fn demo(conn: coreloop::Conn) {
-/// let shutdown = conn.shutdown();
+/// let shutdown = conn.shutdown_signal();
 /// loop {
 ///     tokio::select! {
 ///         _ = shutdown.triggered() => break, // finish at a request boundary

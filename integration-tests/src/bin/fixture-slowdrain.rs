@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let hold = Duration::from_millis(args.hold_ms);
     fixture::serve_whoami(&args.common, move |conn, target| {
         tracing::info!(conn.id = conn.id(), %target, "holding connection");
-        // Deliberately not watching `conn.shutdown()`.
+        // Deliberately not watching `conn.shutdown_signal()`.
         tokio::time::sleep(hold)
     })?
     .run()?;
