@@ -17,6 +17,8 @@ use std::time::Duration;
 use crate::addr::{ListenAddr, ToListenAddrs};
 use crate::dispatch::{Dispatch, Distribution};
 use crate::error::{BoxError, Error};
+pub(crate) use crate::handle::Command;
+use crate::handle::{Control, ServerHandle};
 use crate::handler::{Handler, WorkerId};
 
 /// Where to listen.
@@ -520,12 +522,10 @@ impl ServerBuilder {
         H: Handler,
         E: Into<BoxError>,
     {
-        let (commands, inbox) = tokio::sync::mpsc::unbounded_channel();
         Server {
             config: self.config,
             factory: Box::new(move |id| factory(id).map_err(Into::into)),
-            commands,
-            inbox,
+            control: Control::new(),
         }
     }
 }
@@ -538,8 +538,7 @@ pub(crate) type Factory<H> = Box<dyn Fn(WorkerId) -> Result<H, BoxError>>;
 pub struct Server<H> {
     pub(crate) config: Config,
     pub(crate) factory: Factory<H>,
-    commands: tokio::sync::mpsc::UnboundedSender<Command>,
-    inbox: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    control: Control,
 }
 
 impl<H> std::fmt::Debug for Server<H> {
@@ -561,7 +560,8 @@ impl<H> Server<H> {
     /// A handle to control the running server from another thread of the supervisor
     /// process: stop, reload, scale. Take it before calling [`run`](Self::run).
     ///
-    /// In a worker process the handle is inert: its methods return `false`.
+    /// In a worker process the handle is inert: its commands return
+    /// [`ServerGone`](crate::ServerGone).
     ///
     /// # Examples
     ///
@@ -574,16 +574,14 @@ impl<H> Server<H> {
     /// if !coreloop::is_worker() {
     ///     std::thread::spawn(move || {
     ///         // ... later, e.g. on a deploy hook:
-    ///         handle.reload();
+    ///         let _ = handle.reload();
     ///     });
     /// }
     /// server.run()?;
     /// # Ok::<(), coreloop::Error>(())
     /// ```
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle {
-            commands: self.commands.clone(),
-        }
+        self.control.handle()
     }
 }
 
@@ -609,80 +607,19 @@ impl<H: Handler> Server<H> {
         }
         match crate::role::current() {
             crate::role::Role::Worker(id) => {
-                // Commands are the supervisor's: in a worker, handles must report `false`.
+                // Commands are the supervisor's: in a worker, handles report `ServerGone`.
                 let Server {
                     config,
                     factory,
-                    inbox,
-                    ..
+                    control,
                 } = self;
-                drop(inbox);
+                drop(control.into_inbox());
                 let config = crate::listener::worker_listeners(config);
                 crate::worker::run(config, factory, id)
             }
-            crate::role::Role::Supervisor => crate::supervisor::run(self.config, self.inbox),
+            crate::role::Role::Supervisor => {
+                crate::supervisor::run(self.config, self.control.into_inbox())
+            }
         }
-    }
-}
-
-/// What a [`ServerHandle`] asks of the supervisor; signals map onto the same commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Command {
-    /// Drain and stop (`graceful`), or kill the workers and stop at once.
-    Stop { graceful: bool },
-    /// Rolling replacement of every worker.
-    Reload,
-    /// One more worker.
-    AddWorker,
-    /// One worker fewer (never below one).
-    RemoveWorker,
-    /// Binary upgrade: start the executable on disk as a new supervisor, hand it the
-    /// listeners, and stop once it serves.
-    Upgrade,
-}
-
-/// Controls a running server from any thread of the supervisor process, like the signals
-/// do (SIGTERM, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2). Cheap to clone.
-///
-/// Each method returns whether the command reached a running supervisor; the supervisor
-/// acts on it asynchronously and logs what it does.
-#[derive(Debug, Clone)]
-pub struct ServerHandle {
-    commands: tokio::sync::mpsc::UnboundedSender<Command>,
-}
-
-impl ServerHandle {
-    /// Stops the server: with `graceful`, as SIGTERM does (drain within the shutdown
-    /// timeout); without, as SIGQUIT does (kill the workers now). `run()` then returns.
-    pub fn stop(&self, graceful: bool) -> bool {
-        self.commands.send(Command::Stop { graceful }).is_ok()
-    }
-
-    /// Replaces every worker, one at a time, each replacement ready before its
-    /// predecessor stops taking connections (as SIGHUP does).
-    pub fn reload(&self) -> bool {
-        self.commands.send(Command::Reload).is_ok()
-    }
-
-    /// Adds one worker (as SIGTTIN does).
-    pub fn add_worker(&self) -> bool {
-        self.commands.send(Command::AddWorker).is_ok()
-    }
-
-    /// Drains and removes one worker, never the last (as SIGTTOU does).
-    pub fn remove_worker(&self) -> bool {
-        self.commands.send(Command::RemoveWorker).is_ok()
-    }
-
-    /// Upgrades to the executable now on disk without dropping a connection (as SIGUSR2
-    /// does): the running supervisor starts it as a new supervisor and hands it the
-    /// listening sockets; once every new worker serves, the old generation stops
-    /// accepting, drains and exits, and `run()` returns `Ok(())` in the old process. If
-    /// the new generation fails, or is not serving within the
-    /// [upgrade timeout](ServerBuilder::upgrade_timeout), it is stopped and the old one
-    /// keeps serving. One upgrade at a time: a request during an upgrade is refused (and
-    /// logged).
-    pub fn upgrade(&self) -> bool {
-        self.commands.send(Command::Upgrade).is_ok()
     }
 }

@@ -54,7 +54,6 @@ use rustix::process::{Pid, Signal};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::boundary::{CLOSED_GRACE, LogBudget, Screen, Violation};
@@ -86,7 +85,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const FD_RESERVE: u64 = 64;
 
 /// Entry point in the supervisor process.
-pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Result<(), Error> {
+pub(crate) fn run(config: Config, commands: crate::handle::Inbox) -> Result<(), Error> {
     // The path this program was started from, read before anything can replace the file:
     // a binary upgrade runs whatever is at this path then.
     let exe = std::env::current_exe();
@@ -122,7 +121,7 @@ pub(crate) fn run(config: Config, commands: UnboundedReceiver<Command>) -> Resul
 
 fn run_in(
     mut config: Config,
-    commands: UnboundedReceiver<Command>,
+    commands: crate::handle::Inbox,
     runtime: &tokio::runtime::Runtime,
     upgrade: Option<&Channel>,
     exe: std::io::Result<std::path::PathBuf>,
@@ -452,7 +451,7 @@ struct Boot<'a> {
     exe: std::io::Result<PathBuf>,
 }
 
-async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> Result<(), Error> {
+async fn supervise(boot: Boot<'_>, mut commands: crate::handle::Inbox) -> Result<(), Error> {
     let Boot {
         config,
         bound,
@@ -629,9 +628,11 @@ async fn supervise(boot: Boot<'_>, mut commands: UnboundedReceiver<Command>) -> 
         .chain(&reserved)
         .map(|b| b.label.clone())
         .collect();
+    let local_addrs = crate::handle::local_addrs(listeners.iter().map(|l| &l.bound).chain(&reserved));
     // Built now, so that its descriptors exist before the server says it is serving.
     let accept_task = accept_loop(Rc::clone(&shared), Source::registered(listeners));
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), event = "serving", "serving");
+    commands.serving(local_addrs);
     shared.notify_ready();
 
     let mut accept = Some(tokio::task::spawn_local(accept_task));

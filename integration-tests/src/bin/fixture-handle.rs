@@ -1,7 +1,8 @@
 //! Fixture: a coreloop server driven through its [`coreloop::ServerHandle`]. A thread of
 //! the supervisor reads commands from stdin, one per line (`reload`, `add`, `remove`,
 //! `upgrade`, `stop`, `kill`), and calls the handle; each call is logged as
-//! `handle command command=<name> sent=<bool>`.
+//! `handle command command=<name> sent=<bool>` (`false`: the handle said
+//! [`coreloop::ServerGone`]).
 //!
 //! Paths: `/whoami`, and `/sleep?ms=N` (answers after N ms without blocking the worker).
 
@@ -29,15 +30,15 @@ fn command_loop(handle: &ServerHandle) {
             "add" => handle.add_worker(),
             "remove" => handle.remove_worker(),
             "upgrade" => handle.upgrade(),
-            "stop" => handle.stop(true),
-            "kill" => handle.stop(false),
+            "stop" => handle.stop_gracefully(),
+            "kill" => handle.stop_now(),
             "" => continue,
             other => {
                 tracing::warn!(command = other, "unknown command");
                 continue;
             }
         };
-        tracing::info!(command, sent, "handle command");
+        tracing::info!(command, sent = sent.is_ok(), "handle command");
     }
 }
 
