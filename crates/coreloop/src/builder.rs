@@ -7,11 +7,14 @@
 //! every worker, and both must reach [`Server::run`] with the same configuration. Keep
 //! everything before `run()` deterministic and free of side effects: parse arguments and
 //! build the server, but open no files, sockets or connections there. Per-worker resources
-//! belong in the handler factory, which runs inside the worker. `bind` only records
+//! belong in the handler factory or the setup of
+//! [`ServerBuilder::serve_with`], which run inside the worker. `bind` only records
 //! addresses; sockets are created by the supervisor inside `run()`.
 
+use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::addr::{ListenAddr, ToListenAddrs};
@@ -20,6 +23,7 @@ use crate::error::{BoxError, Error};
 pub(crate) use crate::handle::Command;
 use crate::handle::{Control, ServerHandle};
 use crate::handler::{Handler, WorkerId};
+use crate::lifecycle::Worker;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,7 +508,8 @@ impl ServerBuilder {
     ///
     /// The factory runs inside the worker's runtime (so it may `spawn_local`), and what it
     /// returns need not be `Send`: per-worker `Rc` state is fine. It runs again in every
-    /// replacement worker.
+    /// replacement worker. For a setup that awaits (opening a pool), can fail, or needs a
+    /// drain hook, use [`serve_with`](Self::serve_with).
     pub fn serve<F, H>(self, factory: F) -> Server<H>
     where
         F: Fn(WorkerId) -> H + 'static,
@@ -522,16 +527,71 @@ impl ServerBuilder {
         H: Handler,
         E: Into<BoxError>,
     {
+        self.serve_with(move |worker: Worker| {
+            std::future::ready(factory(worker.id()).map_err(Into::<BoxError>::into))
+        })
+    }
+
+    /// Finishes the configuration with an asynchronous per-worker setup: it opens what
+    /// the worker needs (a database pool, a warm cache), may start background tasks and
+    /// register drain hooks through its [`Worker`], and returns the worker's handler.
+    ///
+    /// The setup runs once in each worker process (again in every replacement), inside
+    /// the worker's runtime, before the worker reports ready: no connection reaches a
+    /// worker whose setup has not finished. An error fails the worker's start, with the
+    /// error as its reason in the log; while the server boots, that stops the server and
+    /// `run()` returns [`Error::WorkerStart`]. A reload's replacement that is not ready
+    /// within 60 s is killed and its predecessor kept; at boot the supervisor waits as
+    /// long as the setup takes (SIGTERM still stops it).
+    ///
+    /// Neither the setup's future nor the handler need be `Send`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::rc::Rc;
+    /// use coreloop::{Conn, Server, Worker};
+    /// use tokio::io::AsyncWriteExt;
+    ///
+    /// async fn load_greeting() -> std::io::Result<String> {
+    ///     Ok("hello".to_owned()) // say, from a database
+    /// }
+    ///
+    /// fn main() -> Result<(), coreloop::Error> {
+    ///     Server::builder()
+    ///         .bind("127.0.0.1:7000")?
+    ///         .serve_with(|worker: Worker| async move {
+    ///             let greeting: Rc<str> = load_greeting().await?.into();
+    ///             worker.on_drain(async { /* flush per-worker state */ });
+    ///             Ok::<_, std::io::Error>(move |mut conn: Conn| {
+    ///                 let greeting = Rc::clone(&greeting);
+    ///                 async move { conn.stream_mut().write_all(greeting.as_bytes()).await }
+    ///             })
+    ///         })
+    ///         .run()
+    /// }
+    /// ```
+    pub fn serve_with<F, Fut, H, E>(self, setup: F) -> Server<H>
+    where
+        F: Fn(Worker) -> Fut + 'static,
+        Fut: Future<Output = Result<H, E>> + 'static,
+        H: Handler,
+        E: Into<BoxError>,
+    {
         Server {
             config: self.config,
-            factory: Box::new(move |id| factory(id).map_err(Into::into)),
+            factory: Box::new(move |worker| {
+                let setup = setup(worker);
+                Box::pin(async move { setup.await.map_err(Into::into) })
+            }),
             control: Control::new(),
         }
     }
 }
 
-/// The handler factory, boxed once: it runs once per worker process.
-pub(crate) type Factory<H> = Box<dyn Fn(WorkerId) -> Result<H, BoxError>>;
+/// The per-worker setup, boxed once: it runs once per worker process.
+pub(crate) type Factory<H> =
+    Box<dyn Fn(Worker) -> Pin<Box<dyn Future<Output = Result<H, BoxError>>>>>;
 
 /// A configured server. [`run`](Server::run) it.
 #[must_use = "a Server does nothing until `.run()`"]

@@ -628,7 +628,8 @@ async fn supervise(boot: Boot<'_>, mut commands: crate::handle::Inbox) -> Result
         .chain(&reserved)
         .map(|b| b.label.clone())
         .collect();
-    let local_addrs = crate::handle::local_addrs(listeners.iter().map(|l| &l.bound).chain(&reserved));
+    let local_addrs =
+        crate::handle::local_addrs(listeners.iter().map(|l| &l.bound).chain(&reserved));
     // Built now, so that its descriptors exist before the server says it is serving.
     let accept_task = accept_loop(Rc::clone(&shared), Source::registered(listeners));
     info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), event = "serving", "serving");

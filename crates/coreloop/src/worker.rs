@@ -3,14 +3,16 @@
 //!
 //! Life of a worker:
 //! 1. adopt the channel inherited on fd 0, before any runtime or thread exists;
-//! 2. build a `current_thread` runtime and a `LocalSet`, run the handler factory, and tell
-//!    the supervisor `Ready` (or `Failed` with the factory's error, then exit 1);
+//! 2. build a `current_thread` runtime and a `LocalSet`, run the setup (the handler
+//!    factory, awaited), and tell the supervisor `Ready` (or `Failed` with the setup's
+//!    error, then exit 1);
 //! 3. for every `Conn` message, wrap the descriptor in a tokio stream and `spawn_local`
 //!    the handler, counting live connections with an RAII guard;
 //! 4. on `Drain` (or when the channel closes because the supervisor died, or when a
 //!    SIGTERM/SIGINT reaches the worker directly and the supervisor answers `Retiring`
-//!    with `Drain`), trigger the [`ShutdownSignal`], wait for the live count to reach zero
-//!    or the deadline, and exit 0.
+//!    with `Drain`), trigger the [`ShutdownSignal`], run the drain hooks the setup
+//!    registered ([`Worker::on_drain`]), wait for them and for the live count to reach
+//!    zero, or the deadline, and exit 0.
 //!
 //! A worker never decides on its own to stop taking connections while the supervisor is
 //! alive: it asks (`Retiring`) and keeps reading until `Drain`, which the supervisor sends
@@ -33,6 +35,7 @@ use crate::builder::{Config, Factory, ListenSpec};
 use crate::dispatch::Distribution;
 use crate::error::{BoxError, Error};
 use crate::handler::{Conn, Handler, Stream, WorkerId};
+use crate::lifecycle::{DrainHooks, Worker};
 use crate::shutdown::ShutdownSignal;
 
 /// This worker's loop clock: one per process, set before the runtime starts. Static so
@@ -200,10 +203,8 @@ async fn serve<H: Handler>(
             return 1;
         }
     };
-    let handler = match factory(id) {
-        Ok(handler) => Rc::new(handler),
-        Err(err) => return report_failure(&channel, chain(&*err)).await,
-    };
+    // Installed before the setup, so that a SIGTERM sent while it runs retires the worker
+    // once it is ready instead of killing it.
     let (mut sigterm, mut sigint) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -213,6 +214,12 @@ async fn serve<H: Handler>(
             error!(error = %err, "cannot install signal handlers");
             return 1;
         }
+    };
+    let shutdown = ShutdownSignal::new();
+    let hooks = Rc::new(DrainHooks::default());
+    let handler = match factory(Worker::new(id, shutdown.clone(), Rc::clone(&hooks))).await {
+        Ok(handler) => Rc::new(handler),
+        Err(err) => return report_failure(&channel, chain(&*err)).await,
     };
     // In ReusePort mode this worker listens on its own socket for every TCP address.
     let own_listeners = match bind_own_listeners(&config) {
@@ -239,7 +246,6 @@ async fn serve<H: Handler>(
         Rc::clone(&tracker),
         config.heartbeat_interval(),
     ));
-    let shutdown = ShutdownSignal::new();
     let mut retiring = false;
     let spawner = Spawner {
         handler,
@@ -284,6 +290,20 @@ async fn serve<H: Handler>(
         }
     };
 
+    drain(end, &config, &tracker, &hooks, &shutdown, &acceptors).await
+}
+
+/// The end of a worker: stop accepting on its own listeners, trigger the shutdown signal,
+/// and wait for the connections and the drain hooks, or the deadline. Returns the exit
+/// code.
+async fn drain(
+    end: End,
+    config: &Config,
+    tracker: &Tracker,
+    hooks: &DrainHooks,
+    shutdown: &ShutdownSignal,
+    acceptors: &[tokio::task::JoinHandle<()>],
+) -> i32 {
     let grace = match end {
         End::Drain(timeout) => {
             info!(
@@ -305,22 +325,43 @@ async fn serve<H: Handler>(
     };
     // Stop accepting on our own listeners (ReusePort): their queued connections go to the
     // other workers' sockets from now on, or are reset by the kernel when we close.
-    for acceptor in &acceptors {
+    for acceptor in acceptors {
         acceptor.abort();
     }
     shutdown.trigger();
-    if tokio::time::timeout(grace, tracker.wait_idle())
-        .await
-        .is_err()
-    {
+    let drained = async { tokio::join!(tracker.wait_idle(), run_drain_hooks(hooks)) };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         warn!(
             live = tracker.live.get(),
             event = "drain_deadline_passed",
-            "drain deadline passed; closing remaining connections"
+            "drain deadline passed; closing remaining connections and drain hooks"
         );
     }
     debug!("worker exiting");
     0
+}
+
+/// Runs the drain hooks, each as its own task, and waits for them all; then for the
+/// hooks they registered in turn, until none is left.
+async fn run_drain_hooks(hooks: &DrainHooks) {
+    loop {
+        let batch = hooks.take();
+        if batch.is_empty() {
+            return;
+        }
+        debug!(hooks = batch.len(), "running drain hooks");
+        let tasks: Vec<_> = batch.into_iter().map(tokio::task::spawn_local).collect();
+        for task in tasks {
+            if let Err(err) = task.await {
+                if err.is_panic() {
+                    error!(
+                        panic = panic_message(&*err.into_panic()),
+                        "drain hook panicked"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Heartbeat and load report, sent from inside the event loop: a loop blocked by a handler
