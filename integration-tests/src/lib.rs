@@ -577,6 +577,9 @@ impl Server {
         let mut child = Command::new(binary)
             .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", rust_log)
+            // Programs that colour their log by default (the README example) write plain
+            // text, which the harness parses.
+            .env("NO_COLOR", "1")
             .env_remove("CORELOOP_WORKER_ID")
             .stdin(if piped_stdin {
                 Stdio::piped()

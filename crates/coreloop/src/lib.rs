@@ -23,20 +23,51 @@
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! async fn echo(mut conn: Conn) -> std::io::Result<()> {
+//!     let draining = conn.shutdown_signal();
 //!     let mut buf = [0u8; 4096];
 //!     loop {
-//!         let n = conn.stream_mut().read(&mut buf).await?;
-//!         if n == 0 || conn.shutdown().is_triggered() {
-//!             return Ok(());
+//!         let n = tokio::select! {
+//!             read = conn.stream_mut().read(&mut buf) => read?,
+//!             () = draining.triggered() => return Ok(()), // the worker is draining
+//!         };
+//!         if n == 0 {
+//!             return Ok(()); // the client closed
 //!         }
 //!         conn.stream_mut().write_all(&buf[..n]).await?;
 //!     }
 //! }
 //!
 //! fn main() -> Result<(), coreloop::Error> {
-//!     Server::builder().bind("127.0.0.1:7000")?.workers(2).serve(|_worker| echo).run()
+//!     // Without a subscriber, handler errors and worker deaths are logged nowhere.
+//!     tracing_subscriber::fmt()
+//!         .with_writer(std::io::stderr)
+//!         .init();
+//!     Server::builder()
+//!         .bind("127.0.0.1:7000")?
+//!         .workers(2)
+//!         .serve(|_worker| echo)
+//!         .run()
 //! }
 //! ```
+//!
+//! The handler awaits the shutdown signal next to its read: a drain (SIGTERM) ends an
+//! idle connection at once. A handler that checked the signal only after a read returned
+//! would keep the worker, and the stop, waiting for the client, up to the shutdown
+//! timeout (30 s by default).
+//!
+//! # Per-worker state and drain hooks
+//!
+//! [`ServerBuilder::serve_with`] runs an asynchronous setup in each worker before it takes
+//! connections (open a pool, warm a cache); its [`Worker`] gives the worker's id, its
+//! [`ShutdownSignal`] (for background tasks) and [`Worker::on_drain`], hooks the worker
+//! awaits when it drains.
+//!
+//! # Testing your server
+//!
+//! Bind `127.0.0.1:0`, run the server on a thread, and [`ServerHandle::wait_ready`]
+//! returns the real address; [`ServerHandle::stop_gracefully`] stops it. Workers re-run
+//! the test binary, so such a test is its own test target with `harness = false`: see
+//! "Testing your server" in the README for the whole pattern.
 //!
 //! # Workers re-run `main()`
 //!
@@ -75,7 +106,11 @@
 //! # Logging
 //!
 //! The library logs through [`tracing`] with spans `supervisor`, `worker{worker.id,
-//! worker.pid}` and `conn{conn.id, peer.addr}`; it never installs a subscriber.
+//! worker.pid}` and `conn{conn.id, peer.addr}`; it never installs a subscriber. A program
+//! that installs none sees nothing: not a handler's error (`warn`), not a worker's death
+//! (`warn`), not a failed start (`error`). Install one before [`Server::run`], in the code
+//! every worker runs too (`main()`), as the example does; `tracing_subscriber::fmt()`
+//! prints `INFO` and above, and its `EnvFilter` lets `RUST_LOG` choose.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
