@@ -304,3 +304,47 @@ pub enum WaitReadyError {
     #[error("the server stopped before it served")]
     Stopped,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_ready_times_out_while_starting() {
+        let control = Control::new();
+        let handle = control.handle();
+        let waited = handle.wait_ready(Duration::from_millis(20));
+        assert_eq!(
+            waited.unwrap_err(),
+            WaitReadyError::TimedOut(Duration::from_millis(20))
+        );
+    }
+
+    #[test]
+    fn wait_ready_wakes_when_the_server_serves() {
+        let control = Control::new();
+        let handle = control.handle();
+        let inbox = control.into_inbox();
+        let waiter = std::thread::spawn(move || handle.wait_ready(Duration::from_secs(30)));
+        let addr: std::net::SocketAddr = "127.0.0.1:4321".parse().unwrap();
+        inbox.serving(vec![LocalAddr::Inet(addr)]);
+        let addrs = waiter.join().unwrap().unwrap();
+        assert_eq!(addrs.len(), 1);
+        assert_eq!(addrs[0].inet(), Some(addr));
+    }
+
+    #[test]
+    fn a_stopped_server_is_gone() {
+        let control = Control::new();
+        let handle = control.handle();
+        // Commands before `run()` wait for it.
+        assert_eq!(handle.reload(), Ok(()));
+        drop(control.into_inbox());
+        assert_eq!(handle.reload(), Err(ServerGone));
+        assert_eq!(handle.stop_gracefully(), Err(ServerGone));
+        assert_eq!(
+            handle.wait_ready(Duration::from_secs(30)).unwrap_err(),
+            WaitReadyError::Stopped
+        );
+    }
+}

@@ -41,6 +41,8 @@ impl std::fmt::Display for WorkerId {
 ///
 /// An error returned by a handler is logged with the connection's span and closes that
 /// connection only; a panicking handler is logged the same way. The worker keeps serving.
+/// The log goes through `tracing`: a program that installs no subscriber sees none of it
+/// (see "Logging" on the [crate page](crate)).
 ///
 /// # Examples
 ///
