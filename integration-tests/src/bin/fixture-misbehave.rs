@@ -149,7 +149,7 @@ fn misbehave(conn: &Conn, what: &str) {
             std::thread::sleep(Duration::from_secs(60));
         }
         "ignore-drain" => {
-            let draining = conn.shutdown();
+            let draining = conn.shutdown_signal();
             tokio::task::spawn_local(async move {
                 draining.triggered().await;
                 std::thread::sleep(Duration::from_secs(3600));
