@@ -215,8 +215,10 @@ impl fmt::Display for PeerAddr {
     }
 }
 
-impl From<coreloop_ipc::PeerAddr> for PeerAddr {
-    fn from(peer: coreloop_ipc::PeerAddr) -> Self {
+impl PeerAddr {
+    /// The wire's peer address as coreloop's own. Not a `From` impl: a trait impl would put
+    /// the internal crate's type in coreloop's public API.
+    pub(crate) fn from_wire(peer: coreloop_ipc::PeerAddr) -> Self {
         match peer {
             coreloop_ipc::PeerAddr::Inet(addr) => PeerAddr::Tcp(addr),
             coreloop_ipc::PeerAddr::Unix => PeerAddr::Unix,
@@ -274,11 +276,14 @@ mod tests {
 
     #[test]
     fn peer_addresses_display_as_users_expect() {
-        let v6 = PeerAddr::from(coreloop_ipc::PeerAddr::Inet(
+        let v6 = PeerAddr::from_wire(coreloop_ipc::PeerAddr::Inet(
             "[2001:db8::1]:443".parse().unwrap(),
         ));
         assert_eq!(v6.to_string(), "[2001:db8::1]:443");
-        assert_eq!(PeerAddr::from(coreloop_ipc::PeerAddr::Unix), PeerAddr::Unix);
+        assert_eq!(
+            PeerAddr::from_wire(coreloop_ipc::PeerAddr::Unix),
+            PeerAddr::Unix
+        );
         assert_eq!(PeerAddr::Unknown.to_string(), "unknown");
     }
 }

@@ -110,7 +110,7 @@ impl Conn {
 
     /// The client's address, as the acceptor's `accept` reported it (no system call).
     pub fn peer_addr(&self) -> PeerAddr {
-        PeerAddr::from(self.peer)
+        PeerAddr::from_wire(self.peer)
     }
 
     /// The local address the client connected to.
