@@ -12,119 +12,18 @@
 //! addresses; sockets are created by the supervisor inside `run()`.
 
 use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::Duration;
 
-use crate::addr::{ListenAddr, ToListenAddrs};
+pub(crate) use crate::config::Config;
+use crate::config::{ListenSpec, RestartLimits, UnixPerms, first_duplicate};
 use crate::dispatch::{Dispatch, Distribution};
 use crate::error::{BoxError, Error};
-pub(crate) use crate::handle::Command;
 use crate::handle::{Control, ServerHandle};
 use crate::handler::{Handler, WorkerId};
 use crate::lifecycle::Worker;
-
-/// Where to listen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ListenSpec {
-    Tcp(SocketAddr),
-    Unix(PathBuf, UnixPerms),
-    /// Sockets passed by systemd (socket activation): all of them, or those with this name
-    /// in `LISTEN_FDNAMES`.
-    Systemd(Option<String>),
-}
-
-impl ListenSpec {
-    /// Where it listens, without the unix-socket file's permissions.
-    pub(crate) fn addr(&self) -> ListenAddr {
-        match self {
-            ListenSpec::Tcp(addr) => ListenAddr::Tcp(*addr),
-            ListenSpec::Unix(path, _) => ListenAddr::Unix(path.clone()),
-            ListenSpec::Systemd(name) => ListenAddr::Systemd(name.clone()),
-        }
-    }
-}
-
-impl From<ListenAddr> for ListenSpec {
-    fn from(addr: ListenAddr) -> Self {
-        match addr {
-            ListenAddr::Tcp(addr) => ListenSpec::Tcp(addr),
-            ListenAddr::Unix(path) => ListenSpec::Unix(path, UnixPerms::default()),
-            ListenAddr::Systemd(name) => ListenSpec::Systemd(name),
-        }
-    }
-}
-
-impl std::fmt::Display for ListenSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.addr().fmt(f)
-    }
-}
-
-/// The first address that `specs` name twice. Port 0 is never a duplicate: each such
-/// listener gets its own port.
-pub(crate) fn first_duplicate(specs: &[ListenSpec]) -> Option<ListenAddr> {
-    let mut seen = std::collections::HashSet::new();
-    specs
-        .iter()
-        .map(ListenSpec::addr)
-        .filter(|addr| !matches!(addr, ListenAddr::Tcp(tcp) if tcp.port() == 0))
-        .find(|addr| !seen.insert(addr.clone()))
-}
-
-/// Everything `run()` needs besides the handler factory.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) listeners: Vec<ListenSpec>,
-    /// Listeners used when `listeners` is empty and systemd passed no socket.
-    pub(crate) default_listeners: Vec<ListenSpec>,
-    pub(crate) workers: usize,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) tcp_nodelay: bool,
-    pub(crate) backlog: u32,
-    pub(crate) restart_limits: crate::restart::Limits,
-    pub(crate) heartbeat_timeout: Duration,
-    pub(crate) max_connections: usize,
-    pub(crate) recycle_after: Option<(u64, u64)>,
-    pub(crate) recycle_rss_kib: Option<u64>,
-    pub(crate) max_concurrent_recycles: usize,
-    pub(crate) dispatch: Dispatch,
-    pub(crate) distribution: Distribution,
-    pub(crate) pin_workers: bool,
-    pub(crate) pin_supervisor: Option<usize>,
-    /// Run workers as this user and group (numeric ids).
-    pub(crate) worker_ids: Option<(u32, u32)>,
-    /// Where the supervisor serves `/metrics` and `/healthz`.
-    pub(crate) metrics: Option<SocketAddr>,
-    /// How long a new generation may take to serve in a binary upgrade.
-    pub(crate) upgrade_timeout: Duration,
-    /// Where the serving supervisor writes its process id.
-    pub(crate) pid_file: Option<PathBuf>,
-}
-
-/// Mode and owner of a unix-socket listener's file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct UnixPerms {
-    pub(crate) mode: u32,
-    pub(crate) owner: Option<(u32, u32)>,
-}
-
-impl Default for UnixPerms {
-    fn default() -> Self {
-        Self {
-            mode: 0o600,
-            owner: None,
-        }
-    }
-}
-
-impl Config {
-    /// How often a worker reports from inside its event loop.
-    pub(crate) fn heartbeat_interval(&self) -> Duration {
-        (self.heartbeat_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
-    }
-}
+use crate::resolve::ToListenAddrs;
 
 /// Configures a [`Server`]. Create it with [`Server::builder`].
 ///
@@ -164,7 +63,7 @@ impl Default for ServerBuilder {
                 shutdown_timeout: Duration::from_secs(30),
                 tcp_nodelay: true,
                 backlog: 1024,
-                restart_limits: crate::restart::Limits {
+                restart_limits: RestartLimits {
                     start_failures: 10,
                     spawns_per_second: 20,
                 },
@@ -589,9 +488,7 @@ impl ServerBuilder {
     }
 }
 
-/// The per-worker setup, boxed once: it runs once per worker process.
-pub(crate) type Factory<H> =
-    Box<dyn Fn(Worker) -> Pin<Box<dyn Future<Output = Result<H, BoxError>>>>>;
+pub(crate) use crate::lifecycle::Factory;
 
 /// A configured server. [`run`](Server::run) it.
 #[must_use = "a Server does nothing until `.run()`"]

@@ -14,8 +14,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
+use crate::error::BoxError;
 use crate::handler::WorkerId;
 use crate::shutdown::ShutdownSignal;
+
+/// The per-worker setup, boxed once: it runs once per worker process.
+pub(crate) type Factory<H> =
+    Box<dyn Fn(Worker) -> Pin<Box<dyn Future<Output = Result<H, BoxError>>>>>;
 
 /// A drain hook, boxed once when registered.
 pub(crate) type DrainHook = Pin<Box<dyn Future<Output = ()>>>;

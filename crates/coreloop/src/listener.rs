@@ -22,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
 use crate::addr::ListenAddr;
-use crate::builder::{Config, ListenSpec, UnixPerms, first_duplicate};
+use crate::config::{Config, ListenSpec, UnixPerms, first_duplicate};
 use crate::dispatch::Distribution;
 use crate::error::Error;
 

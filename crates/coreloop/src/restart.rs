@@ -29,6 +29,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+pub(crate) use crate::config::RestartLimits as Limits;
 use crate::dispatch::XorShift;
 use crate::handler::WorkerId;
 
@@ -38,15 +39,6 @@ pub(crate) const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub(crate) const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The window of the spawn ceiling.
 const SPAWN_WINDOW: Duration = Duration::from_secs(1);
-
-/// The configurable limits of the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Limits {
-    /// Consecutive start failures of one slot that stop the server (at least 1).
-    pub(crate) start_failures: u32,
-    /// Most restarts started within any one second (at least 1).
-    pub(crate) spawns_per_second: u32,
-}
 
 /// How a worker ended, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

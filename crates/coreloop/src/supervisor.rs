@@ -57,10 +57,11 @@ use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::boundary::{CLOSED_GRACE, LogBudget, Screen, Violation};
-use crate::builder::{Command, Config};
+use crate::config::Config;
 use crate::dispatch::{Busy, Candidate, Planner, XorShift};
 use crate::error::Error;
 use crate::exit::ExitReason;
+use crate::handle::Command;
 use crate::handler::WorkerId;
 use crate::listener::{self, AcceptError, Handover, Listener};
 use crate::metrics::{ListenerLabels, Metrics, Reply, RestartLabels, WorkerLabels};

@@ -31,10 +31,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::builder::{Config, Factory, ListenSpec};
+use crate::config::{Config, ListenSpec};
 use crate::dispatch::Distribution;
 use crate::error::{BoxError, Error};
 use crate::handler::{Conn, Handler, Stream, WorkerId};
+use crate::lifecycle::Factory;
 use crate::lifecycle::{DrainHooks, Worker};
 use crate::shutdown::ShutdownSignal;
 
