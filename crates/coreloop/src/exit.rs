@@ -26,7 +26,7 @@ pub(crate) enum ExitReason {
     Hang,
     /// Killed: it left its queue of connections unread past the heartbeat timeout.
     NotReading,
-    /// Killed: it broke the protocol (see [`crate::boundary::Violation`]).
+    /// Killed: it broke the protocol (the supervisor's trust boundary).
     Violation,
     /// Killed: it did not finish draining within the shutdown timeout.
     DrainTimeout,

@@ -114,8 +114,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod accept;
 mod addr;
-mod boundary;
 mod builder;
 mod config;
 mod cpu;
@@ -127,14 +127,11 @@ mod handler;
 mod lifecycle;
 mod listener;
 mod metrics;
-mod pace;
 mod resolve;
-mod restart;
 mod role;
 mod shutdown;
 mod supervisor;
 mod timeout;
-mod upgrade;
 mod worker;
 
 pub use addr::{ListenAddr, PeerAddr};
@@ -147,5 +144,5 @@ pub use lifecycle::Worker;
 pub use resolve::ToListenAddrs;
 pub use role::is_worker;
 pub use shutdown::ShutdownSignal;
+pub use supervisor::upgrade::is_upgrading;
 pub use timeout::TimeoutStream;
-pub use upgrade::is_upgrading;

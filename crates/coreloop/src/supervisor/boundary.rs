@@ -219,6 +219,7 @@ pub(crate) const CLOSED_GRACE: Duration = Duration::from_secs(1);
 mod tests {
     use super::*;
 
+    /// The `STATUS=` line for systemd.
     fn status() -> Message {
         Message::Status {
             live: 0,

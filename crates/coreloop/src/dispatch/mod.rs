@@ -6,6 +6,18 @@
 //! its connection cap has no room and is never picked. Among the others, the policy
 //! decides; connections accepted together are planned together, so a burst spreads over
 //! the workers and each worker's share travels in one message.
+//!
+//! The module owns everything about getting a connection to a worker: the policy (here),
+//! each worker's load picture and its thresholds ([`load`]), the pool of workers as the
+//! dispatcher sees them ([`pool`]), and the batching and sending ([`send`]). The accept
+//! loop hands it connections; the supervisor adds, retires and removes workers in it.
+
+pub(crate) mod load;
+pub(crate) mod pool;
+pub(crate) mod send;
+
+pub(crate) use pool::{Pool, State, Worker};
+pub(crate) use send::{Pending, Scratch};
 
 /// Who accepts TCP connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

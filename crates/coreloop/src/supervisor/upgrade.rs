@@ -36,9 +36,10 @@ use std::time::Duration;
 use coreloop_ipc::{Channel, ChannelError, Message};
 use tracing::{debug, info};
 
+use super::spawn::kill;
+use super::watch::describe;
 use crate::error::Error;
 use crate::listener::Handover;
-use crate::supervisor::{describe, kill};
 
 /// Environment variable that marks a new supervisor started by a binary upgrade; its value
 /// is the pid of the supervisor that started it (the parent), like `LISTEN_PID`.

@@ -1,0 +1,496 @@
+//! The accept loop: waits until some worker can take a connection and some listener is
+//! readable, then accepts in bursts with raw `accept4` and hands the sockets to the
+//! dispatcher. Under a high connection rate it stops waking per connection and polls the
+//! listeners on a timer instead ([`pace`]). Accept errors from exhausted resources
+//! (`EMFILE`, …) are logged once per episode and retried after a growing pause, never in
+//! a spin. The listeners are its own until a binary upgrade's handover takes them back
+//! ([`Switch`]).
+
+pub(crate) mod pace;
+
+use std::cell::Cell;
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use coreloop_ipc::ConnMeta;
+
+use crate::dispatch::{Pending, Pool, Scratch};
+use crate::listener::{self, AcceptError, Listener};
+use crate::metrics::ListenerLabels;
+use pace::Pace;
+
+/// Whether the accept loop accepts: cleared, with `stop_accepting` notified, for a binary
+/// upgrade's handover, when the loop returns its listeners.
+#[derive(Debug)]
+pub(crate) struct Switch {
+    pub(crate) accepting: Cell<bool>,
+    /// The main task to the accept loop: stop now, whether it waits for a listener or for
+    /// a worker with room.
+    pub(crate) stop_accepting: Notify,
+}
+
+impl Switch {
+    pub(crate) fn new() -> Self {
+        Self {
+            accepting: Cell::new(true),
+            stop_accepting: Notify::new(),
+        }
+    }
+}
+
+/// Most connections accepted per readiness event before yielding to other tasks.
+const ACCEPT_BURST: usize = 128;
+/// First and longest pause after an accept error that signals exhaustion.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest the accept loop holds accepted connections while every worker is busy in a
+/// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
+const HOLD_MAX: Duration = Duration::from_millis(20);
+
+/// Accept errors of one kind of exhaustion, handled once per episode.
+struct AcceptState {
+    backoff: Duration,
+    /// An exhaustion episode: when it began, errors so far, the latest error.
+    failing_since: Option<(Instant, u64, Instant)>,
+    counters: Vec<(Counter, Counter)>,
+}
+
+impl AcceptState {
+    /// Accepts from `listener` until the queue is empty, `ACCEPT_BURST` connections or an
+    /// exhaustion error; returns how many were accepted, and whether resources ran out.
+    fn burst(
+        &mut self,
+        pool: &Pool,
+        index: usize,
+        source: &Source,
+        pending: &mut Vec<Pending>,
+    ) -> (usize, bool) {
+        let (accepted, accept_errors) = &self.counters[index];
+        let mut count = 0;
+        let listener = &source.bound;
+        for _ in 0..ACCEPT_BURST {
+            match listener::accept(&listener.fd) {
+                Ok((fd, peer)) => {
+                    // An exhaustion episode ends once accepts have succeeded for a while,
+                    // not at the first success: under sustained pressure one error
+                    // message (and a growing backoff) rather than one per burst.
+                    let ended = self
+                        .failing_since
+                        .as_ref()
+                        .is_some_and(|(_, _, last)| last.elapsed() >= ACCEPT_BACKOFF_MAX);
+                    if ended {
+                        if let Some((since, errors, _)) = self.failing_since.take() {
+                            info!(
+                                errors,
+                                failing_ms = since.elapsed().as_millis() as u64,
+                                "accepting again"
+                            );
+                        }
+                        self.backoff = ACCEPT_BACKOFF_MIN;
+                    }
+                    let id = pool.next_conn_id.get();
+                    pool.next_conn_id.set(id + 1);
+                    let meta = ConnMeta {
+                        id,
+                        listener: listener.index,
+                        peer,
+                    };
+                    accepted.inc();
+                    count += 1;
+                    pending.push(Pending {
+                        fd,
+                        meta,
+                        since: Instant::now(),
+                    });
+                }
+                Err(err) => match listener::classify(&err) {
+                    AcceptError::WouldBlock => {
+                        if let Some(ready) = &source.ready {
+                            ready.clear_read_ready();
+                        }
+                        break;
+                    }
+                    AcceptError::Connection => {
+                        debug!(error = %err, "accept: connection failed before it was taken")
+                    }
+                    AcceptError::Resource => {
+                        accept_errors.inc();
+                        match &mut self.failing_since {
+                            Some((_, errors, last)) => {
+                                *errors += 1;
+                                *last = Instant::now();
+                            }
+                            None => {
+                                error!(error = %err, listener = %listener.label, event = "accept_failed", "accept failed; backing off until resources free up");
+                                self.failing_since = Some((Instant::now(), 1, Instant::now()));
+                            }
+                        }
+                        return (count, true);
+                    }
+                },
+            }
+        }
+        (count, false)
+    }
+}
+
+/// Accepts from every listener while some worker can take a connection.
+///
+/// # Interrupt mitigation
+///
+/// At a low rate the loop wakes on listener readiness and forwards each connection at
+/// once. When connections come faster than the supervisor wakes (a wake-up finds
+/// several), waking for each one costs more than the connection itself: the supervisor
+/// and then a worker are scheduled once per connection, on cores that the workers need.
+/// The loop then takes the listeners out of the reactor (a registered listener wakes the
+/// thread on every new connection, whether or not a task waits for it) and polls them once
+/// per interval instead (a `timerfd`, since tokio's timers are too coarse), so that each
+/// wake-up forwards a batch, one message per worker. Once polls have found at most one
+/// connection per [`pace::MIN`] for 2 ms in a row ([`Pace::lull`]), the loop registers the
+/// listeners again and returns to readiness: at such rates polling saves no wake-up and
+/// only delays connections (and it starts again at [`pace::MIN`]). One sparse poll is not
+/// enough: a saturated closed-loop load has such lulls many times a second. Polling
+/// delays a connection by at most one interval: [`pace::MIN`] (250 µs) while CPUs are
+/// available, up to [`pace::MAX`] (1 ms) while they are saturated, when fewer wake-ups
+/// leave more CPU to the work ([`Pace`]).
+///
+/// Returns the listeners when `switch.accepting` is cleared (a binary upgrade's
+/// handover), once every connection it accepted is queued to a worker.
+pub(crate) fn accept_loop(
+    pool: Rc<Pool>,
+    switch: Rc<Switch>,
+    sources: Vec<Source>,
+) -> impl std::future::Future<Output = Vec<listener::Bound>> {
+    let ticker = match coreloop_ipc::Ticker::new() {
+        Ok(ticker) => Some(ticker),
+        Err(err) => {
+            warn!(error = %err, "cannot create a timerfd; accepting on readiness only");
+            None
+        }
+    };
+    accept_with(pool, switch, sources, ticker)
+}
+
+/// The body of [`accept_loop`].
+async fn accept_with(
+    pool: Rc<Pool>,
+    switch: Rc<Switch>,
+    mut sources: Vec<Source>,
+    ticker: Option<coreloop_ipc::Ticker>,
+) -> Vec<listener::Bound> {
+    let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
+    let mut scratch = Scratch::default();
+    let counters: Vec<(Counter, Counter)> = sources
+        .iter()
+        .map(|s| {
+            let labels = ListenerLabels {
+                listener: s.bound.label.clone(),
+            };
+            (
+                pool.metrics.accepted.get_or_create_owned(&labels),
+                pool.metrics.accept_errors.get_or_create_owned(&labels),
+            )
+        })
+        .collect();
+    let mut state = AcceptState {
+        backoff: ACCEPT_BACKOFF_MIN,
+        failing_since: None,
+        counters,
+    };
+    let mut polling = false;
+    let mut pace = Pace::new(pool.metrics.accept_poll_interval.clone());
+    loop {
+        if !switch.accepting.get() {
+            // A handover: what was accepted (held, say) goes to this generation's
+            // workers; clients not yet accepted are the next generation's.
+            if !pending.is_empty() {
+                pool.dispatch_all(&mut pending, &mut scratch).await;
+            }
+            return sources.into_iter().map(|source| source.bound).collect();
+        }
+        // Accept only while some worker can take connections; otherwise leave clients in
+        // the kernel's backlog.
+        loop {
+            let changed = pool.changed.notified();
+            if !switch.accepting.get() {
+                break;
+            }
+            if pool.count(|w| w.can_take(pool.cap)) > 0 {
+                break;
+            }
+            // The ticker would wake us for nothing meanwhile.
+            if polling {
+                if let Some(ticker) = &ticker {
+                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
+                }
+            }
+            changed.await;
+        }
+        let mut accepted = 0;
+        let mut exhausted = false;
+        match (&ticker, polling) {
+            _ if !switch.accepting.get() => continue,
+            (Some(ticker), true) => {
+                let tick = tokio::select! {
+                    tick = ticker.tick() => tick,
+                    () = switch.stop_accepting.notified() => continue,
+                };
+                let periods = match tick {
+                    Ok(periods) => periods,
+                    Err(err) => {
+                        warn!(error = %err, "timerfd failed; accepting on readiness");
+                        pace.stop(Instant::now());
+                        polling = false;
+                        if !register(&mut sources) {
+                            tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                        }
+                        continue;
+                    }
+                };
+                for (index, source) in sources.iter().enumerate() {
+                    if pending.len() >= ACCEPT_BURST {
+                        break;
+                    }
+                    let (count, out) = state.burst(&pool, index, source, &mut pending);
+                    accepted += count;
+                    exhausted |= out;
+                    if out {
+                        break;
+                    }
+                }
+                // Back to readiness when polling no longer gathers connections, unless
+                // a listener cannot be registered: it would never be waited for, so keep
+                // polling it.
+                // Judged at the interval this poll waited, before the pace changes it.
+                if polled_enough(&mut pace, pending.len(), accepted, periods) || exhausted {
+                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
+                }
+                if polling {
+                    if let Some(interval) = pace.on_tick(Instant::now()) {
+                        debug!(
+                            interval_us = interval.as_micros() as u64,
+                            "accept polling interval"
+                        );
+                        if let Err(err) = ticker.start(interval) {
+                            warn!(error = %err, "cannot restart the timerfd");
+                        }
+                    }
+                }
+            }
+            _ => {
+                if sources.iter().any(|s| s.ready.is_none()) && !register(&mut sources) {
+                    // Out of descriptors: try again shortly rather than never wait for
+                    // that listener.
+                    tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
+                }
+                // Wait for any listener to be readable, or to be told to stop.
+                let mut stop = pin!(switch.stop_accepting.notified());
+                let ready = std::future::poll_fn(|cx| {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    for (index, source) in sources.iter().enumerate() {
+                        let Some(ready) = &source.ready else { continue };
+                        if let Poll::Ready(result) = ready.poll_read_ready(cx) {
+                            return Poll::Ready(Some(result.map(|()| index)));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                let index = match ready {
+                    None => continue,
+                    Some(Ok(ready)) => ready,
+                    Some(Err(err)) => {
+                        error!(error = %err, "listener readiness failed; backing off");
+                        tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                        continue;
+                    }
+                };
+                (accepted, exhausted) = state.burst(&pool, index, &sources[index], &mut pending);
+                // Several connections queued while this wake-up was on its way: they come
+                // faster than the supervisor can usefully wake for each.
+                if let Some(ticker) = &ticker {
+                    if !exhausted && accepted > 1 {
+                        start_polling(ticker, &mut sources, &mut polling, &mut pace);
+                    }
+                }
+            }
+        }
+        // Every worker busy in a handler: hold the connections (and leave new ones in the
+        // kernel's queue) for the first worker that gets back to its channel, checked at
+        // every tick, rather than queue them behind a handler of unknown length. One
+        // shared queue instead of one per worker: a short request is not stuck behind a
+        // long one while another worker is free. Bounded by HOLD_MAX.
+        let hold = !exhausted
+            && !pending.is_empty()
+            && pending[0].since.elapsed() < HOLD_MAX
+            && all_busy(&pool);
+        let hold = hold
+            && match &ticker {
+                Some(ticker) if !polling => {
+                    start_polling(ticker, &mut sources, &mut polling, &mut pace)
+                }
+                Some(_) => true,
+                None => false,
+            };
+        if !pending.is_empty() && !hold {
+            pool.dispatch_all(&mut pending, &mut scratch).await;
+        }
+        if exhausted {
+            tokio::time::sleep(state.backoff).await;
+            state.backoff = (state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+        } else if !polling {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Whether a poll that found `accepted` connections over `periods` intervals says polling
+/// no longer pays ([`Pace::lull`]: sparse polls for a while), `pending` being every
+/// connection not yet queued to a worker, this poll's included. Connections held from
+/// earlier polls (every worker busy) keep it polling: the hold is checked at every tick.
+fn polled_enough(pace: &mut Pace, pending: usize, accepted: usize, periods: u64) -> bool {
+    let held = pending.saturating_sub(accepted);
+    if held > 0 {
+        pace.busy();
+        return false;
+    }
+    pace.lull(accepted, periods)
+}
+
+/// Enters polling mode at the pace's interval: starts the ticker and takes the listeners
+/// out of the reactor (registered, they would wake the thread for every connection).
+/// Returns whether it did; without the ticker the loop stays on readiness.
+fn start_polling(
+    ticker: &coreloop_ipc::Ticker,
+    sources: &mut [Source],
+    polling: &mut bool,
+    pace: &mut Pace,
+) -> bool {
+    if let Err(err) = ticker.start(pace.start(Instant::now())) {
+        warn!(error = %err, "cannot start the timerfd");
+        return false;
+    }
+    *polling = true;
+    for source in sources {
+        source.ready = None;
+    }
+    true
+}
+
+/// Leaves polling mode: registers the listeners again and stops the ticker. Keeps polling
+/// if a listener cannot be registered, since it would never be waited for.
+fn stop_polling(
+    ticker: &coreloop_ipc::Ticker,
+    sources: &mut [Source],
+    polling: &mut bool,
+    pace: &mut Pace,
+) {
+    if !register(sources) {
+        return;
+    }
+    *polling = false;
+    pace.stop(Instant::now());
+    if let Err(err) = ticker.stop() {
+        warn!(error = %err, "cannot stop the timerfd");
+    }
+}
+
+/// A listener as the accept loop holds it: registered with the reactor only while the
+/// loop waits for readiness (see [`accept_loop`]).
+pub(crate) struct Source {
+    bound: listener::Bound,
+    ready: Option<coreloop_ipc::Readiness>,
+}
+
+impl Source {
+    pub(crate) fn registered(listeners: Vec<Listener>) -> Vec<Source> {
+        listeners
+            .into_iter()
+            .map(|Listener { bound, ready }| Source {
+                bound,
+                ready: Some(ready),
+            })
+            .collect()
+    }
+
+    /// Sockets given back by a handover that did not happen: the accept loop registers
+    /// them before it waits.
+    pub(crate) fn unregistered(bound: Vec<listener::Bound>) -> Vec<Source> {
+        bound
+            .into_iter()
+            .map(|bound| Source { bound, ready: None })
+            .collect()
+    }
+}
+
+/// Registers every listener that is not registered with the reactor; `false` if one could
+/// not be (out of descriptors): the caller keeps polling it and tries again later.
+fn register(sources: &mut [Source]) -> bool {
+    let mut all = true;
+    for source in sources.iter_mut().filter(|s| s.ready.is_none()) {
+        match source
+            .bound
+            .fd
+            .try_clone()
+            .and_then(|fd| coreloop_ipc::Readiness::new(fd, tokio::io::Interest::READABLE))
+        {
+            Ok(ready) => source.ready = Some(ready),
+            Err(err) => {
+                warn!(listener = %source.bound.label, error = %err, "cannot register listener");
+                all = false;
+            }
+        }
+    }
+    all
+}
+
+/// Whether every worker that can take a connection has not yet read what it was sent:
+/// each is busy in a handler, and a connection sent now would wait behind it.
+///
+/// A worker counts as busy once its queue has waited a poll interval with nothing
+/// read: one that simply has not been scheduled yet since the last send is not.
+///
+/// Stops at the first worker that is not busy: the dispatch that follows looks at
+/// every worker anyway, so a `FIONREAD` here for the rest would be done twice.
+fn all_busy(pool: &Pool) -> bool {
+    let now = Instant::now();
+    let mut workers = pool.workers.borrow_mut();
+    let mut takers = workers
+        .iter_mut()
+        .filter(|w| w.can_take(pool.cap))
+        .peekable();
+    takers.peek().is_some() && takers.all(|w| w.look(now).is_some_and(|waited| waited >= pace::MIN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_polls_stop_polling_unless_earlier_connections_are_held() {
+        let mut pace = Pace::new(prometheus_client::metrics::gauge::Gauge::default());
+        // One connection per 250 µs poll, and it is all that is pending (its connection is
+        // pending until the dispatch that follows): after a lull of 8 such polls, back to
+        // readiness.
+        for _ in 0..7 {
+            assert!(!polled_enough(&mut pace, 1, 1, 1));
+        }
+        assert!(polled_enough(&mut pace, 1, 1, 1));
+        pace.stop(Instant::now());
+        pace.start(Instant::now());
+        // Two in one poll pay for polling.
+        assert!(!polled_enough(&mut pace, 2, 2, 1));
+        // Connections held from earlier polls keep the ticker, whatever this one found.
+        assert!(!polled_enough(&mut pace, 3, 1, 8));
+        assert!(!polled_enough(&mut pace, 2, 0, 8));
+        assert!(polled_enough(&mut pace, 0, 0, 8), "2 ms in one late poll");
+    }
+}
