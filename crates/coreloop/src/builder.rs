@@ -562,8 +562,8 @@ impl<H: Handler> Server<H> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(Error::NestedRuntime);
         }
-        match crate::role::current() {
-            crate::role::Role::Worker(id) => {
+        match crate::process::current() {
+            crate::process::Role::Worker(id) => {
                 // Commands are the supervisor's: in a worker, handles report `ServerGone`.
                 let Server {
                     config,
@@ -574,7 +574,7 @@ impl<H: Handler> Server<H> {
                 let config = crate::listener::worker_listeners(config);
                 crate::worker::run(config, factory, id)
             }
-            crate::role::Role::Supervisor => {
+            crate::process::Role::Supervisor | crate::process::Role::Successor => {
                 crate::supervisor::run(self.config, self.control.into_inbox())
             }
         }

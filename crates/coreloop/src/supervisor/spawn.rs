@@ -1,7 +1,6 @@
 //! Starting a worker (re-executing this program, see [`crate::process`]) and its watcher,
 //! and killing one: the worker and its process group.
 
-use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -14,6 +13,7 @@ use super::watch::watch;
 use crate::dispatch::{State, Worker};
 use crate::error::Error;
 use crate::metrics::WorkerLabels;
+use crate::process::Start;
 
 /// SIGKILL to a process the supervisor has not reaped yet (a watcher removes a worker from
 /// the pool before it reaps it, and nobody else reaps our children, so the pid cannot
@@ -54,30 +54,13 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Erro
     // Our duplicate of the worker's end keeps its receive queue alive after the worker
     // dies, so that the connections it never read can be taken back.
     let queue = theirs.try_clone().map_err(spawn_err)?;
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| "coreloop-worker".into());
-    let mut command = tokio::process::Command::new("/proc/self/exe");
-    command
-        .arg0(arg0)
-        .args(args)
-        .env(crate::role::ENV_WORKER_ID, slot.to_string())
-        .env(crate::cpu::ENV_CPUS, &shared.cpus)
-        .envs(crate::listener::worker_env(&shared.config))
-        .stdin(Stdio::from(theirs))
-        // Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group)
-        // reaches the supervisor alone, which then drains the workers in order, instead
-        // of every worker also asking to retire at once.
-        .process_group(0)
-        // The service manager's variables are the supervisor's: a worker must not take
-        // systemd's sockets, nor speak to its notify socket or watchdog.
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove(super::upgrade::ENV_UPGRADE)
-        .kill_on_drop(true);
+    let mut command = crate::process::reexec(
+        std::path::Path::new("/proc/self/exe"),
+        Start::Worker(slot),
+        &shared.cpus,
+        theirs,
+    );
+    command.envs(crate::listener::worker_env(&shared.config));
     if let Some((uid, gid)) = shared.config.worker_ids {
         // std calls setgroups(0) (when we are root), setgid and setuid in the child
         // before exec; a failure there fails the spawn.

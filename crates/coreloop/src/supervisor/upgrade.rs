@@ -27,10 +27,8 @@
 //! [`PROTOCOL_VERSION`](coreloop_ipc::PROTOCOL_VERSION) differs it fails cleanly, and the
 //! old generation keeps serving.
 
-use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use coreloop_ipc::{Channel, ChannelError, Message};
@@ -41,9 +39,7 @@ use super::watch::describe;
 use crate::error::Error;
 use crate::listener::Handover;
 
-/// Environment variable that marks a new supervisor started by a binary upgrade; its value
-/// is the pid of the supervisor that started it (the parent), like `LISTEN_PID`.
-pub(crate) const ENV_UPGRADE: &str = "CORELOOP_UPGRADE";
+use crate::process::{ENV_UPGRADE, Start, is_upgrading};
 
 /// How long the new supervisor waits for the listeners once started.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,24 +48,8 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// before it kills it.
 pub(crate) const EXIT_GRACE: Duration = Duration::from_secs(2);
 
-/// Whether this process is the new supervisor of a binary upgrade, started by the running
-/// one (on SIGUSR2 or [`ServerHandle::upgrade`](crate::ServerHandle::upgrade)).
-///
-/// Like a worker's, its standard input is a channel (to the running supervisor) until
-/// [`Server::run`](crate::Server::run) takes it: code before `run()` that reads standard
-/// input must not when this is `true`, or the upgrade fails (and is rolled back).
-pub fn is_upgrading() -> bool {
-    let Some(value) = std::env::var_os(ENV_UPGRADE) else {
-        return false;
-    };
-    let parent = rustix::process::getppid().map_or(0, |pid| pid.as_raw_nonzero().get());
-    // The variable counts only when it names the parent, like `LISTEN_PID`: a program that
-    // a supervisor started later may have inherited it.
-    value.to_str().and_then(|v| v.parse::<i32>().ok()) == Some(parent)
-}
-
 /// The channel to the previous supervisor, when this process is the new supervisor of a
-/// binary upgrade ([`is_upgrading`]): fd 0.
+/// binary upgrade ([`is_upgrading`](crate::is_upgrading)): fd 0.
 ///
 /// Call it once, before any runtime exists (it replaces fd 0 with `/dev/null`).
 ///
@@ -198,23 +178,7 @@ pub(crate) async fn start_successor(
 ) -> Result<Successor, String> {
     let (ours, theirs) =
         coreloop_ipc::socketpair_cloexec().map_err(|err| format!("socketpair: {err}"))?;
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| OsString::from(exe));
-    let mut command = tokio::process::Command::new(exe);
-    command
-        .arg0(arg0)
-        .args(args)
-        .env(ENV_UPGRADE, std::process::id().to_string())
-        .env(crate::cpu::ENV_CPUS, cpus)
-        .stdin(Stdio::from(theirs))
-        // The systemd sockets arrive over the channel; the variables name this process
-        // and the new one must not act on them. The watchdog: the new supervisor pings
-        // once it is the main process (no WATCHDOG_PID: sd-notify then takes the
-        // variable as its own).
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("WATCHDOG_PID");
+    let mut command = crate::process::reexec(exe, Start::Successor, cpus, theirs);
     let child = command
         .spawn()
         .map_err(|err| format!("cannot start {}: {err}", exe.display()))?;
