@@ -37,6 +37,7 @@ mod replace;
 mod report;
 mod restart;
 mod serve;
+mod signals;
 mod spawn;
 mod stop;
 pub(crate) mod upgrade;

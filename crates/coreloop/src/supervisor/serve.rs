@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use coreloop_ipc::{Channel, Message};
 use sd_notify::NotifyState;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -19,6 +18,7 @@ use super::health::{health_loop, watchdog_loop};
 use super::replace::{scale_down, scale_up, start_reload};
 use super::report::{metrics_loop, notify};
 use super::restart::RestartPolicy;
+use super::signals::Signals;
 use super::spawn::{seed, spawn_worker};
 use super::upgrade::Successor;
 use super::{FD_RESERVE, KILL_MARGIN, Shared};
@@ -26,7 +26,7 @@ use crate::accept::{Source, Switch, accept_loop};
 use crate::config::Config;
 use crate::dispatch::{Planner, Pool, State, XorShift};
 use crate::error::Error;
-use crate::handle::Command;
+use crate::handle::{Command, Inbox};
 use crate::listener::{self, Handover, Listener};
 use crate::metrics::Metrics;
 
@@ -51,58 +51,73 @@ pub(super) struct Boot<'a> {
     pub(super) exe: std::io::Result<PathBuf>,
 }
 
-pub(super) async fn supervise(
-    boot: Boot<'_>,
-    mut commands: crate::handle::Inbox,
-) -> Result<(), Error> {
+/// What the boot built for the rest of the main task.
+struct Prepared {
+    shared: Rc<Shared>,
+    listeners: Vec<Listener>,
+    /// Reserved (bound, not listening) sockets: open as long as the supervisor runs.
+    reserved: Vec<listener::Bound>,
+    /// What a binary upgrade hands over.
+    handover: Rc<Vec<Handover>>,
+    metrics_listener: Option<std::net::TcpListener>,
+}
+
+/// The tasks that run while the server serves.
+struct Tasks {
+    /// The accept loop; `None` once it returned the listeners for a handover.
+    accept: Option<tokio::task::JoinHandle<Vec<listener::Bound>>>,
+    health: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    /// The binary upgrade in progress, if any.
+    upgrade: Option<tokio::task::JoinHandle<()>>,
+    /// Reserved (bound, not listening) sockets: open until the server has stopped.
+    reserved: Vec<listener::Bound>,
+}
+
+/// The main task: boot, serve, stop.
+pub(super) async fn supervise(boot: Boot<'_>, mut commands: Inbox) -> Result<(), Error> {
+    let mut signals = Signals::new()?;
+    let upgrade = boot.upgrade;
+    let prepared = prepare(boot)?;
+    let shared = Rc::clone(&prepared.shared);
+    let stopped = tokio::select! {
+        started = start(&shared, upgrade) => {
+            started?;
+            false
+        }
+        () = signals.stop() => true,
+    };
+    if stopped {
+        shared.stop_now().await;
+        return Ok(());
+    }
+    let handover = Rc::clone(&prepared.handover);
+    let mut tasks = serving(prepared, &commands, upgrade.is_some());
+    let outcome = serve(&shared, &mut signals, &mut commands, &handover, &mut tasks).await;
+    // The duplicates kept for a handover would keep the sockets open (and clients
+    // queueing) after the listeners close.
+    drop(handover);
+    stop(&shared, outcome, tasks, &mut signals, &mut commands).await
+}
+
+/// Builds what the main task needs from what [`run`](super::run) prepared: the sockets
+/// to hand over in a binary upgrade, the listeners, the pool and the shared state.
+fn prepare(boot: Boot<'_>) -> Result<Prepared, Error> {
     let Boot {
         config,
         bound,
         metrics_listener,
         nofile,
         cpus,
-        upgrade,
+        upgrade: _,
         exe,
     } = boot;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    let mut sigquit = signal(SignalKind::quit()).map_err(Error::Signal)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
-    let mut sigttin = signal(SignalKind::from_raw(rustix::process::Signal::TTIN.as_raw()))
-        .map_err(Error::Signal)?;
-    let mut sigttou = signal(SignalKind::from_raw(rustix::process::Signal::TTOU.as_raw()))
-        .map_err(Error::Signal)?;
-    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(Error::Signal)?;
-
-    // What a binary upgrade hands over: a duplicate of every listening socket (the
-    // reuseport reservations and the metrics socket included), in configuration order.
-    let mut handover = Vec::with_capacity(bound.len() + 1);
-    for b in &bound {
-        let fd = b.fd.try_clone().map_err(|source| Error::Bind {
-            addr: b.label.clone(),
-            source,
-        })?;
-        handover.push(Handover {
-            spec: b.spec.clone(),
-            name: b.name.clone(),
-            fd,
-        });
-    }
-    if let (Some(listener), Some(addr)) = (&metrics_listener, config.metrics) {
-        let fd = listener
-            .try_clone()
-            .map_err(|source| Error::Bind {
-                addr: format!("metrics {addr}"),
-                source,
-            })?
-            .into();
-        handover.push(Handover {
-            spec: format!("metrics:{addr}"),
-            name: String::new(),
-            fd,
-        });
-    }
-    let handover = Rc::new(handover);
+    let handover = Rc::new(handover_sockets(
+        &bound,
+        metrics_listener.as_ref(),
+        config.metrics,
+    )?);
 
     let mut listeners = Vec::with_capacity(bound.len());
     // Reserved (bound, not listening) sockets stay open as long as the supervisor runs.
@@ -151,85 +166,145 @@ pub(super) async fn supervise(
         exe: exe.map_err(|err| err.to_string()),
     });
 
+    Ok(Prepared {
+        shared,
+        listeners,
+        reserved,
+        handover,
+        metrics_listener,
+    })
+}
+
+/// What a binary upgrade hands over: a duplicate of every listening socket (the reuseport
+/// reservations and the metrics socket included), in configuration order.
+fn handover_sockets(
+    bound: &[listener::Bound],
+    metrics_listener: Option<&std::net::TcpListener>,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<Vec<Handover>, Error> {
+    let mut handover = Vec::with_capacity(bound.len() + 1);
+    for b in bound {
+        let fd = b.fd.try_clone().map_err(|source| Error::Bind {
+            addr: b.label.clone(),
+            source,
+        })?;
+        handover.push(Handover {
+            spec: b.spec.clone(),
+            name: b.name.clone(),
+            fd,
+        });
+    }
+    if let (Some(listener), Some(addr)) = (metrics_listener, metrics_addr) {
+        let fd = listener
+            .try_clone()
+            .map_err(|source| Error::Bind {
+                addr: format!("metrics {addr}"),
+                source,
+            })?
+            .into();
+        handover.push(Handover {
+            spec: format!("metrics:{addr}"),
+            name: String::new(),
+            fd,
+        });
+    }
+    Ok(handover)
+}
+
+/// Boots the pool: every worker ready (the first failure halts the server), and for the
+/// new supervisor of a binary upgrade, the handover; then the pid file. On an error,
+/// the caller stops the workers.
+async fn start(shared: &Rc<Shared>, upgrade: Option<&Channel>) -> Result<(), Error> {
+    let failed = |err: Error| async move {
+        shared.stop_now().await;
+        Err(err)
+    };
     for slot in 0..shared.config.workers {
-        if let Err(err) = spawn_worker(&shared, slot) {
-            shared.stop_now().await;
-            return Err(err);
+        if let Err(err) = spawn_worker(shared, slot) {
+            return failed(err).await;
         }
     }
-    // Boot: every worker ready, or the first failure halts the server.
     loop {
         let changed = shared.pool.changed.notified();
         if let Some(err) = shared.take_fatal() {
             drop(changed);
-            shared.stop_now().await;
-            return Err(err);
+            return failed(err).await;
         }
         if shared.pool.count(|w| w.state == State::Ready) == shared.config.workers {
             break;
         }
-        tokio::select! {
-            () = changed => {}
-            _ = sigterm.recv() => { shared.stop_now().await; return Ok(()); }
-            _ = sigint.recv() => { shared.stop_now().await; return Ok(()); }
-            _ = sigquit.recv() => { shared.stop_now().await; return Ok(()); }
-        }
+        changed.await;
     }
     if let Some(channel) = upgrade {
-        // Every new worker serves: tell the running supervisor, and accept nothing until
-        // it has stopped accepting and says so.
-        let ready = Message::Ready {
-            pid: std::process::id(),
-        };
-        let mut gone = channel.send(&ready, &[]).await.is_err();
-        if !gone {
-            info!(
-                event = "upgrade_waiting",
-                "every worker serves; waiting for the running supervisor to hand over"
-            );
-        }
-        while !gone {
-            let changed = shared.pool.changed.notified();
-            if let Some(err) = shared.take_fatal() {
-                drop(changed);
-                shared.stop_now().await;
-                return Err(err);
-            }
-            tokio::select! {
-                msg = channel.recv() => match msg {
-                    Ok(Some((Message::Takeover, _))) => break,
-                    Ok(Some((other, _))) => debug!(message = other.kind_name(), "unexpected message from the running supervisor"),
-                    Ok(None) | Err(_) => gone = true,
-                },
-                () = changed => {}
-                _ = sigterm.recv() => { shared.stop_now().await; return Ok(()); }
-                _ = sigint.recv() => { shared.stop_now().await; return Ok(()); }
-                _ = sigquit.recv() => { shared.stop_now().await; return Ok(()); }
-            }
-        }
-        listener::own_socket_files(true);
-        if gone {
-            warn!(
-                event = "upgrade_taking_over",
-                "the running supervisor went away before handing over; taking over"
-            );
-            // systemd: the old supervisor could not say `MAINPID=` (accepted from this
-            // process with NotifyAccess=all); otherwise it says so itself.
-            notify(&[NotifyState::MainPid(std::process::id())]);
+        if let Err(err) = take_over(shared, channel).await {
+            return failed(err).await;
         }
     }
     // The pid file exists by the time the log says `serving`.
     if let Some(path) = &shared.config.pid_file {
         if let Err(err) = super::upgrade::write_pid_file(path) {
             if upgrade.is_none() {
-                shared.stop_now().await;
-                return Err(err);
+                return failed(err).await;
             }
             error!(error = %err.chain(), "cannot write the pid file");
         }
     }
     shared.booted.set(true);
     shared.policy.borrow_mut().booted();
+    Ok(())
+}
+
+/// The new supervisor of a binary upgrade, once every worker serves: tells the running
+/// supervisor, and accepts nothing until it has stopped accepting and says so (or is
+/// gone).
+async fn take_over(shared: &Shared, channel: &Channel) -> Result<(), Error> {
+    let ready = Message::Ready {
+        pid: std::process::id(),
+    };
+    let mut gone = channel.send(&ready, &[]).await.is_err();
+    if !gone {
+        info!(
+            event = "upgrade_waiting",
+            "every worker serves; waiting for the running supervisor to hand over"
+        );
+    }
+    while !gone {
+        let changed = shared.pool.changed.notified();
+        if let Some(err) = shared.take_fatal() {
+            return Err(err);
+        }
+        tokio::select! {
+            msg = channel.recv() => match msg {
+                Ok(Some((Message::Takeover, _))) => break,
+                Ok(Some((other, _))) => debug!(message = other.kind_name(), "unexpected message from the running supervisor"),
+                Ok(None) | Err(_) => gone = true,
+            },
+            () = changed => {}
+        }
+    }
+    listener::own_socket_files(true);
+    if gone {
+        warn!(
+            event = "upgrade_taking_over",
+            "the running supervisor went away before handing over; taking over"
+        );
+        // systemd: the old supervisor could not say `MAINPID=` (accepted from this
+        // process with NotifyAccess=all); otherwise it says so itself.
+        notify(&[NotifyState::MainPid(std::process::id())]);
+    }
+    Ok(())
+}
+
+/// The server serves: starts the accept loop, the health check, `/metrics` and the
+/// watchdog, says `serving` (log, handles, systemd).
+fn serving(prepared: Prepared, commands: &Inbox, upgraded: bool) -> Tasks {
+    let Prepared {
+        shared,
+        listeners,
+        reserved,
+        metrics_listener,
+        ..
+    } = prepared;
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| &l.bound)
@@ -244,123 +319,95 @@ pub(super) async fn supervise(
         Rc::clone(&shared.switch),
         Source::registered(listeners),
     );
-    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = cap, upgraded = upgrade.is_some(), event = "serving", "serving");
+    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = shared.pool.cap, upgraded, event = "serving", "serving");
     commands.serving(local_addrs);
     shared.notify_ready();
-
-    let mut accept = Some(tokio::task::spawn_local(accept_task));
-    let health =
-        tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(shared.span.clone()));
+    let span = || shared.span.clone();
     let metrics = match metrics_listener.map(tokio::net::TcpListener::from_std) {
-        Some(Ok(listener)) => {
-            let span = shared.span.clone();
-            Some(tokio::task::spawn_local(
-                metrics_loop(Rc::clone(&shared), listener).instrument(span),
-            ))
-        }
+        Some(Ok(listener)) => Some(tokio::task::spawn_local(
+            metrics_loop(Rc::clone(&shared), listener).instrument(span()),
+        )),
         Some(Err(err)) => {
             warn!(error = %err, "cannot serve metrics");
             None
         }
         None => None,
     };
-    let mut upgrade_task = None;
-    let watchdog = sd_notify::watchdog_enabled().map(|period| {
-        tokio::task::spawn_local(
-            watchdog_loop(Rc::clone(&shared), period).instrument(shared.span.clone()),
-        )
-    });
+    Tasks {
+        accept: Some(tokio::task::spawn_local(accept_task)),
+        health: tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(span())),
+        metrics,
+        watchdog: sd_notify::watchdog_enabled().map(|period| {
+            tokio::task::spawn_local(watchdog_loop(Rc::clone(&shared), period).instrument(span()))
+        }),
+        upgrade: None,
+        reserved,
+    }
+}
 
-    let outcome = loop {
+/// Serves signals and handle commands until a stop, a completed upgrade or a fatal error.
+async fn serve(
+    shared: &Rc<Shared>,
+    signals: &mut Signals,
+    commands: &mut Inbox,
+    handover: &Rc<Vec<Handover>>,
+    tasks: &mut Tasks,
+) -> Outcome {
+    loop {
         let changed = shared.pool.changed.notified();
         if let Some(err) = shared.take_fatal() {
-            break Outcome::Failed(err);
+            return Outcome::Failed(err);
         }
         let successor = shared.successor.borrow_mut().take();
         if let Some(successor) = successor {
-            match hand_over(&shared, successor, accept.take()).await {
-                Ok(successor) => break Outcome::Upgraded(Box::new(successor)),
+            match hand_over(shared, successor, tasks.accept.take()).await {
+                Ok(successor) => return Outcome::Upgraded(Box::new(successor)),
                 Err(listeners) => {
-                    let sources = Source::unregistered(listeners);
-                    let task = tokio::task::spawn_local(accept_loop(
+                    tasks.accept = Some(tokio::task::spawn_local(accept_loop(
                         Rc::clone(&shared.pool),
                         Rc::clone(&shared.switch),
-                        sources,
-                    ));
-                    accept = Some(task);
+                        Source::unregistered(listeners),
+                    )));
                     continue;
                 }
             }
         }
         let command = tokio::select! {
             () = changed => continue,
-            _ = sigterm.recv() => { info!(signal = "SIGTERM", event = "signal", "graceful shutdown"); Command::Stop { graceful: true } }
-            _ = sigint.recv() => { info!(signal = "SIGINT", event = "signal", "graceful shutdown"); Command::Stop { graceful: true } }
-            _ = sigquit.recv() => { info!(signal = "SIGQUIT", event = "signal", "immediate shutdown"); Command::Stop { graceful: false } }
-            _ = sighup.recv() => { info!(signal = "SIGHUP", event = "signal", "reload"); Command::Reload }
-            _ = sigttin.recv() => { info!(signal = "SIGTTIN", event = "signal", "add a worker"); Command::AddWorker }
-            _ = sigttou.recv() => { info!(signal = "SIGTTOU", event = "signal", "remove a worker"); Command::RemoveWorker }
-            _ = sigusr2.recv() => { info!(signal = "SIGUSR2", event = "signal", "binary upgrade"); Command::Upgrade }
-            Some(command) = commands.recv() => { info!(?command, event = "command", "command from the server handle"); command }
+            command = signals.command(commands) => command,
         };
         match command {
-            Command::Stop { graceful: true } => break Outcome::Graceful,
-            Command::Stop { graceful: false } => break Outcome::Immediate,
-            Command::Reload => start_reload(&shared),
-            Command::AddWorker => scale_up(&shared),
-            Command::RemoveWorker => scale_down(&shared).await,
+            Command::Stop { graceful: true } => return Outcome::Graceful,
+            Command::Stop { graceful: false } => return Outcome::Immediate,
+            Command::Reload => start_reload(shared),
+            Command::AddWorker => scale_up(shared),
+            Command::RemoveWorker => scale_down(shared).await,
             Command::Upgrade => {
-                upgrade_task = start_upgrade(&shared, &handover, upgrade_task.take())
+                tasks.upgrade = start_upgrade(shared, handover, tasks.upgrade.take());
             }
         }
-    };
+    }
+}
 
-    // An upgrade still in progress ends with this server: dropping the task kills the
-    // new supervisor, which never accepted anything.
-    if let Some(task) = upgrade_task {
-        if !task.is_finished() && !matches!(outcome, Outcome::Upgraded(_)) {
-            info!(
-                event = "upgrade_cancelled",
-                "stopping: the upgrade in progress is cancelled and its new supervisor killed"
-            );
-        }
-        task.abort();
-        let _ = task.await;
-    }
-    // The duplicates kept for a handover would keep the sockets open (and clients
-    // queueing) after the listeners close.
-    drop(handover);
-    // After a handover the new supervisor answers `/metrics` and `/healthz` on the same
-    // socket; otherwise they go on answering (`/healthz`: not ready) during the drain.
-    if let (Some(metrics), Outcome::Upgraded(_)) = (metrics, &outcome) {
-        metrics.abort();
-    }
-    shared.pool.stopping.set(true);
-    if !matches!(outcome, Outcome::Upgraded(_)) {
-        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-    }
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
-    shared.pool.changed.notify_waiters();
-    health.abort();
-    // Stop accepting: the accept task owns the listeners; aborting it closes them (and
-    // removes unix socket files). After a handover it has already returned them.
-    if let Some(accept) = accept {
-        accept.abort();
-        let _ = accept.await;
-    }
-    // An upgrade that completed in the meantime is cancelled (the new supervisor killed).
-    drop(shared.successor.borrow_mut().take());
+/// Stops the server the way `outcome` says: the tasks first (accepting ends), then the
+/// workers, drained within the shutdown timeout or killed at once.
+async fn stop(
+    shared: &Rc<Shared>,
+    outcome: Outcome,
+    tasks: Tasks,
+    signals: &mut Signals,
+    commands: &mut Inbox,
+) -> Result<(), Error> {
+    let upgraded = matches!(outcome, Outcome::Upgraded(_));
+    let _reserved = stop_tasks(shared, tasks, upgraded).await;
     // After a handover the pid file belongs to the new supervisor, which rewrites it once
     // it serves: reading it here and removing it if it still named us would race that
     // write and could remove the new supervisor's file.
     if let Some(path) = shared.config.pid_file.as_ref() {
-        if !matches!(outcome, Outcome::Upgraded(_)) {
+        if !upgraded {
             super::upgrade::remove_pid_file(path);
         }
     }
-
     match outcome {
         Outcome::Graceful | Outcome::Upgraded(_) => {
             let upgraded_to = match outcome {
@@ -371,12 +418,9 @@ pub(super) async fn supervise(
                 }
                 _ => None,
             };
-            let drained = shared.drain_all();
             tokio::select! {
-                () = drained => {}
-                _ = sigint.recv() => { warn!(event = "stop_now", "second SIGINT: stopping now"); shared.stop_now().await; }
-                _ = sigquit.recv() => { warn!(event = "stop_now", "SIGQUIT: stopping now"); shared.stop_now().await; }
-                Some(Command::Stop { graceful: false }) = commands.recv() => { shared.stop_now().await; }
+                () = shared.drain_all() => {}
+                () = signals.stop_now(commands) => shared.stop_now().await,
             }
             match upgraded_to {
                 Some(pid) => info!(
@@ -399,4 +443,52 @@ pub(super) async fn supervise(
             Err(err)
         }
     }
+}
+
+/// Ends the tasks of a serving server; accepting ends with them. Returns the reserved
+/// sockets, which stay open until the workers are gone.
+async fn stop_tasks(shared: &Shared, tasks: Tasks, upgraded: bool) -> Vec<listener::Bound> {
+    let Tasks {
+        accept,
+        health,
+        metrics,
+        watchdog,
+        upgrade,
+        reserved,
+    } = tasks;
+    // An upgrade still in progress ends with this server: dropping the task kills the
+    // new supervisor, which never accepted anything.
+    if let Some(task) = upgrade {
+        if !task.is_finished() && !upgraded {
+            info!(
+                event = "upgrade_cancelled",
+                "stopping: the upgrade in progress is cancelled and its new supervisor killed"
+            );
+        }
+        task.abort();
+        let _ = task.await;
+    }
+    // After a handover the new supervisor answers `/metrics` and `/healthz` on the same
+    // socket; otherwise they go on answering (`/healthz`: not ready) during the drain.
+    if let (Some(metrics), true) = (metrics, upgraded) {
+        metrics.abort();
+    }
+    shared.pool.stopping.set(true);
+    if !upgraded {
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    shared.pool.changed.notify_waiters();
+    health.abort();
+    // Stop accepting: the accept task owns the listeners; aborting it closes them (and
+    // removes unix socket files). After a handover it has already returned them.
+    if let Some(accept) = accept {
+        accept.abort();
+        let _ = accept.await;
+    }
+    // An upgrade that completed in the meantime is cancelled (the new supervisor killed).
+    drop(shared.successor.borrow_mut().take());
+    reserved
 }
