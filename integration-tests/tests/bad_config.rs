@@ -25,7 +25,10 @@ fn port_in_use_fails_without_leaving_workers() -> anyhow::Result<()> {
         "no `cannot listen on {bind}` in:\n{log}"
     );
     assert!(
-        !log.contains("worker spawned"),
+        !server
+            .events_since(0)
+            .iter()
+            .any(|event| event.is("worker_spawned")),
         "workers were started:\n{log}"
     );
     assert!(server.all_worker_pids().is_empty());
@@ -57,7 +60,10 @@ fn zero_workers_is_rejected() -> anyhow::Result<()> {
         "the error does not name --workers and the bad value:\n{log}"
     );
     assert!(
-        !log.contains("worker spawned"),
+        !server
+            .events_since(0)
+            .iter()
+            .any(|event| event.is("worker_spawned")),
         "workers were started:\n{log}"
     );
     assert!(!path.exists(), "the listener was created");

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use coreloop_integration_tests::{
-    Server, ServerConfig, children_of, fd_targets, get, is_alive, kill, parse_whoami,
-    parse_worker_ready, proc_stat, wait_for_exit,
+    Server, ServerConfig, children_of, fd_targets, get, is_alive, kill, parse_whoami, proc_stat,
+    wait_for_exit,
 };
 use rustix::process::Signal;
 
@@ -25,21 +25,11 @@ fn killed_worker_is_replaced() -> anyhow::Result<()> {
         wait_for_exit(victim, Duration::from_secs(5)),
         "worker {victim} survived SIGKILL"
     );
-    let line = server
-        .wait_for_log_since(
-            mark,
-            |line| {
-                parse_worker_ready(line).is_some_and(|(id, pid)| id == victim_id && pid != victim)
-            },
-            Duration::from_secs(15),
-        )
-        .ok_or_else(|| anyhow::anyhow!("no replacement `worker ready` for worker {victim_id}"))?;
-    let (_, replacement) =
-        parse_worker_ready(&line).ok_or_else(|| anyhow::anyhow!("cannot parse {line:?}"))?;
-    let died = server
-        .wait_for_log_since(mark, |line| line.contains(" worker died"), Duration::ZERO)
-        .ok_or_else(|| anyhow::anyhow!("no `worker died` line"))?;
-    assert!(died.contains("status=killed by signal 9"), "{died}");
+    let replacement =
+        server.wait_for_replacement(mark, victim_id, victim, Duration::from_secs(15))?;
+    let died = server.expect_worker_event(mark, "worker_exited", victim, Duration::ZERO)?;
+    assert!(died.is_death(), "{died}");
+    assert_eq!(died.field("status"), Some("killed by signal 9"), "{died}");
     // The dead worker's channel and process handles are released when the replacement
     // is started, before it can report ready.
     let now = fd_targets(server.pid())?;

@@ -121,12 +121,8 @@ fn readme_example_logs_a_worker_death() -> anyhow::Result<()> {
     };
     let mark = server.log_mark();
     coreloop_integration_tests::kill(pid, Signal::KILL)?;
-    server.expect_log_since(
-        mark,
-        "`worker died` for the killed worker",
-        |line| line.contains(" worker died ") && line.contains(&format!("worker.pid={pid}")),
-        Duration::from_secs(10),
-    )?;
+    let died = server.expect_worker_event(mark, "worker_exited", pid, Duration::from_secs(10))?;
+    assert!(died.is_death(), "{died}");
     assert!(!is_alive(pid));
     Ok(())
 }

@@ -116,10 +116,10 @@ fn shutdown_timeout_cuts_off_a_slow_request() -> anyhow::Result<()> {
     );
     let (live, _) = server.wait_draining(mark, 2)?;
     assert_eq!(live, 1, "exactly the slow request was in flight");
-    server.expect_log_since(
+    server.expect_event(
         mark,
-        "`drain deadline passed`",
-        |line| line.contains("drain deadline passed; closing remaining connections"),
+        "drain_deadline_passed",
+        |_| true,
         Duration::from_secs(5),
     )?;
     server.assert_no_worker_left();
@@ -174,13 +174,12 @@ fn assert_stopped_at_once(
 
 /// With the drain (begun at log line `mark`) stuck on the held request — both workers
 /// logged `draining`, one connection live, the supervisor still running — sends `signal`,
-/// checks that the supervisor stops at once, and waits for its `stop_line` in the log.
+/// checks that the supervisor stops at once, and waits for its `stop_now` event.
 fn stop_stuck_drain(
     server: &mut Server,
     held: &mut std::net::TcpStream,
     mark: usize,
     signal: Signal,
-    stop_line: &str,
 ) -> anyhow::Result<()> {
     let (live, _) = server.wait_draining(mark, 2)?;
     assert_eq!(live, 1, "the held request is in flight");
@@ -189,12 +188,7 @@ fn stop_stuck_drain(
     let sent = Instant::now();
     server.signal(signal)?;
     assert_stopped_at_once(server, held, sent)?;
-    server.expect_log_since(
-        mark,
-        &format!("`{stop_line}`"),
-        |line| line.contains(stop_line),
-        Duration::from_secs(5),
-    )?;
+    server.expect_event(mark, "stop_now", |_| true, Duration::from_secs(5))?;
     Ok(())
 }
 
@@ -203,19 +197,13 @@ fn second_sigint_stops_at_once() -> anyhow::Result<()> {
     let (mut server, mut held) = slowdrain_holding_a_request()?;
     let mark = server.log_mark();
     server.signal(Signal::INT)?;
-    server.expect_log_since(
+    server.expect_event(
         mark,
-        "`graceful shutdown` on SIGINT",
-        |line| line.contains(" graceful shutdown ") && line.contains("signal=\"SIGINT\""),
+        "signal",
+        |event| event.field("signal") == Some("SIGINT"),
         Duration::from_secs(10),
     )?;
-    stop_stuck_drain(
-        &mut server,
-        &mut held,
-        mark,
-        Signal::INT,
-        "second SIGINT: stopping now",
-    )
+    stop_stuck_drain(&mut server, &mut held, mark, Signal::INT)
 }
 
 #[test]
@@ -225,10 +213,10 @@ fn sigquit_stops_at_once() -> anyhow::Result<()> {
     let sent = Instant::now();
     server.signal(Signal::QUIT)?;
     assert_stopped_at_once(&mut server, &mut held, sent)?;
-    server.expect_log_since(
+    server.expect_event(
         mark,
-        "`immediate shutdown` on SIGQUIT",
-        |line| line.contains(" immediate shutdown ") && line.contains("signal=\"SIGQUIT\""),
+        "signal",
+        |event| event.field("signal") == Some("SIGQUIT"),
         Duration::from_secs(5),
     )?;
     Ok(())
@@ -239,13 +227,7 @@ fn sigquit_during_a_graceful_stop_stops_at_once() -> anyhow::Result<()> {
     let (mut server, mut held) = slowdrain_holding_a_request()?;
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
-    stop_stuck_drain(
-        &mut server,
-        &mut held,
-        mark,
-        Signal::QUIT,
-        "SIGQUIT: stopping now",
-    )
+    stop_stuck_drain(&mut server, &mut held, mark, Signal::QUIT)
 }
 
 #[test]
@@ -270,12 +252,7 @@ fn stopped_worker_does_not_hold_the_supervisor() -> anyhow::Result<()> {
         took < Duration::from_secs(3),
         "exit {took:?} after SIGTERM with a stopped worker and a 1 s shutdown timeout"
     );
-    server.expect_log_since(
-        mark,
-        "`shutdown timeout passed; killing remaining workers`",
-        |line| line.contains("shutdown timeout passed; killing remaining workers"),
-        Duration::from_secs(5),
-    )?;
+    server.expect_event(mark, "shutdown_timeout", |_| true, Duration::from_secs(5))?;
     // Nothing left, and nobody continued the stopped worker but the kill.
     server.assert_no_worker_left();
     Ok(())

@@ -167,8 +167,9 @@ fn library_binds_unix_paths_and_reports_the_real_port_of_port_zero() -> Result<(
         false,
     )?;
     let serving = server
-        .wait_for_log(|line| line.contains(" serving "), Duration::from_secs(30))
+        .wait_event(0, "serving", |_| true, Duration::from_secs(30))
         .with_context(|| format!("not serving:\n{}", server.log_text()))?;
+    let serving = serving.line();
     // listeners=["127.0.0.1:PORT", "unix:PATH"]
     let port: u16 = serving
         .split("\"127.0.0.1:")

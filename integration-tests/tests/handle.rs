@@ -61,10 +61,10 @@ fn stop_with_request_in_flight(
     let sent = Instant::now();
     server.send_line(command)?;
     let stop = format!("Stop {{ graceful: {graceful} }}");
-    server.expect_log_since(
+    server.expect_event(
         mark,
-        &format!("the supervisor's `command from the server handle` for stop({graceful})"),
-        |line| line.contains(" command from the server handle ") && line.contains(&stop),
+        "command",
+        |event| event.field("command") == Some(stop.as_str()),
         Duration::from_secs(10),
     )?;
     let status = server
@@ -123,13 +123,10 @@ fn handle_adds_and_removes_workers() -> anyhow::Result<()> {
         wait_for_exit(added, Duration::from_secs(10)),
         "{added} still running"
     );
-    let exited = server.expect_worker_log_since(
-        mark,
-        added,
-        " worker exited after draining ",
-        Duration::from_secs(10),
-    )?;
-    assert!(exited.contains("status=exit code 0"), "{exited}");
+    let exited =
+        server.expect_worker_event(mark, "worker_exited", added, Duration::from_secs(10))?;
+    assert!(exited.ends_a_drain(), "{exited}");
+    assert_eq!(exited.field("status"), Some("exit code 0"), "{exited}");
     let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
     assert_eq!(children, before, "children after remove");
     assert_eq!(zombie_children(supervisor), Vec::<u32>::new(), "zombies");
@@ -137,17 +134,14 @@ fn handle_adds_and_removes_workers() -> anyhow::Result<()> {
     // Down to one worker, and never below.
     let workers = server.worker_pids();
     let mark = command(&server, "remove")?;
-    server.expect_worker_log_since(
-        mark,
-        workers[&1],
-        " worker exited after draining ",
-        Duration::from_secs(10),
-    )?;
+    let exited =
+        server.expect_worker_event(mark, "worker_exited", workers[&1], Duration::from_secs(10))?;
+    assert!(exited.ends_a_drain(), "{exited}");
     let mark = command(&server, "remove")?;
-    server.expect_log_since(
+    server.expect_event(
         mark,
-        "`cannot remove the last worker`",
-        |line| line.contains("cannot remove the last worker"),
+        "scale_down_refused",
+        |_| true,
         Duration::from_secs(10),
     )?;
     assert_eq!(live_children(supervisor), vec![workers[&0]]);
@@ -165,12 +159,7 @@ fn handle_stop_drains_and_exits_0() -> anyhow::Result<()> {
     let responses = parse_responses(&reply.bytes)?;
     assert_eq!(responses.len(), 1, "{:?}", reply.text());
     assert_eq!(responses[0].status, 200);
-    server.expect_log_since(
-        mark,
-        "`stopped`",
-        |line| coreloop_integration_tests::is_event(line, "stopped"),
-        Duration::from_secs(5),
-    )?;
+    server.expect_event(mark, "stopped", |_| true, Duration::from_secs(5))?;
     server.assert_no_worker_left();
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Outcome, Server, ServerConfig, connect, get, live_children, log_field, parse_whoami,
+    Event, Outcome, Server, ServerConfig, connect, get, live_children, log_field, parse_whoami,
     read_until_close, timed_get, wait_for_exit, zombie_children,
 };
 use std::io::Write as _;
@@ -33,27 +33,16 @@ fn blocked_worker_is_bypassed_then_killed_and_replaced() -> anyhow::Result<()> {
     let healthy = workers[&(1 - blocked_id)];
 
     // Its reports stop: after 3 heartbeat intervals it gets no new connections.
-    let pid = blocked.to_string();
-    server.expect_log_since(
-        mark,
-        "`worker reports are late` for the blocked worker",
-        |line| {
-            line.contains("worker reports are late; no new connections for it")
-                && log_field(line, "worker.pid") == Some(pid.as_str())
-        },
-        Duration::from_secs(5),
-    )?;
+    server.expect_worker_event(mark, "worker_stalled", blocked, Duration::from_secs(5))?;
 
     // While it is blocked, every new connection is answered promptly by the other worker.
-    let killed = |line: &str| {
-        line.contains("worker event loop blocked past the heartbeat timeout; killing it")
-            && log_field(line, "worker.pid") == Some(pid.as_str())
-    };
+    let killed =
+        |event: &Event| event.worker_pid() == Some(blocked) && event.reason() == Some("hang");
     let mut served = 0;
     let start = Instant::now();
     while served < 5
         || server
-            .wait_for_log_since(mark, killed, Duration::ZERO)
+            .wait_event(mark, "worker_killed", killed, Duration::ZERO)
             .is_none()
     {
         ensure!(
@@ -80,10 +69,10 @@ fn blocked_worker_is_bypassed_then_killed_and_replaced() -> anyhow::Result<()> {
     eprintln!("{served} requests served by {healthy} while {blocked} was blocked");
 
     // Killed after the heartbeat timeout, with how long it had been silent.
-    let line = server.expect_log_since(mark, "the kill line", killed, Duration::ZERO)?;
-    let blocked_ms: u64 = log_field(&line, "blocked_ms")
-        .and_then(|ms| ms.parse().ok())
-        .with_context(|| format!("no blocked_ms in {line:?}"))?;
+    let line = server.expect_event(mark, "worker_killed", killed, Duration::ZERO)?;
+    let blocked_ms: u64 = line
+        .parsed("blocked_ms")
+        .with_context(|| format!("no blocked_ms in {line}"))?;
     assert!(
         (1000..5000).contains(&blocked_ms),
         "blocked_ms={blocked_ms} for a 1 s heartbeat timeout and a 5 s block"

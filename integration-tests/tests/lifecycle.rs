@@ -107,7 +107,10 @@ fn failing_async_setup_is_a_start_failure() -> anyhow::Result<()> {
         "the setup's error is not the reason in the log:\n{log}"
     );
     assert!(
-        !log.contains(" serving workers="),
+        !server
+            .events_since(0)
+            .iter()
+            .any(|event| event.is("serving")),
         "the server started serving"
     );
     server.assert_no_worker_left();

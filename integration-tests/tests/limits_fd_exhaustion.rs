@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use coreloop_integration_tests::{
-    Server, ServerConfig, USER_HZ, cpu_ticks, fd_count, get, log_field, nofile_limits,
-    parse_whoami, read_response_async,
+    Server, ServerConfig, USER_HZ, cpu_ticks, fd_count, get, nofile_limits, parse_whoami,
+    read_response_async,
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -105,10 +105,11 @@ fn exhaust(nofile: u64, clients: usize) -> Result<usize> {
         );
     }
     let serving = server
-        .wait_for_log(|line| line.contains(" serving workers="), Duration::ZERO)
-        .context("no serving line")?;
-    let cap: u64 = log_field(&serving, "max_connections_per_worker")
-        .context("no max_connections_per_worker in the serving line")?
+        .wait_event(0, "serving", |_| true, Duration::ZERO)
+        .context("no serving event")?;
+    let cap: u64 = serving
+        .field("max_connections_per_worker")
+        .context("no max_connections_per_worker in the serving event")?
         .parse()?;
     assert_eq!(
         cap,
@@ -217,16 +218,17 @@ fn exhaust(nofile: u64, clients: usize) -> Result<usize> {
     // Serving resumes: a new client is answered at once.
     let (status, body) = get(port, "/")?;
     assert_eq!((status, body.as_str()), (200, "Hello, world!"));
-    let accept_failures = server
-        .logs_since(mark)
+    let events = server.events_since(mark);
+    let accept_failures = events
         .iter()
-        .filter(|line| line.contains("accept failed"))
+        .filter(|event| event.is("accept_failed"))
         .count();
+    for event in &events {
+        assert!(!event.is_death(), "{event}");
+    }
+    // No event field: the worker's `cannot adopt connection` warning.
     for line in server.logs_since(mark) {
-        assert!(
-            !line.contains(" worker died ") && !line.contains("cannot adopt connection"),
-            "{line}"
-        );
+        assert!(!line.contains("cannot adopt connection"), "{line}");
     }
     Ok(accept_failures)
 }

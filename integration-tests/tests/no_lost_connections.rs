@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Outcome, Server, ServerConfig, connect, is_alive, kill, live_children, log_field,
-    parse_responses, proc_stat, random_u64, read_until_close, scrape, series, start_with_metrics,
-    timed_get, wait_for_exit, wait_for_stopped, zombie_children,
+    Outcome, Server, ServerConfig, connect, is_alive, kill, live_children, parse_responses,
+    proc_stat, random_u64, read_until_close, scrape, series, start_with_metrics, timed_get,
+    wait_for_exit, wait_for_stopped, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -133,15 +133,15 @@ fn connections_queued_to_a_dead_worker_are_redispatched() -> anyhow::Result<()> 
     );
 
     // Exactly what was queued to it, which it never read, was taken back.
-    let line = server.expect_log_since(
+    let line = server.expect_event(
         mark,
-        "`re-dispatched connections the worker never took`",
-        |line| line.contains(" re-dispatched connections the worker never took "),
+        "connections_recovered",
+        |_| true,
         Duration::from_secs(5),
     )?;
-    let recovered: usize = log_field(&line, "recovered")
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no recovered= in {line:?}"))?;
+    let recovered: usize = line
+        .parsed("recovered")
+        .with_context(|| format!("no recovered= in {line}"))?;
     eprintln!("{to_stopped} queued to the stopped worker, {to_other} to the other");
     assert_eq!(recovered, to_stopped, "{line}");
     assert!(wait_for_exit(stopped, Duration::from_secs(5)));
@@ -259,11 +259,7 @@ fn churn(storm: Storm) -> anyhow::Result<Churn> {
             last_kill.elapsed() < Duration::from_secs(30),
             "the pool is still short of workers 30 s after the last kill"
         );
-        let _ = server.wait_for_log_since(
-            mark,
-            |line| line.contains("event=\"worker_ready\""),
-            Duration::from_secs(1),
-        );
+        let _ = server.wait_event(mark, "worker_ready", |_| true, Duration::from_secs(1));
     };
     stop.store(true, Ordering::Relaxed);
     for client in clients {

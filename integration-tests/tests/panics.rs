@@ -24,14 +24,13 @@ fn panicking_handler_leaves_the_worker_serving() -> anyhow::Result<()> {
         "the panicking request got an answer: {:?}",
         reply.text()
     );
-    let line = server.expect_log_since(
-        mark,
-        "`handler panicked`",
-        |line| line.contains(" handler panicked "),
-        Duration::from_secs(10),
-    )?;
-    assert!(line.contains("fixture panic on request /panic"), "{line}");
-    assert!(line.contains(&format!("worker.pid={pid}")), "{line}");
+    let line = server.expect_event(mark, "handler_panicked", |_| true, Duration::from_secs(10))?;
+    assert!(
+        line.field("panic")
+            .is_some_and(|panic| panic.contains("fixture panic on request /panic")),
+        "{line}"
+    );
+    assert_eq!(line.worker_pid(), Some(pid), "{line}");
 
     for _ in 0..3 {
         let (status, body) = get(port, "/whoami")?;
@@ -41,9 +40,13 @@ fn panicking_handler_leaves_the_worker_serving() -> anyhow::Result<()> {
     }
     assert!(is_alive(pid));
     let log = server.logs_since(mark).join("\n");
-    assert!(!log.contains(" worker died "), "the worker died:\n{log}");
+    let events = server.events_since(mark);
     assert!(
-        !log.contains(" worker spawned "),
+        !events.iter().any(|event| event.is("worker_exited")),
+        "the worker died:\n{log}"
+    );
+    assert!(
+        !events.iter().any(|event| event.is("worker_spawned")),
         "a worker was started:\n{log}"
     );
     Ok(())

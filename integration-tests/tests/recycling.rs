@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use coreloop_integration_tests::{
-    Outcome, Server, ServerConfig, assert_min_ready_workers, live_children, log_field,
-    parse_whoami, timed_get, zombie_children,
+    Event, Outcome, Server, ServerConfig, assert_min_ready_workers, live_children, parse_whoami,
+    timed_get, zombie_children,
 };
 
 const RECYCLE_AFTER: usize = 40;
@@ -16,13 +16,8 @@ const REQUESTS: usize = 300;
 /// Requests to make at most while waiting for the second recycle to complete.
 const MAX_REQUESTS: usize = 3000;
 
-fn field_pid(line: &str, key: &str) -> Option<u32> {
-    log_field(line, key)?.parse().ok()
-}
-
-fn is_recycle_swap(line: &str) -> bool {
-    line.contains(" replacement ready; draining the old worker ")
-        && line.contains("why=\"connection count\"")
+fn is_recycle_swap(event: &Event) -> bool {
+    event.is("replacement_ready") && event.field("why") == Some("connection count")
 }
 
 #[test]
@@ -55,9 +50,9 @@ fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
         }
         made += 1;
         let swaps = server
-            .logs()
+            .events_since(0)
             .iter()
-            .filter(|line| is_recycle_swap(line))
+            .filter(|event| is_recycle_swap(event))
             .count();
         if made >= REQUESTS && swaps >= 2 {
             break;
@@ -71,10 +66,10 @@ fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
 
     // Every recycle that started completes: replacement ready, then the old one drains.
     let recycled: Vec<u32> = server
-        .logs()
+        .events_since(0)
         .iter()
-        .filter(|line| line.contains(" recycling worker "))
-        .filter_map(|line| field_pid(line, "worker.pid"))
+        .filter(|event| event.is("recycling"))
+        .filter_map(Event::worker_pid)
         .collect();
     assert!(recycled.len() >= 2, "recycled: {recycled:?}");
     for old in &recycled {
@@ -90,20 +85,16 @@ fn workers_are_recycled_after_their_connections() -> anyhow::Result<()> {
     // Order in the log: `recycling worker` < `replacement ready` < old worker's exit; and
     // from `serving` on, never fewer than two ready workers.
     let logs = server.logs();
-    let position = |pred: &dyn Fn(&str) -> bool| logs.iter().position(|line| pred(line));
+    let events = server.events_since(0);
+    let position = |pred: &dyn Fn(&Event) -> bool| events.iter().position(pred);
     for old in &recycled {
-        let start = position(&|line| {
-            line.contains(" recycling worker ") && field_pid(line, "worker.pid") == Some(*old)
-        });
+        let start = position(&|event| event.is("recycling") && event.worker_pid() == Some(*old));
         let ready =
-            position(&|line| is_recycle_swap(line) && field_pid(line, "old.pid") == Some(*old));
-        let exit = position(&|line| {
-            line.contains(" worker exited after draining ")
-                && field_pid(line, "worker.pid") == Some(*old)
-        });
+            position(&|event| is_recycle_swap(event) && event.parsed("old.pid") == Some(*old));
+        let exit = position(&|event| event.ends_a_drain() && event.worker_pid() == Some(*old));
         ensure!(
             start < ready && ready < exit && start.is_some(),
-            "worker {old}: recycling at line {start:?}, replacement ready at {ready:?}, exit at {exit:?}"
+            "worker {old}: recycling at event {start:?}, replacement ready at {ready:?}, exit at {exit:?}"
         );
     }
     assert_min_ready_workers(&logs, 2)?;

@@ -39,15 +39,10 @@ fn rolling_reload_under_load_fails_no_request() -> anyhow::Result<()> {
             .expect_reload_complete(mark, 2, Duration::from_secs(60))
             .with_context(|| format!("reload {round}"))?;
         let swaps: Vec<(u32, u32)> = server
-            .logs_since(mark)
+            .events_since(mark)
             .iter()
-            .filter(|line| line.contains(" replacement ready; draining the old worker "))
-            .filter_map(|line| {
-                Some((
-                    log_field(line, "old.pid")?.parse().ok()?,
-                    log_field(line, "new.pid")?.parse().ok()?,
-                ))
-            })
+            .filter(|event| event.is("replacement_ready"))
+            .filter_map(|event| Some((event.parsed("old.pid")?, event.parsed("new.pid")?)))
             .collect();
         assert_eq!(swaps.len(), 2, "reload {round}: {swaps:?}");
         let new: BTreeSet<u32> = swaps.iter().map(|(_, new)| *new).collect();
@@ -120,12 +115,9 @@ fn reload_kills_an_old_worker_blocked_past_the_shutdown_timeout() -> anyhow::Res
     server.signal(Signal::HUP)?;
     server.expect_reload_complete(mark, 2, Duration::from_secs(30))?;
     let drained = Instant::now();
-    server.expect_worker_log_since(
-        mark,
-        blocked,
-        "draining worker did not exit within the shutdown timeout; killing it",
-        Duration::from_secs(10),
-    )?;
+    let killed =
+        server.expect_worker_event(mark, "worker_killed", blocked, Duration::from_secs(10))?;
+    assert_eq!(killed.reason(), Some("drain-timeout"), "{killed}");
     assert!(
         wait_for_exit(blocked, Duration::from_secs(5)),
         "the blocked worker {blocked} is still running"
@@ -140,19 +132,17 @@ fn reload_kills_an_old_worker_blocked_past_the_shutdown_timeout() -> anyhow::Res
 
     // Its death is the end of a drain, not a crash: no restart, the pool is the two new
     // workers.
-    let pid = blocked.to_string();
-    let died = server.expect_log_since(
-        mark,
-        "`worker died` for the blocked worker",
-        |line| {
-            (line.contains(" worker died ") || line.contains(" worker exited"))
-                && log_field(line, "worker.pid") == Some(pid.as_str())
-        },
-        Duration::from_secs(5),
-    )?;
-    assert!(died.contains("killed by signal 9"), "{died}");
+    let died =
+        server.expect_worker_event(mark, "worker_exited", blocked, Duration::from_secs(5))?;
+    assert_eq!(died.field("status"), Some("killed by signal 9"), "{died}");
     let log = server.logs_since(mark).join("\n");
-    assert!(!log.contains("restarting after backoff"), "{log}");
+    assert!(
+        !server
+            .events_since(mark)
+            .iter()
+            .any(|event| event.is("restart_scheduled")),
+        "{log}"
+    );
     assert!(reaped(blocked, supervisor), "{blocked} was not reaped");
     let current: BTreeSet<u32> = server.worker_pids().into_values().collect();
     assert!(!current.contains(&blocked));

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use coreloop_integration_tests::{
-    Server, ServerConfig, is_alive, kill, live_children, log_field, processes_with_arg,
-    random_port, reaped, wait_for_exit, zombie_children,
+    Server, ServerConfig, is_alive, kill, live_children, processes_with_arg, random_port, reaped,
+    wait_for_exit, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -64,11 +64,13 @@ fn ready_workers_killed_in_a_row_are_replaced_at_once() -> anyhow::Result<()> {
     }
     eprintln!("kill to replacement serving, 10 kills in a row: {waits:?}");
     let log = server.logs_since(first).join("\n");
+    let events = server.events_since(first);
     assert!(
-        !log.contains("event=\"restart_scheduled\""),
+        !events.iter().any(|event| event.is("restart_scheduled")),
         "a restart of a ready worker was delayed:\n{log}"
     );
-    assert!(!log.contains("giving up"), "{log}");
+    // Giving up stops the server: its `stopping` event (with the `giving up` error).
+    assert!(!events.iter().any(|event| event.is("stopping")), "{log}");
     // A bound far above what a replacement takes, not a benchmark: the old backoff grew
     // past it by the fifth kill.
     let slowest = waits.iter().max().copied().unwrap_or_default();
@@ -108,7 +110,10 @@ fn factory_error_at_boot_halts_the_server() -> anyhow::Result<()> {
         "the factory's error is not on stderr"
     );
     assert!(
-        !log.contains(" serving workers="),
+        !server
+            .events_since(0)
+            .iter()
+            .any(|event| event.is("serving")),
         "the server started serving"
     );
     // Worker 0 started fine and must have been stopped with the rest.
@@ -174,19 +179,23 @@ fn start_failures_after_boot_back_off_then_stop_the_server() -> anyhow::Result<(
         .context("the supervisor kept restarting a worker that cannot start")?;
     assert_failed_and_log_closed(&server, status);
     let logs = server.logs_since(mark);
-    let failed = logs
+    let events = server.events_since(mark);
+    let failed = events
         .iter()
-        .filter(|line| {
-            line.contains("event=\"worker_start_failed\"") && line.contains("database unreachable")
+        .filter(|event| {
+            event.is("worker_start_failed")
+                && event
+                    .reason()
+                    .is_some_and(|r| r.contains("database unreachable"))
         })
         .count();
     assert_eq!(failed, 4, "start failures reported");
     // The kill of the ready worker was restarted at once; each of the first three start
     // failures waited a growing, jittered backoff; the fourth stopped the server.
-    let delays: Vec<u64> = logs
+    let delays: Vec<u64> = events
         .iter()
-        .filter(|line| line.contains("event=\"restart_scheduled\""))
-        .filter_map(|line| log_field(line, "delay_ms")?.parse().ok())
+        .filter(|event| event.is("restart_scheduled"))
+        .filter_map(|event| event.parsed("delay_ms"))
         .collect();
     assert_eq!(delays.len(), 3, "restart delays {delays:?}");
     for (n, delay) in delays.iter().enumerate() {

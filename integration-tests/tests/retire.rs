@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use coreloop_integration_tests::{
-    Load, Server, ServerConfig, kill, live_children, zombie_children,
+    Event, Load, Server, ServerConfig, kill, live_children, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -26,12 +26,7 @@ fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
 
     let mark = server.log_mark();
     kill(retiree, Signal::TERM)?;
-    server.expect_worker_log_since(
-        mark,
-        retiree,
-        " worker asks to retire; draining it",
-        Duration::from_secs(10),
-    )?;
+    server.expect_worker_event(mark, "worker_retiring", retiree, Duration::from_secs(10))?;
     let replacement = server.wait_for_replacement(mark, 0, retiree, Duration::from_secs(15))?;
     server.expect_clean_drain_exit(mark, retiree, Duration::from_secs(15))?;
     // The replacement takes requests.
@@ -43,9 +38,20 @@ fn sigterm_to_a_worker_retires_and_replaces_it() -> anyhow::Result<()> {
 
     // A planned exit: no crash, no backoff; the server runs on.
     let log = server.logs_since(mark).join("\n");
-    assert!(!log.contains(" worker died "), "counted as a crash:\n{log}");
-    assert!(!log.contains("restarting after backoff"), "backoff:\n{log}");
-    assert!(!log.contains("giving up"), "crash loop:\n{log}");
+    let events = server.events_since(mark);
+    assert!(
+        !events.iter().any(Event::is_death),
+        "counted as a crash:\n{log}"
+    );
+    assert!(
+        !events.iter().any(|event| event.is("restart_scheduled")),
+        "backoff:\n{log}"
+    );
+    // Giving up stops the server: its `stopping` event (with the `giving up` error).
+    assert!(
+        !events.iter().any(|event| event.is("stopping")),
+        "crash loop:\n{log}"
+    );
     let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
     assert_eq!(children, BTreeSet::from([other, replacement]));
     assert_eq!(zombie_children(supervisor), Vec::<u32>::new(), "zombies");

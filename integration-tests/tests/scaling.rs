@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use coreloop_integration_tests::{
-    Server, ServerConfig, get, live_children, log_field, parse_whoami, zombie_children,
+    Event, Server, ServerConfig, get, live_children, parse_whoami, zombie_children,
 };
 use rustix::process::Signal;
 
@@ -54,12 +54,10 @@ fn sigttin_adds_a_worker_and_sigttou_removes_it() -> anyhow::Result<()> {
     let children: BTreeSet<u32> = live_children(supervisor).into_iter().collect();
     assert_eq!(children, before, "children of the supervisor");
     assert_eq!(zombie_children(supervisor), Vec::<u32>::new(), "zombies");
-    let respawned: Vec<String> = server
-        .logs_since(mark)
+    let respawned: Vec<Event> = server
+        .events_since(mark)
         .into_iter()
-        .filter(|line| {
-            line.contains(" worker spawned ") && log_field(line, "worker.id") == Some("2")
-        })
+        .filter(|event| event.is("worker_spawned") && event.worker_id() == Some(2))
         .collect();
     assert!(
         respawned.is_empty(),

@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use coreloop_integration_tests::{
-    Close, Server, ServerConfig, connect, get, is_alive, log_field, parse_responses,
-    read_until_close, wait_for_exit,
+    Close, Server, ServerConfig, connect, get, is_alive, parse_responses, read_until_close,
+    wait_for_exit,
 };
 use rustix::process::Signal;
 
@@ -37,30 +37,14 @@ fn sigterm_finishes_slow_request_then_exits() -> anyhow::Result<()> {
 
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
-    server
-        .wait_for_log_since(
-            mark,
-            |line| line.contains("graceful shutdown") && line.contains("signal=\"SIGTERM\""),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow::anyhow!("no `graceful shutdown` line"))?;
+    server.expect_event(
+        mark,
+        "signal",
+        |event| event.field("signal") == Some("SIGTERM"),
+        Duration::from_secs(10),
+    )?;
     // Workers get `Drain` only after the listeners are closed.
-    let draining = server
-        .wait_for_logs_since(
-            mark,
-            workers.len(),
-            |line| line.contains("coreloop::worker: draining "),
-            Duration::from_secs(10),
-        )
-        .ok_or_else(|| anyhow::anyhow!("not every worker logged `draining`"))?;
-    let live: usize = draining
-        .iter()
-        .map(|line| {
-            log_field(line, "live")
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-        .sum();
+    let (live, draining) = server.wait_draining(mark, workers.len())?;
     assert_eq!(
         live, 1,
         "exactly the slow request is in flight: {draining:?}"
@@ -92,11 +76,7 @@ fn sigterm_finishes_slow_request_then_exits() -> anyhow::Result<()> {
     // The exit status can be seen before the last log lines are read from the pipe.
     assert!(
         server
-            .wait_for_log_since(
-                mark,
-                |line| coreloop_integration_tests::is_event(line, "stopped"),
-                Duration::from_secs(5)
-            )
+            .wait_event(mark, "stopped", |_| true, Duration::from_secs(5))
             .is_some(),
         "no `stopped` line"
     );
@@ -141,13 +121,14 @@ fn sigkill_of_supervisor_takes_workers_down() -> anyhow::Result<()> {
     );
     // Each worker noticed the closed channel and exited on purpose (not by a signal).
     let gone = server
-        .wait_for_logs_since(
+        .wait_events(
             mark,
+            "orphaned",
             workers.len(),
-            |line| line.contains("supervisor gone"),
+            |_| true,
             Duration::from_secs(5),
         )
-        .ok_or_else(|| anyhow::anyhow!("not every worker logged `supervisor gone`"))?;
+        .ok_or_else(|| anyhow::anyhow!("not every worker logged `orphaned`"))?;
     assert_eq!(gone.len(), workers.len(), "{gone:?}");
     Ok(())
 }

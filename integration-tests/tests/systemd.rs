@@ -90,11 +90,9 @@ fn socket_activation_serves_on_the_passed_socket_and_workers_do_not_inherit_it()
         "{status} {body}"
     );
     let serving = server
-        .wait_for_log(
-            |line| line.contains(" serving workers="),
-            Duration::from_secs(30),
-        )
-        .context("no serving line")?;
+        .wait_event(0, "serving", |_| true, Duration::from_secs(30))
+        .context("no serving event")?;
+    let serving = serving.field("listeners").unwrap_or_default();
     ensure!(
         serving.contains(&format!("systemd:web(127.0.0.1:{port})")),
         "{serving}"
@@ -256,10 +254,7 @@ fn start_with_env(env: &[String], demo_args: &[&str]) -> Result<(Server, u16)> {
         args.extend(demo_args.iter().map(|arg| (*arg).to_owned()));
         let mut server = Server::spawn_binary(Path::new("/usr/bin/env"), &args, "info", false)?;
         if server
-            .wait_for_log(
-                |line| line.contains(" serving workers="),
-                Duration::from_secs(30),
-            )
+            .wait_event(0, "serving", |_| true, Duration::from_secs(30))
             .is_some()
         {
             return Ok((server, port));
@@ -303,10 +298,7 @@ fn notify_reports_ready_reloading_status_and_stopping() -> Result<()> {
     );
     ensure!(
         server
-            .wait_for_log(
-                |line| line.contains("reload complete"),
-                Duration::from_secs(5)
-            )
+            .wait_event(0, "reload_complete", |_| true, Duration::from_secs(5))
             .is_some(),
         "READY=1 came before the reload completed"
     );
@@ -343,11 +335,7 @@ fn watchdog_pings_only_while_every_worker_answers() -> Result<()> {
         Signal::STOP,
     )?;
     server
-        .wait_for_log_since(
-            mark,
-            |line| line.contains("withholding systemd watchdog pings"),
-            Duration::from_secs(5),
-        )
+        .wait_event(mark, "watchdog_withheld", |_| true, Duration::from_secs(5))
         .context("pings were not withheld for a stopped worker")?;
     // Drain pings that were already queued, then none may come while it is stopped.
     while notes.any_within("WATCHDOG=1", Duration::from_millis(50))? {}
@@ -388,14 +376,13 @@ fn binary_upgrade_keeps_the_activated_socket_and_tells_systemd_the_new_main_pid(
         handed.lines().any(|line| line == format!("MAINPID={new}")),
         "{handed:?} does not name the new supervisor {new} (the old one is {old})"
     );
-    let serving = server.expect_log_since(
+    let serving = server.expect_event(
         mark,
-        "the new supervisor's `serving` line",
-        |line| {
-            line.contains(&format!("supervisor{{pid={new}}}")) && line.contains(" serving workers=")
-        },
+        "serving",
+        |event| event.supervisor_pid() == Some(new),
         Duration::from_secs(30),
     )?;
+    let serving = serving.field("listeners").unwrap_or_default();
     // It serves the socket systemd passed to the old one, by the same name.
     ensure!(
         serving.contains(&format!("systemd:web(127.0.0.1:{port})")),
@@ -430,11 +417,9 @@ fn socket_activation_without_bind_serves_the_passed_socket() -> Result<()> {
         "{status} {body}"
     );
     let serving = server
-        .wait_for_log(
-            |line| line.contains(" serving workers="),
-            Duration::from_secs(30),
-        )
-        .context("no serving line")?;
+        .wait_event(0, "serving", |_| true, Duration::from_secs(30))
+        .context("no serving event")?;
+    let serving = serving.field("listeners").unwrap_or_default();
     ensure!(
         serving.contains(&format!("systemd:web(127.0.0.1:{port})")) && !serving.contains(":8080"),
         "{serving}"
@@ -467,11 +452,8 @@ fn socket_activation_with_other_binds_warns_about_the_unused_socket() -> Result<
         "{warning}"
     );
     server
-        .wait_for_log(
-            |line| line.contains(" serving workers="),
-            Duration::from_secs(30),
-        )
-        .context("no serving line")?;
+        .wait_event(0, "serving", |_| true, Duration::from_secs(30))
+        .context("no serving event")?;
     server.signal(Signal::TERM)?;
     let status = server
         .wait_exit(Duration::from_secs(10))

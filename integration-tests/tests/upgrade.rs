@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use coreloop_integration_tests::{
-    Load, NewSupervisor, Server, ServerConfig, get, http_binary, is_alive, kill, log_field,
+    Event, Load, NewSupervisor, Server, ServerConfig, get, http_binary, is_alive, kill, log_field,
     parse_whoami, random_u64, unique_socket_path, wait_for_exit,
 };
 use rustix::process::Signal;
@@ -83,19 +83,12 @@ fn upgrade(server: &Server, supervisor: u32) -> Result<NewSupervisor> {
 /// Waits, from log line `mark` on, until `old` has started a new supervisor, handed over
 /// to it, drained and exited; returns the new supervisor.
 fn upgrade_completed(server: &Server, old: u32, mark: usize) -> Result<NewSupervisor> {
-    let span = format!("supervisor{{pid={old}}}");
     let new = server.expect_new_supervisor(mark, old, UPGRADE)?;
-    for (what, needle) in [
-        ("`handed over`", " handed over to the new generation"),
-        (
-            "`upgrade complete`",
-            " upgrade complete; this generation has stopped",
-        ),
-    ] {
-        server.expect_log_since(
+    for name in ["upgrade_handed_over", "upgrade_complete"] {
+        server.expect_event(
             mark,
-            what,
-            |line| line.contains(&span) && line.contains(needle),
+            name,
+            |event| event.supervisor_pid() == Some(old),
             UPGRADE,
         )?;
     }
@@ -108,12 +101,11 @@ fn upgrade_completed(server: &Server, old: u32, mark: usize) -> Result<NewSuperv
 
 /// Worker pids the supervisor `supervisor` logged as ready.
 fn workers_of(server: &Server, supervisor: u32) -> BTreeSet<u32> {
-    let span = format!("supervisor{{pid={supervisor}}}");
     server
-        .logs()
+        .events_since(0)
         .iter()
-        .filter(|line| line.contains(&span) && line.contains(" worker ready "))
-        .filter_map(|line| log_field(line, "worker.pid")?.parse().ok())
+        .filter(|event| event.is("worker_ready") && event.supervisor_pid() == Some(supervisor))
+        .filter_map(Event::worker_pid)
         .collect()
 }
 
@@ -298,21 +290,13 @@ fn failed_upgrades_roll_back_and_fail_no_request() -> Result<()> {
         if case.contains("never") {
             // One upgrade at a time.
             server.signal(Signal::USR2)?;
-            server.expect_log_since(
-                mark,
-                "`already in progress`",
-                |line| line.contains("an upgrade is already in progress; ignoring this request"),
-                UPGRADE,
-            )?;
+            server.expect_event(mark, "upgrade_refused", |_| true, UPGRADE)?;
         }
-        let failed = server.expect_log_since(
-            mark,
-            &format!("`upgrade failed` ({case})"),
-            |line| line.contains(" upgrade failed; this generation keeps serving"),
-            UPGRADE,
-        )?;
+        let failed = server
+            .expect_event(mark, "upgrade_failed", |_| true, UPGRADE)
+            .with_context(|| format!("`upgrade_failed` ({case})"))?;
         ensure!(
-            failed.contains(reason),
+            failed.reason().is_some_and(|r| r.contains(reason)),
             "{case}: expected {reason:?} in {failed:?}"
         );
         ensure!(
@@ -359,12 +343,7 @@ fn a_stop_during_an_upgrade_stops_the_new_generation_too() -> Result<()> {
         .wait_exit(Duration::from_secs(30))
         .context("no exit")?;
     ensure!(status.success(), "{status:?}");
-    server.expect_log_since(
-        mark,
-        "`the upgrade in progress is cancelled`",
-        |line| line.contains("the upgrade in progress is cancelled"),
-        Duration::from_secs(5),
-    )?;
+    server.expect_event(mark, "upgrade_cancelled", |_| true, Duration::from_secs(5))?;
     ensure!(
         wait_for_exit(attempt.0, Duration::from_secs(5)),
         "the new supervisor {} outlived the stopped server",
