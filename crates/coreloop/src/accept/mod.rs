@@ -181,11 +181,9 @@ pub(crate) fn accept_loop(
 async fn accept_with(
     pool: Rc<Pool>,
     switch: Rc<Switch>,
-    mut sources: Vec<Source>,
+    sources: Vec<Source>,
     ticker: Option<coreloop_ipc::Ticker>,
 ) -> Vec<listener::Bound> {
-    let mut pending: Vec<Pending> = Vec::with_capacity(ACCEPT_BURST);
-    let mut scratch = Scratch::default();
     let counters: Vec<(Counter, Counter)> = sources
         .iter()
         .map(|s| {
@@ -198,156 +196,232 @@ async fn accept_with(
             )
         })
         .collect();
-    let mut state = AcceptState {
-        backoff: ACCEPT_BACKOFF_MIN,
-        failing_since: None,
-        counters,
-    };
-    let mut polling = false;
-    let mut pace = Pace::new(pool.metrics.accept_poll_interval.clone());
-    loop {
-        if !switch.accepting.get() {
-            // A handover: what was accepted (held, say) goes to this generation's
-            // workers; clients not yet accepted are the next generation's.
-            if !pending.is_empty() {
-                pool.dispatch_all(&mut pending, &mut scratch).await;
-            }
-            return sources.into_iter().map(|source| source.bound).collect();
-        }
-        // Accept only while some worker can take connections; otherwise leave clients in
-        // the kernel's backlog.
+    let pace = Pace::new(pool.metrics.accept_poll_interval.clone());
+    Acceptor {
+        pool,
+        switch,
+        sources,
+        ticker,
+        pending: Vec::with_capacity(ACCEPT_BURST),
+        scratch: Scratch::default(),
+        state: AcceptState {
+            backoff: ACCEPT_BACKOFF_MIN,
+            failing_since: None,
+            counters,
+        },
+        polling: false,
+        pace,
+    }
+    .run()
+    .await
+}
+
+/// The accept loop's state.
+struct Acceptor {
+    pool: Rc<Pool>,
+    switch: Rc<Switch>,
+    sources: Vec<Source>,
+    /// The polling timer; `None` if it could not be created (readiness only).
+    ticker: Option<coreloop_ipc::Ticker>,
+    /// Accepted, not yet queued to a worker.
+    pending: Vec<Pending>,
+    scratch: Scratch,
+    state: AcceptState,
+    /// Polling on the ticker (listeners out of the reactor) rather than on readiness.
+    polling: bool,
+    pace: Pace,
+}
+
+/// What one wait of the loop gave.
+enum Step {
+    /// Connections were accepted (perhaps none); `exhausted`: resources ran out.
+    Accepted { exhausted: bool },
+    /// Nothing to do this time round: look at the switch and the workers again.
+    Again,
+}
+
+impl Acceptor {
+    async fn run(mut self) -> Vec<listener::Bound> {
         loop {
-            let changed = pool.changed.notified();
-            if !switch.accepting.get() {
-                break;
+            if !self.switch.accepting.get() {
+                return self.hand_back().await;
             }
-            if pool.count(|w| w.can_take(pool.cap)) > 0 {
-                break;
+            self.wait_for_room().await;
+            let step = if !self.switch.accepting.get() {
+                Step::Again
+            } else if self.polling && self.ticker.is_some() {
+                self.poll().await
+            } else {
+                self.on_readiness().await
+            };
+            let Step::Accepted { exhausted } = step else {
+                continue;
+            };
+            self.hold_or_dispatch(exhausted).await;
+            if exhausted {
+                tokio::time::sleep(self.state.backoff).await;
+                self.state.backoff = (self.state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            } else if !self.polling {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// A handover: what was accepted (held, say) goes to this generation's workers;
+    /// clients not yet accepted are the next generation's. Returns the listeners.
+    async fn hand_back(mut self) -> Vec<listener::Bound> {
+        if !self.pending.is_empty() {
+            self.pool
+                .dispatch_all(&mut self.pending, &mut self.scratch)
+                .await;
+        }
+        self.sources
+            .into_iter()
+            .map(|source| source.bound)
+            .collect()
+    }
+
+    /// Accepts only while some worker can take connections; otherwise clients stay in
+    /// the kernel's backlog. Returns when some worker can, or accepting stops.
+    async fn wait_for_room(&mut self) {
+        loop {
+            let changed = self.pool.changed.notified();
+            if !self.switch.accepting.get() || self.pool.count(|w| w.can_take(self.pool.cap)) > 0 {
+                return;
             }
             // The ticker would wake us for nothing meanwhile.
-            if polling {
-                if let Some(ticker) = &ticker {
-                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
+            if self.polling {
+                if let Some(ticker) = &self.ticker {
+                    stop_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace);
                 }
             }
             changed.await;
         }
-        let mut accepted = 0;
-        let mut exhausted = false;
-        match (&ticker, polling) {
-            _ if !switch.accepting.get() => continue,
-            (Some(ticker), true) => {
-                let tick = tokio::select! {
-                    tick = ticker.tick() => tick,
-                    () = switch.stop_accepting.notified() => continue,
-                };
-                let periods = match tick {
-                    Ok(periods) => periods,
-                    Err(err) => {
-                        warn!(error = %err, "timerfd failed; accepting on readiness");
-                        pace.stop(Instant::now());
-                        polling = false;
-                        if !register(&mut sources) {
-                            tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
-                        }
-                        continue;
-                    }
-                };
-                for (index, source) in sources.iter().enumerate() {
-                    if pending.len() >= ACCEPT_BURST {
-                        break;
-                    }
-                    let (count, out) = state.burst(&pool, index, source, &mut pending);
-                    accepted += count;
-                    exhausted |= out;
-                    if out {
-                        break;
-                    }
+    }
+
+    /// Polling: waits for the next tick and accepts from every listener, then judges
+    /// whether polling still pays and sets the next interval.
+    async fn poll(&mut self) -> Step {
+        let Some(ticker) = &self.ticker else {
+            return Step::Again;
+        };
+        let tick = tokio::select! {
+            tick = ticker.tick() => tick,
+            () = self.switch.stop_accepting.notified() => return Step::Again,
+        };
+        let periods = match tick {
+            Ok(periods) => periods,
+            Err(err) => {
+                warn!(error = %err, "timerfd failed; accepting on readiness");
+                self.pace.stop(Instant::now());
+                self.polling = false;
+                if !register(&mut self.sources) {
+                    tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
                 }
-                // Back to readiness when polling no longer gathers connections, unless
-                // a listener cannot be registered: it would never be waited for, so keep
-                // polling it.
-                // Judged at the interval this poll waited, before the pace changes it.
-                if polled_enough(&mut pace, pending.len(), accepted, periods) || exhausted {
-                    stop_polling(ticker, &mut sources, &mut polling, &mut pace);
-                }
-                if polling {
-                    if let Some(interval) = pace.on_tick(Instant::now()) {
-                        debug!(
-                            interval_us = interval.as_micros() as u64,
-                            "accept polling interval"
-                        );
-                        if let Err(err) = ticker.start(interval) {
-                            warn!(error = %err, "cannot restart the timerfd");
-                        }
-                    }
-                }
+                return Step::Again;
             }
-            _ => {
-                if sources.iter().any(|s| s.ready.is_none()) && !register(&mut sources) {
-                    // Out of descriptors: try again shortly rather than never wait for
-                    // that listener.
-                    tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
-                }
-                // Wait for any listener to be readable, or to be told to stop.
-                let mut stop = pin!(switch.stop_accepting.notified());
-                let ready = std::future::poll_fn(|cx| {
-                    if stop.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    for (index, source) in sources.iter().enumerate() {
-                        let Some(ready) = &source.ready else { continue };
-                        if let Poll::Ready(result) = ready.poll_read_ready(cx) {
-                            return Poll::Ready(Some(result.map(|()| index)));
-                        }
-                    }
-                    Poll::Pending
-                })
-                .await;
-                let index = match ready {
-                    None => continue,
-                    Some(Ok(ready)) => ready,
-                    Some(Err(err)) => {
-                        error!(error = %err, "listener readiness failed; backing off");
-                        tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
-                        continue;
-                    }
-                };
-                (accepted, exhausted) = state.burst(&pool, index, &sources[index], &mut pending);
-                // Several connections queued while this wake-up was on its way: they come
-                // faster than the supervisor can usefully wake for each.
-                if let Some(ticker) = &ticker {
-                    if !exhausted && accepted > 1 {
-                        start_polling(ticker, &mut sources, &mut polling, &mut pace);
-                    }
+        };
+        let (mut accepted, mut exhausted) = (0, false);
+        for (index, source) in self.sources.iter().enumerate() {
+            if self.pending.len() >= ACCEPT_BURST {
+                break;
+            }
+            let (count, out) = self
+                .state
+                .burst(&self.pool, index, source, &mut self.pending);
+            accepted += count;
+            exhausted |= out;
+            if out {
+                break;
+            }
+        }
+        // Back to readiness when polling no longer gathers connections, unless a listener
+        // cannot be registered: it would never be waited for, so keep polling it. Judged
+        // at the interval this poll waited, before the pace changes it.
+        if polled_enough(&mut self.pace, self.pending.len(), accepted, periods) || exhausted {
+            stop_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace);
+        }
+        if self.polling {
+            if let Some(interval) = self.pace.on_tick(Instant::now()) {
+                debug!(
+                    interval_us = interval.as_micros() as u64,
+                    "accept polling interval"
+                );
+                if let Err(err) = ticker.start(interval) {
+                    warn!(error = %err, "cannot restart the timerfd");
                 }
             }
         }
-        // Every worker busy in a handler: hold the connections (and leave new ones in the
-        // kernel's queue) for the first worker that gets back to its channel, checked at
-        // every tick, rather than queue them behind a handler of unknown length. One
-        // shared queue instead of one per worker: a short request is not stuck behind a
-        // long one while another worker is free. Bounded by HOLD_MAX.
+        Step::Accepted { exhausted }
+    }
+
+    /// Readiness: waits for any listener to be readable (or to be told to stop) and
+    /// accepts a burst from it; several connections in one wake-up start polling.
+    async fn on_readiness(&mut self) -> Step {
+        if self.sources.iter().any(|s| s.ready.is_none()) && !register(&mut self.sources) {
+            // Out of descriptors: try again shortly rather than never wait for that
+            // listener.
+            tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
+        }
+        let mut stop = pin!(self.switch.stop_accepting.notified());
+        let sources = &self.sources;
+        let ready = std::future::poll_fn(|cx| {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            for (index, source) in sources.iter().enumerate() {
+                let Some(ready) = &source.ready else { continue };
+                if let Poll::Ready(result) = ready.poll_read_ready(cx) {
+                    return Poll::Ready(Some(result.map(|()| index)));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let index = match ready {
+            None => return Step::Again,
+            Some(Ok(ready)) => ready,
+            Some(Err(err)) => {
+                error!(error = %err, "listener readiness failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                return Step::Again;
+            }
+        };
+        let (accepted, exhausted) =
+            self.state
+                .burst(&self.pool, index, &self.sources[index], &mut self.pending);
+        // Several connections queued while this wake-up was on its way: they come faster
+        // than the supervisor can usefully wake for each.
+        if let Some(ticker) = &self.ticker {
+            if !exhausted && accepted > 1 {
+                start_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace);
+            }
+        }
+        Step::Accepted { exhausted }
+    }
+
+    /// Every worker busy in a handler: holds the connections (and leaves new ones in the
+    /// kernel's queue) for the first worker that gets back to its channel, checked at
+    /// every tick, rather than queue them behind a handler of unknown length. One shared
+    /// queue instead of one per worker: a short request is not stuck behind a long one
+    /// while another worker is free. Bounded by [`HOLD_MAX`]. Otherwise dispatches them.
+    async fn hold_or_dispatch(&mut self, exhausted: bool) {
         let hold = !exhausted
-            && !pending.is_empty()
-            && pending[0].since.elapsed() < HOLD_MAX
-            && all_busy(&pool);
+            && !self.pending.is_empty()
+            && self.pending[0].since.elapsed() < HOLD_MAX
+            && all_busy(&self.pool);
         let hold = hold
-            && match &ticker {
-                Some(ticker) if !polling => {
-                    start_polling(ticker, &mut sources, &mut polling, &mut pace)
+            && match &self.ticker {
+                Some(ticker) if !self.polling => {
+                    start_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace)
                 }
                 Some(_) => true,
                 None => false,
             };
-        if !pending.is_empty() && !hold {
-            pool.dispatch_all(&mut pending, &mut scratch).await;
-        }
-        if exhausted {
-            tokio::time::sleep(state.backoff).await;
-            state.backoff = (state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
-        } else if !polling {
-            tokio::task::yield_now().await;
+        if !self.pending.is_empty() && !hold {
+            self.pool
+                .dispatch_all(&mut self.pending, &mut self.scratch)
+                .await;
         }
     }
 }

@@ -80,94 +80,22 @@ impl Pool {
             if pending.is_empty() {
                 return;
             }
-            scratch.candidates.clear();
-            scratch.channels.clear();
-            let now = Instant::now();
-            for w in self.workers.borrow_mut().iter_mut() {
-                let room = if w.state == State::Ready
-                    && !w.stalled
-                    && !scratch.excluded.contains(&w.pid)
-                {
-                    self.cap.saturating_sub(w.open())
-                } else {
-                    0
-                };
-                let (busy, stuck_for) = if room > 0 {
-                    w.busy(now)
-                } else {
-                    (Busy::Idle, Duration::ZERO)
-                };
-                scratch.candidates.push(Candidate {
-                    load: w.open(),
-                    room,
-                    busy,
-                    stuck_us: u64::try_from(stuck_for.as_micros()).unwrap_or(u64::MAX),
-                });
-                scratch
-                    .channels
-                    .push((Rc::clone(&w.channel), w.pid, w.slot));
-            }
-            scratch.plan.clear();
-            {
-                let mut planner = self.planner.borrow_mut();
-                for _ in 0..pending.len() {
-                    scratch.plan.push(planner.pick(&mut scratch.candidates));
-                }
-            }
-            if scratch.plan.iter().all(Option::is_none) {
+            self.look(scratch);
+            if !self.plan(pending.len(), scratch) {
                 break;
             }
             scratch.sent.clear();
             scratch.sent.resize(pending.len(), false);
-            for (w, (channel, pid, slot)) in scratch.channels.iter().enumerate() {
-                let mut chosen = (0..pending.len())
-                    .filter(|&i| scratch.plan[i] == Some(w))
-                    .peekable();
-                while chosen.peek().is_some() {
-                    let mut batch = ConnBatch::new();
-                    let mut indices = [0usize; MAX_BATCH];
-                    let first = pending[*chosen.peek().unwrap_or(&0)].fd.as_fd();
-                    let mut fds = [first; MAX_BATCH];
-                    for (k, i) in chosen.by_ref().take(MAX_BATCH).enumerate() {
-                        batch.push(pending[i].meta);
-                        fds[k] = pending[i].fd.as_fd();
-                        indices[k] = i;
-                    }
-                    let k = batch.len();
-                    match channel.try_send(&Message::Conns(batch), &fds[..k]) {
-                        Ok(()) => {
-                            let now = Instant::now();
-                            for &i in &indices[..k] {
-                                scratch.sent[i] = true;
-                                let waited = now.duration_since(pending[i].since);
-                                self.metrics.dispatch_latency.observe(waited.as_secs_f64());
-                            }
-                            let due = self
-                                .with_worker(*pid, |w| {
-                                    // Queued from now on, if its queue was empty.
-                                    w.reading.waiting_since.get_or_insert(now);
-                                    let before = w.sent;
-                                    w.sent += k as u64;
-                                    w.forwarded.inc_by(k as u64);
-                                    w.recycle_at.is_some_and(|at| before < at && w.sent >= at)
-                                })
-                                .unwrap_or(false);
-                            if due {
-                                self.recycle_due.notify_one();
-                            }
-                        }
-                        Err(TrySendError::Full) => {
-                            scratch.excluded.push(*pid);
-                            break;
-                        }
-                        Err(TrySendError::Failed(err)) => {
-                            warn!(worker.id = slot, worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
-                            self.mark_draining(*pid);
-                            self.changed.notify_waiters();
-                            break;
-                        }
-                    }
-                }
+            let Scratch {
+                channels,
+                plan,
+                sent,
+                excluded,
+                ..
+            } = &mut *scratch;
+            for (w, target) in channels.iter().enumerate() {
+                let planned = (0..pending.len()).filter(|&i| plan[i] == Some(w));
+                self.send_share(target, planned, pending, sent, excluded);
             }
             let mut index = 0;
             pending.retain(|_| {
@@ -177,5 +105,109 @@ impl Pool {
             });
         }
         scratch.excluded.clear();
+    }
+
+    /// The candidates of this pass: each worker's room and load picture, and its channel.
+    fn look(&self, scratch: &mut Scratch) {
+        scratch.candidates.clear();
+        scratch.channels.clear();
+        let now = Instant::now();
+        for w in self.workers.borrow_mut().iter_mut() {
+            let room =
+                if w.state == State::Ready && !w.stalled && !scratch.excluded.contains(&w.pid) {
+                    self.cap.saturating_sub(w.open())
+                } else {
+                    0
+                };
+            let (busy, stuck_for) = if room > 0 {
+                w.busy(now)
+            } else {
+                (Busy::Idle, Duration::ZERO)
+            };
+            scratch.candidates.push(Candidate {
+                load: w.open(),
+                room,
+                busy,
+                stuck_us: u64::try_from(stuck_for.as_micros()).unwrap_or(u64::MAX),
+            });
+            scratch
+                .channels
+                .push((Rc::clone(&w.channel), w.pid, w.slot));
+        }
+    }
+
+    /// Picks a candidate for each of `n` connections; `false` if none has room.
+    fn plan(&self, n: usize, scratch: &mut Scratch) -> bool {
+        scratch.plan.clear();
+        let mut planner = self.planner.borrow_mut();
+        for _ in 0..n {
+            scratch.plan.push(planner.pick(&mut scratch.candidates));
+        }
+        scratch.plan.iter().any(Option::is_some)
+    }
+
+    /// Sends a worker the connections planned for it (`planned`, indices into `pending`),
+    /// in batches of at most [`MAX_BATCH`], until one does not fit (its queue is full: it
+    /// joins `excluded`) or the channel fails.
+    fn send_share(
+        &self,
+        (channel, pid, slot): &(Rc<Channel>, u32, usize),
+        planned: impl Iterator<Item = usize>,
+        pending: &[Pending],
+        sent: &mut [bool],
+        excluded: &mut Vec<u32>,
+    ) {
+        let (pid, slot) = (*pid, *slot);
+        let mut chosen = planned.peekable();
+        while chosen.peek().is_some() {
+            let mut batch = ConnBatch::new();
+            let mut indices = [0usize; MAX_BATCH];
+            let first = pending[*chosen.peek().unwrap_or(&0)].fd.as_fd();
+            let mut fds = [first; MAX_BATCH];
+            for (k, i) in chosen.by_ref().take(MAX_BATCH).enumerate() {
+                batch.push(pending[i].meta);
+                fds[k] = pending[i].fd.as_fd();
+                indices[k] = i;
+            }
+            let k = batch.len();
+            match channel.try_send(&Message::Conns(batch), &fds[..k]) {
+                Ok(()) => self.queued(pid, &indices[..k], pending, sent),
+                Err(TrySendError::Full) => {
+                    excluded.push(pid);
+                    return;
+                }
+                Err(TrySendError::Failed(err)) => {
+                    warn!(worker.id = slot, worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
+                    self.mark_draining(pid);
+                    self.changed.notify_waiters();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The connections at `indices` are queued to worker `pid`: counted, timed, and
+    /// checked against its recycling threshold.
+    fn queued(&self, pid: u32, indices: &[usize], pending: &[Pending], sent: &mut [bool]) {
+        let now = Instant::now();
+        for &i in indices {
+            sent[i] = true;
+            let waited = now.duration_since(pending[i].since);
+            self.metrics.dispatch_latency.observe(waited.as_secs_f64());
+        }
+        let k = indices.len() as u64;
+        let due = self
+            .with_worker(pid, |w| {
+                // Queued from now on, if its queue was empty.
+                w.reading.waiting_since.get_or_insert(now);
+                let before = w.sent;
+                w.sent += k;
+                w.forwarded.inc_by(k);
+                w.recycle_at.is_some_and(|at| before < at && w.sent >= at)
+            })
+            .unwrap_or(false);
+        if due {
+            self.recycle_due.notify_one();
+        }
     }
 }

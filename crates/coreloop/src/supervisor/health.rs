@@ -59,7 +59,6 @@ pub(super) async fn watchdog_loop(shared: Rc<Shared>, period: Duration) {
 /// Hang detection and recycling, every half heartbeat interval.
 pub(super) async fn health_loop(shared: Rc<Shared>) {
     let interval = shared.config.heartbeat_interval();
-    let stall_after = interval * 3;
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -70,49 +69,9 @@ pub(super) async fn health_loop(shared: Rc<Shared>) {
             () = shared.pool.recycle_due.notified() => {}
         }
         let now = Instant::now();
-        let mut to_kill = Vec::new();
-        let mut to_recycle = Vec::new();
         let recycling = shared.pool.count(|w| w.replacing);
-        {
-            let mut workers = shared.pool.workers.borrow_mut();
-            for w in workers.iter_mut() {
-                if let Some(reason) = overdue(w, now) {
-                    w.kill_at = None;
-                    w.exit_reason = Some(reason);
-                    to_kill.push((w.slot, w.pid, reason));
-                }
-            }
-            for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
-                if let Some(reason) = hung(w, now, shared.config.heartbeat_timeout) {
-                    w.state = State::Draining;
-                    w.exit_reason = Some(reason);
-                    to_kill.push((w.slot, w.pid, reason));
-                    continue;
-                }
-                let silent = now.duration_since(w.last_report);
-                if silent > stall_after && !w.stalled {
-                    warn!(
-                        event = "worker_stalled",
-                        worker.id = w.slot,
-                        worker.pid = w.pid,
-                        silent_ms = silent.as_millis() as u64,
-                        "worker reports are late; no new connections for it"
-                    );
-                    w.stalled = true;
-                }
-                if !w.replacing && w.slot < shared.target.get() {
-                    let by_count = w.recycle_at.is_some_and(|at| w.sent >= at);
-                    let by_rss = shared
-                        .config
-                        .recycle_rss_kib
-                        .is_some_and(|max| w.rss_kib > max);
-                    if by_count || by_rss {
-                        to_recycle.push((w.pid, if by_count { "connection count" } else { "rss" }));
-                    }
-                }
-            }
-        }
-        for (slot, pid, reason) in to_kill {
+        let Findings { kill, recycle } = inspect(&shared, now, interval * 3);
+        for (slot, pid, reason) in kill {
             let silent = shared
                 .pool
                 .with_worker(pid, |w| now.duration_since(w.last_report))
@@ -125,27 +84,87 @@ pub(super) async fn health_loop(shared: Rc<Shared>) {
             .config
             .max_concurrent_recycles
             .saturating_sub(recycling);
-        for (pid, why) in to_recycle.into_iter().take(room) {
+        for (pid, why) in recycle.into_iter().take(room) {
             if shared.reloading.get() {
                 break;
             }
-            shared.pool.with_worker(pid, |w| w.replacing = true);
-            let shared = Rc::clone(&shared);
-            let span = shared.span.clone();
-            tokio::task::spawn_local(
-                async move {
-                    info!(
-                        worker.pid = pid,
-                        why,
-                        event = "recycling",
-                        "recycling worker"
-                    );
-                    replace(&shared, pid, ExitReason::Recycle, why).await;
-                }
-                .instrument(span),
-            );
+            start_recycle(&shared, pid, why);
         }
     }
+}
+
+/// What one look at the workers found to do.
+#[derive(Default)]
+struct Findings {
+    /// Workers to kill: slot, pid, why.
+    kill: Vec<(usize, u32, ExitReason)>,
+    /// Workers to recycle: pid, what passed its threshold.
+    recycle: Vec<(u32, &'static str)>,
+}
+
+/// Looks at every worker at `now`: overdue drains and starts, hangs, late reports (a
+/// worker silent for `stall_after` gets no new connections), and recycling thresholds.
+fn inspect(shared: &Shared, now: Instant, stall_after: Duration) -> Findings {
+    let mut found = Findings::default();
+    let mut workers = shared.pool.workers.borrow_mut();
+    for w in workers.iter_mut() {
+        if let Some(reason) = overdue(w, now) {
+            w.kill_at = None;
+            w.exit_reason = Some(reason);
+            found.kill.push((w.slot, w.pid, reason));
+        }
+    }
+    for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
+        if let Some(reason) = hung(w, now, shared.config.heartbeat_timeout) {
+            w.state = State::Draining;
+            w.exit_reason = Some(reason);
+            found.kill.push((w.slot, w.pid, reason));
+            continue;
+        }
+        let silent = now.duration_since(w.last_report);
+        if silent > stall_after && !w.stalled {
+            warn!(
+                event = "worker_stalled",
+                worker.id = w.slot,
+                worker.pid = w.pid,
+                silent_ms = silent.as_millis() as u64,
+                "worker reports are late; no new connections for it"
+            );
+            w.stalled = true;
+        }
+        if !w.replacing && w.slot < shared.target.get() {
+            let by_count = w.recycle_at.is_some_and(|at| w.sent >= at);
+            let by_rss = shared
+                .config
+                .recycle_rss_kib
+                .is_some_and(|max| w.rss_kib > max);
+            if by_count || by_rss {
+                found
+                    .recycle
+                    .push((w.pid, if by_count { "connection count" } else { "rss" }));
+            }
+        }
+    }
+    found
+}
+
+/// Replaces worker `pid` in a task of its own: its replacement first, then its drain.
+fn start_recycle(shared: &Rc<Shared>, pid: u32, why: &'static str) {
+    shared.pool.with_worker(pid, |w| w.replacing = true);
+    let shared = Rc::clone(shared);
+    let span = shared.span.clone();
+    tokio::task::spawn_local(
+        async move {
+            info!(
+                worker.pid = pid,
+                why,
+                event = "recycling",
+                "recycling worker"
+            );
+            replace(&shared, pid, ExitReason::Recycle, why).await;
+        }
+        .instrument(span),
+    );
 }
 
 /// Why a worker that is not serving must be killed now, if it must: draining past the

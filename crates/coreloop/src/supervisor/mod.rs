@@ -124,55 +124,13 @@ fn run_in(
         return Err(Error::Config("too many listeners".into()));
     }
     let nofile = raise_nofile_limit();
-    // The CPUs the server may use, read before the supervisor pins itself (workers
-    // inherit the affinity of their parent, so they get this list instead). A new
-    // supervisor of a binary upgrade inherited a pinned predecessor's affinity: it gets
-    // the list the same way.
-    let inherited = upgrade
-        .and_then(|_| std::env::var(crate::cpu::ENV_CPUS).ok())
-        .map(|text| crate::cpu::decode(&text))
-        .filter(|cpus| !cpus.is_empty());
-    let cpus = match inherited {
-        Some(cpus) => {
-            if let Err(err) = crate::cpu::set(&cpus) {
-                warn!(error = %err, "cannot restore the CPU affinity of the previous supervisor");
-            }
-            cpus
-        }
-        None => crate::cpu::allowed().unwrap_or_default(),
-    };
-    if let Some(index) = config.pin_supervisor {
-        match crate::cpu::for_slot(&cpus, index) {
-            Some(cpu) => match crate::cpu::set(&[cpu]) {
-                Ok(()) => info!(cpu, "supervisor pinned"),
-                Err(err) => warn!(cpu, error = %err, "cannot pin the supervisor"),
-            },
-            None => warn!("cannot pin the supervisor: no CPU is allowed"),
-        }
-    }
+    let cpus = place_supervisor(&config, upgrade.is_some());
     let mut adopted = match upgrade {
         Some(channel) => runtime.block_on(upgrade::receive_listeners(channel))?,
         None => Vec::new(),
     };
     let bound = listener::bind_all(&mut config, &mut adopted)?;
-    let metrics_listener = match config.metrics {
-        Some(addr) => {
-            let spec = format!("metrics:{addr}");
-            let listener = match adopted.iter().position(|a| a.spec == spec) {
-                Some(i) => Ok(std::net::TcpListener::from(adopted.swap_remove(i).fd)),
-                None => std::net::TcpListener::bind(addr),
-            };
-            Some(
-                listener
-                    .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-                    .map_err(|source| Error::Bind {
-                        addr: format!("metrics {addr}"),
-                        source,
-                    })?,
-            )
-        }
-        None => None,
-    };
+    let metrics_listener = metrics_listener(&config, &mut adopted)?;
     for unused in adopted {
         info!(listener = %unused.spec, "no longer configured; closing the socket handed over for it");
     }
@@ -198,6 +156,63 @@ fn run_in(
     // path nothing is left running.
     drop(local);
     result
+}
+
+/// The CPUs the server may use, read before the supervisor pins itself (workers inherit
+/// the affinity of their parent, so they get this list instead); pins the supervisor if
+/// configured. A new supervisor of a binary upgrade (`upgraded`) inherited a pinned
+/// predecessor's affinity: it gets the list the same way.
+fn place_supervisor(config: &Config, upgraded: bool) -> Vec<usize> {
+    let inherited = upgraded
+        .then(|| std::env::var(crate::cpu::ENV_CPUS).ok())
+        .flatten()
+        .map(|text| crate::cpu::decode(&text))
+        .filter(|cpus| !cpus.is_empty());
+    let cpus = match inherited {
+        Some(cpus) => {
+            if let Err(err) = crate::cpu::set(&cpus) {
+                warn!(error = %err, "cannot restore the CPU affinity of the previous supervisor");
+            }
+            cpus
+        }
+        None => crate::cpu::allowed().unwrap_or_default(),
+    };
+    if let Some(index) = config.pin_supervisor {
+        match crate::cpu::for_slot(&cpus, index) {
+            Some(cpu) => match crate::cpu::set(&[cpu]) {
+                Ok(()) => info!(cpu, "supervisor pinned"),
+                Err(err) => warn!(cpu, error = %err, "cannot pin the supervisor"),
+            },
+            None => warn!("cannot pin the supervisor: no CPU is allowed"),
+        }
+    }
+    cpus
+}
+
+/// The socket of `/metrics` and `/healthz`, if configured: the one a binary upgrade
+/// handed over for it, or a new one.
+fn metrics_listener(
+    config: &Config,
+    adopted: &mut Vec<listener::Handover>,
+) -> Result<Option<std::net::TcpListener>, Error> {
+    Ok(match config.metrics {
+        Some(addr) => {
+            let spec = format!("metrics:{addr}");
+            let listener = match adopted.iter().position(|a| a.spec == spec) {
+                Some(i) => Ok(std::net::TcpListener::from(adopted.swap_remove(i).fd)),
+                None => std::net::TcpListener::bind(addr),
+            };
+            Some(
+                listener
+                    .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                    .map_err(|source| Error::Bind {
+                        addr: format!("metrics {addr}"),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    })
 }
 
 /// Raises the `RLIMIT_NOFILE` soft limit to the hard limit (workers inherit it) and

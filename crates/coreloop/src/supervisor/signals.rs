@@ -82,11 +82,11 @@ impl Signals {
         loop {
             tokio::select! {
                 _ = self.int.recv() => {
-                    warn!(event = "stop_now", "second SIGINT: stopping now");
+                    warn!(signal = "SIGINT", event = "stop_now", "second SIGINT: stopping now");
                     return;
                 }
                 _ = self.quit.recv() => {
-                    warn!(event = "stop_now", "SIGQUIT: stopping now");
+                    warn!(signal = "SIGQUIT", event = "stop_now", "SIGQUIT: stopping now");
                     return;
                 }
                 Some(command) = inbox.recv() => {

@@ -33,19 +33,8 @@ pub(super) async fn watch(
 ) {
     let mut failure: Option<String> = None;
     let status = follow(&shared, slot, pid, child, &channel, &mut failure).await;
-    // What the worker said just before it exited (a start failure) may still be queued.
-    // Nothing else is read: a worker that was stopped for breaking the protocol is not
-    // listened to any more.
-    if failure.is_none()
-        && shared.pool.with_worker(pid, |w| w.exit_reason) != Some(Some(ExitReason::Violation))
-    {
-        while let Ok(Some((msg, _))) = channel.try_recv() {
-            if let Message::Failed { reason } = msg {
-                error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
-                failure = Some(reason);
-                break;
-            }
-        }
+    if failure.is_none() {
+        failure = last_words(&shared, slot, pid, &channel);
     }
     let removed = {
         let mut workers = shared.pool.workers.borrow_mut();
@@ -72,21 +61,7 @@ pub(super) async fn watch(
         return;
     }
     let drained = state == State::Draining && status.is_some_and(|s| s.success());
-    let reason = match exit_reason {
-        Some(reason) => reason,
-        None if drained => ExitReason::Drained,
-        None if was_ready => ExitReason::Crash,
-        None => ExitReason::StartFailure,
-    };
-    let death = match reason {
-        ExitReason::Drained
-        | ExitReason::Reload
-        | ExitReason::Recycle
-        | ExitReason::Retire
-        | ExitReason::ScaleDown => Death::Drained,
-        _ if was_ready => Death::AfterReady,
-        _ => Death::BeforeReady,
-    };
+    let (reason, death) = classify_exit(exit_reason, drained, was_ready);
     shared
         .metrics
         .restarts
@@ -109,6 +84,44 @@ pub(super) async fn watch(
     }
     let failure = failure.map(|reason| printable(&reason));
     restart(&shared, slot, death, failure, described).await;
+}
+
+/// What a worker said just before it exited (a start failure), if it is still queued.
+/// Nothing else is read: a worker that was stopped for breaking the protocol is not
+/// listened to any more.
+fn last_words(shared: &Shared, slot: usize, pid: u32, channel: &Channel) -> Option<String> {
+    if shared.pool.with_worker(pid, |w| w.exit_reason) == Some(Some(ExitReason::Violation)) {
+        return None;
+    }
+    while let Ok(Some((msg, _))) = channel.try_recv() {
+        if let Message::Failed { reason } = msg {
+            error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
+            return Some(reason);
+        }
+    }
+    None
+}
+
+/// Why a worker ended, and what that is to the restart policy: the reason the supervisor
+/// gave it (`given`), or else a drain it finished, a crash after it was ready, or a start
+/// failure.
+fn classify_exit(given: Option<ExitReason>, drained: bool, was_ready: bool) -> (ExitReason, Death) {
+    let reason = match given {
+        Some(reason) => reason,
+        None if drained => ExitReason::Drained,
+        None if was_ready => ExitReason::Crash,
+        None => ExitReason::StartFailure,
+    };
+    let death = match reason {
+        ExitReason::Drained
+        | ExitReason::Reload
+        | ExitReason::Recycle
+        | ExitReason::Retire
+        | ExitReason::ScaleDown => Death::Drained,
+        _ if was_ready => Death::AfterReady,
+        _ => Death::BeforeReady,
+    };
+    (reason, death)
 }
 
 /// Reads one worker's channel until its process has exited (it is not reaped yet), then
@@ -310,7 +323,7 @@ pub(super) async fn restart(
             Decision::Now => {
                 if wanted(shared) {
                     if let Err(err) = spawn_worker(shared, slot) {
-                        error!(error = %err.chain(), "cannot start replacement worker");
+                        error!(error = %err.chain(), event = "replacement_spawn_failed", "cannot start replacement worker");
                         shared.fail(err);
                     }
                 }
@@ -390,29 +403,7 @@ pub(super) async fn on_message(
             error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
             *failure = Some(reason);
         }
-        Message::Retiring => {
-            info!(
-                event = "worker_retiring",
-                worker.id = slot,
-                worker.pid = pid,
-                "worker asks to retire; draining it"
-            );
-            let timeout_ms = shared.timeout_ms();
-            shared.pool.mark_draining(pid);
-            shared.set_exit_reason(pid, ExitReason::Retire);
-            shared.pool.changed.notify_waiters();
-            if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
-                debug!(error = %err, "cannot send Drain");
-            }
-            if !shared.pool.stopping.get()
-                && slot < shared.target.get()
-                && !shared.pool.slot_covered(slot)
-            {
-                if let Err(err) = spawn_worker(shared, slot) {
-                    error!(error = %err.chain(), "cannot start replacement worker");
-                }
-            }
-        }
+        Message::Retiring => retire(shared, slot, pid, channel).await,
         // The screen lets nothing else through.
         other => debug!(
             message = other.kind_name(),
@@ -430,5 +421,29 @@ pub(crate) fn describe(status: Option<ExitStatus>) -> String {
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => status.to_string(),
         },
+    }
+}
+
+/// The worker asks to retire (a stop signal reached it directly): it is drained, and its
+/// slot gets a replacement at once (a planned exit: no backoff).
+async fn retire(shared: &Rc<Shared>, slot: usize, pid: u32, channel: &Channel) {
+    info!(
+        event = "worker_retiring",
+        worker.id = slot,
+        worker.pid = pid,
+        "worker asks to retire; draining it"
+    );
+    let timeout_ms = shared.timeout_ms();
+    shared.pool.mark_draining(pid);
+    shared.set_exit_reason(pid, ExitReason::Retire);
+    shared.pool.changed.notify_waiters();
+    if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
+        debug!(error = %err, "cannot send Drain");
+    }
+    if !shared.pool.stopping.get() && slot < shared.target.get() && !shared.pool.slot_covered(slot)
+    {
+        if let Err(err) = spawn_worker(shared, slot) {
+            error!(error = %err.chain(), event = "replacement_spawn_failed", "cannot start replacement worker");
+        }
     }
 }
