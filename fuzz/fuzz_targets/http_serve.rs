@@ -1,5 +1,5 @@
-//! The demo's HTTP/1.1 responder (`examples/http/respond.rs`, compiled into `coreloop_fuzz`
-//! with `#[path]`) serving one connection over `tokio::io::duplex`, on a paused clock.
+//! The demo's HTTP/1.1 responder (`coreloop_demo::serve`, a dependency of `coreloop_fuzz`)
+//! serving one connection over `tokio::io::duplex`, on a paused clock.
 //!
 //! Input: two plan bytes (limits profile, half-close or not, pause between chunks, chunk
 //! size; see `coreloop_fuzz::Plan`), then the bytes the client sends. The properties are

@@ -3,9 +3,9 @@
 //!
 //! - [`check_message`]: `coreloop_ipc::Message::decode` on arbitrary bytes, and the
 //!   encode/decode round trip of everything it accepts.
-//! - [`check_http`]: the demo's HTTP/1.1 responder (`examples/http/respond.rs`, compiled
-//!   into this crate with `#[path]`) driven over an in-memory duplex stream on a paused
-//!   tokio clock, with a check of everything it writes back.
+//! - [`check_http`]: the demo's HTTP/1.1 responder (`coreloop_demo::serve`, from
+//!   `crates/coreloop-demo` without its command line) driven over an in-memory duplex
+//!   stream on a paused tokio clock, with a check of everything it writes back.
 
 use std::time::Duration;
 
@@ -13,11 +13,7 @@ use coreloop::ShutdownSignal;
 use coreloop_ipc::{MAX_BATCH, MAX_LISTENER_TEXT, MAX_MESSAGE_LEN, Message, ProtocolError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[path = "../../examples/http/respond.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod respond;
-
-use respond::{Identity, Limits};
+use coreloop_demo::{Identity, Limits};
 
 /// `message::MAX_REASON_LEN` (private in coreloop-ipc): `encode` cuts a
 /// `Message::Failed` reason to at most this many bytes, at a char boundary.
@@ -163,7 +159,7 @@ fn limits_profile(n: u8) -> Limits {
         // Small, with the header array at its cap.
         2 => Limits {
             max_header_bytes: 256,
-            max_headers: respond::MAX_HEADERS_CAP,
+            max_headers: coreloop_demo::MAX_HEADERS_CAP,
             max_request_line: 64,
             max_body_bytes: 64,
             max_pipeline: 2,
@@ -172,7 +168,7 @@ fn limits_profile(n: u8) -> Limits {
         // The largest values the demo's command line accepts.
         _ => Limits {
             max_header_bytes: usize::MAX,
-            max_headers: respond::MAX_HEADERS_CAP,
+            max_headers: coreloop_demo::MAX_HEADERS_CAP,
             max_request_line: usize::MAX,
             max_body_bytes: u64::MAX,
             max_pipeline: 65536,
@@ -207,7 +203,7 @@ pub fn plan(data: &[u8]) -> Option<(Plan, &[u8])> {
     Some((plan, input))
 }
 
-/// Serves `data` (a [`Plan`] header, then the client's bytes) with `respond::serve` and
+/// Serves `data` (a [`Plan`] header, then the client's bytes) with `coreloop_demo::serve` and
 /// checks the outcome; panics when a property fails:
 ///
 /// - `serve` finishes within the client's pauses plus [`SLACK`] of virtual time (a
@@ -224,7 +220,7 @@ pub fn check_http(data: &[u8]) {
     check_responses(&output, input);
 }
 
-/// Runs `respond::serve` against a client that sends `input` as `plan` says and reads
+/// Runs `coreloop_demo::serve` against a client that sends `input` as `plan` says and reads
 /// everything; returns what the server wrote.
 pub fn run_http(plan: &Plan, input: &[u8]) -> Vec<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -244,7 +240,7 @@ pub fn run_http(plan: &Plan, input: &[u8]) -> Vec<u8> {
             let started = tokio::time::Instant::now();
             let result = tokio::time::timeout(
                 bound,
-                respond::serve(&mut server, &who, &plan.limits, &shutdown),
+                coreloop_demo::serve(&mut server, &who, &plan.limits, &shutdown),
             )
             .await;
             drop(server); // the client's reads end, its writes fail

@@ -1,32 +1,34 @@
-//! Finding the binaries under test: the demo (`examples/http`, [`http_binary`]) and the
-//! other examples ([`example_binary`]), built with cargo for the running test's profile
-//! unless an environment variable names them.
+//! Finding the binaries under test: the demo (this package's `demo` binary, which is
+//! `coreloop_demo::main`; [`http_binary`]) and the examples users copy
+//! ([`example_binary`], built with cargo for the running test's profile), unless an
+//! environment variable names them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-/// Environment variable that, when set, names the demo binary to test and disables the
-/// automatic `cargo build`.
+/// Environment variable that, when set, names the demo binary to test instead of this
+/// package's `demo` (another build, such as `target/release/coreloop-demo`).
 pub const BINARY_ENV: &str = "CORELOOP_HTTP_BIN";
 
-/// Path of the demo HTTP binary, built if needed.
+/// Path of the demo HTTP binary: this package's `demo` binary (`src/bin/demo.rs`, whose
+/// `main` is `coreloop_demo::main`).
 ///
-/// The test binary runs from `target/<profile>/deps/`, so the example lives at
-/// `target/<profile>/examples/http`. The first call in a process runs
-/// `cargo build --workspace --locked --example http` for that profile (`$CARGO` if set,
-/// else `cargo`), which builds a missing binary and rebuilds a stale one, and is a no-op
-/// otherwise; cargo's own lock serializes concurrent test processes. `--workspace` gives
-/// the same feature unification as `cargo nextest run --workspace`, so both produce the
-/// same artifact and neither rebuilds after the other. If [`BINARY_ENV`] is set, that
-/// path is used as is and nothing is built.
+/// Cargo builds a package's binaries before its integration tests run, and tells the tests
+/// where they are in `CARGO_BIN_EXE_<name>`, at compile time (`env!`, which the tests use
+/// for the fixtures) and, under `cargo test` and `cargo nextest run`, in the environment
+/// of the test process too; this is library code, so the environment is read. Without it
+/// (a test binary run by hand), `demo` is looked for next to the `deps` directory the test
+/// binary runs from. Nothing is built here. If [`BINARY_ENV`] is set, that path is used
+/// as is: a way to test another build of the demo, such as
+/// `target/release/coreloop-demo`.
 ///
 /// # Errors
 ///
-/// When the layout is not cargo's, or the build fails (cargo's output is included).
+/// When the binary is not where cargo puts it, or [`BINARY_ENV`] names no file.
 pub fn http_binary() -> Result<PathBuf> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
@@ -43,7 +45,30 @@ fn locate_or_build() -> Result<PathBuf> {
         }
         return Ok(path);
     }
-    build_example("http", BINARY_ENV)
+    if let Some(path) = std::env::var_os("CARGO_BIN_EXE_demo") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let binary = exe
+        .parent()
+        .filter(|dir| dir.file_name().is_some_and(|dir| dir == "deps"))
+        .and_then(Path::parent)
+        .map(|profile_dir| profile_dir.join("demo"))
+        .with_context(|| {
+            format!(
+                "{} is not in a cargo `deps` directory and CARGO_BIN_EXE_demo is not set; \
+                 set {BINARY_ENV}",
+                exe.display()
+            )
+        })?;
+    if !binary.is_file() {
+        bail!(
+            "the demo binary {} does not exist: build it with `cargo build -p \
+             coreloop-integration-tests --bins`, or set {BINARY_ENV}",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 /// Builds example `name` for the profile the running test was built with and returns its
@@ -148,7 +173,12 @@ fn build_example(name: &str, override_env: &str) -> Result<PathBuf> {
 pub const EXAMPLES_DIR_ENV: &str = "CORELOOP_EXAMPLES_DIR";
 
 /// Path of the example `name` of the `coreloop-examples` package (`"hyper_auto"`,
-/// `"axum"`, `"tls"`, …), built if needed exactly as [`http_binary`] builds the demo.
+/// `"axum"`, `"tls"`, …), built if needed.
+///
+/// Unlike the demo ([`http_binary`]), an example is not a binary of this package: each is
+/// a standalone `main`, the code a user copies, with nothing in a library to call from a
+/// thin binary here, and `CARGO_BIN_EXE_*` names only this package's binaries. So the
+/// examples are built with cargo, as follows.
 ///
 /// The first call for a name in a process runs `cargo build --workspace --locked
 /// --example <name>` for the running test's profile and target directory: it builds a

@@ -1,9 +1,9 @@
-//! Black-box test harness for coreloop: runs the real demo binary (`examples/http`), or
+//! Black-box test harness for coreloop: runs the real demo binary (`coreloop-demo`), or
 //! one of the fixture binaries of this package (`src/bin/fixture-*.rs`, built on the
 //! [`fixture`] module), and looks at it only from the outside, through sockets, signals,
 //! its log on stderr and `/proc`.
 //!
-//! - [`binary`]: finding (and building) the demo and the other examples.
+//! - [`binary`]: finding the demo, and building the examples.
 //! - [`server`]: [`Server`], a running server under test, and how to start it.
 //! - [`events`]: the captured log as lifecycle [`Event`]s (the stable `event` field and
 //!   typed fields), and the waits on them.

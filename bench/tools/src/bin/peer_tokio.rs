@@ -1,21 +1,17 @@
 //! Benchmark peer: one process, tokio's multi-thread runtime, a plain accept loop. It
-//! serves the demo's exact HTTP responder (`http/respond.rs`), so a comparison with the
+//! serves the demo's exact HTTP responder (`coreloop_demo::serve`), so a comparison with the
 //! demo measures the process model and nothing else.
 //!
 //! ```text
-//! cargo run --release --example peer_tokio -- --bind 127.0.0.1:8081 --threads 2
+//! cargo run --release -p coreloop-bench --bin peer_tokio -- --bind 127.0.0.1:8081 --threads 2
 //! ```
 #![deny(warnings)]
-
-#[path = "http/respond.rs"]
-#[allow(dead_code)]
-mod respond;
 
 use std::sync::Arc;
 
 use clap::Parser;
 use coreloop::ShutdownSignal;
-use respond::{Identity, Limits};
+use coreloop_demo::{Identity, Limits};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -53,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             stream.set_nodelay(true)?;
             let (who, limits, shutdown) = (Arc::clone(&who), Arc::clone(&limits), shutdown.clone());
             tokio::spawn(async move {
-                let _ = respond::serve(&mut stream, &who, &limits, &shutdown).await;
+                let _ = coreloop_demo::serve(&mut stream, &who, &limits, &shutdown).await;
             });
         }
     })

@@ -1,36 +1,6 @@
 //! The demo's HTTP/1.1 responder: keep-alive, pipelining, bounded buffers, timeouts, and
-//! the status codes a client expects for bad input.
-//!
-//! Parsing of request heads is `httparse`'s; this module owns the connection loop around
-//! it: read into one bounded buffer, answer up to [`Limits::max_pipeline`] complete requests
-//! from it, write those answers with one call, and repeat. Request bodies are read and
-//! discarded as they arrive (never buffered whole), with `Content-Length` or `chunked`
-//! framing.
-//!
-//! What a client can make the worker hold or wait for, and what it gets past each limit
-//! (every error answer carries `Connection: close`, and the connection is then closed
-//! after a short "lingering" read that keeps the answer from being destroyed by a reset):
-//!
-//! | limit ([`Limits`]) | past it |
-//! |---|---|
-//! | `max_request_line`: request line, bytes | 414 URI Too Long (RFC 9112 §3: a request target longer than the server parses) |
-//! | `max_header_bytes`: request head, bytes | 431 |
-//! | `max_headers`: header fields | 431 |
-//! | `header_timeout`: from a head's first byte (from the connection's start for the first request) until the head is complete | 408, or a quiet close if nothing at all arrived |
-//! | `max_body_bytes`: body, bytes (`Content-Length`, or the sum of the chunk sizes) | 413 |
-//! | `body_timeout`: silence while a body is expected | 408 |
-//! | `idle_timeout`: silence between requests on a keep-alive connection | quiet close |
-//! | `send_timeout`: a write that makes no progress (the client does not read) | close |
-//! | `max_pipeline`: requests answered before their answers are written | the rest wait in the buffer: the answers to at most this many requests are buffered, and the next requests are read only once those are written (backpressure) |
-//!
-//! Framing errors get 400 and a close: both `Content-Length` and `Transfer-Encoding`,
-//! differing `Content-Length`s, a `Content-Length` that is not a plain decimal number,
-//! `Transfer-Encoding` on HTTP/1.0, `chunked` not the final coding or applied twice, an
-//! invalid chunk-size line, chunk data not followed by CRLF, or a malformed trailer.
-//! A transfer coding other than `chunked`, `gzip`, `deflate` or `compress` gets 501. An
-//! `Expect` other than `100-continue` gets 417. `Expect: 100-continue` gets an interim
-//! `100 Continue` once the head is accepted (or the final error status instead, such as 413
-//! for a declared body over the limit), unless the body is already arriving.
+//! the status codes a client expects for bad input. The entry point is [`serve`], whose
+//! documentation lists what a client gets past each limit.
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -41,8 +11,8 @@ use coreloop::{ShutdownSignal, TimeoutStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
-/// Upper bound for [`Limits::max_headers`] (the parser's header array lives on the stack).
-pub(crate) const MAX_HEADERS_CAP: usize = 256;
+use crate::limits::{Identity, Limits, VERSION};
+use crate::parse::{Body, Chunk, Decoder, Head, Method, Request, parse_head};
 
 /// Initial capacity of a connection's input and output buffers.
 const INITIAL_BUFFER: usize = 4096;
@@ -50,76 +20,11 @@ const INITIAL_BUFFER: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
 /// A buffer that grew past this (a large head) is shrunk back once it is empty.
 const SHRINK_ABOVE: usize = 64 * 1024;
-/// Longest chunk-size line of a chunked body (the size and any extensions).
-const MAX_CHUNK_LINE: usize = 4096;
 /// Before closing a connection that may still be sending (after an error answer, or with
 /// unread pipelined input), how long and how much input is read and discarded, so that
 /// the close does not turn into a reset that destroys the answer in the client's buffer.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1024 * 1024;
-
-/// Bounds on what one connection may make the worker hold or wait for.
-#[derive(Debug, Clone)]
-pub(crate) struct Limits {
-    /// Largest request head (request line and headers), bytes.
-    pub(crate) max_header_bytes: usize,
-    /// Most headers in one request.
-    pub(crate) max_headers: usize,
-    /// Longest request line (method, target and version, without the CRLF), bytes.
-    pub(crate) max_request_line: usize,
-    /// Largest request body accepted (and discarded), bytes.
-    pub(crate) max_body_bytes: u64,
-    /// Most requests answered before the answers are written (the answers buffered per
-    /// connection at any time).
-    pub(crate) max_pipeline: usize,
-    /// Time allowed to receive a whole request head once it has started (for the first
-    /// request of a connection: once the connection has been handed to the handler).
-    pub(crate) header_timeout: Duration,
-    /// Longest silence while a request body is expected.
-    pub(crate) body_timeout: Duration,
-    /// Time an idle keep-alive connection is kept open.
-    pub(crate) idle_timeout: Duration,
-    /// Longest a write may wait for the client to make room (a client that does not read).
-    pub(crate) send_timeout: Duration,
-    /// Longest `/sleep` or `/burn`, milliseconds.
-    pub(crate) max_delay_ms: u64,
-    /// Once the worker drains, how long an idle keep-alive connection still waits for a
-    /// request that may already be on its way.
-    pub(crate) drain_linger: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_header_bytes: 8 * 1024,
-            max_headers: 64,
-            max_request_line: 8 * 1024,
-            max_body_bytes: 1024 * 1024,
-            max_pipeline: 64,
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(75),
-            send_timeout: Duration::from_secs(30),
-            max_delay_ms: 60_000,
-            drain_linger: Duration::from_millis(250),
-        }
-    }
-}
-
-/// The demo's version, shown by `/whoami` and `--version`: `CORELOOP_DEMO_VERSION` at
-/// build time, else the package version. Set it to tell two builds apart across a binary
-/// upgrade: `CORELOOP_DEMO_VERSION=2 cargo build --release --example http`, then SIGUSR2.
-pub(crate) const VERSION: &str = match option_env!("CORELOOP_DEMO_VERSION") {
-    Some(version) => version,
-    None => env!("CARGO_PKG_VERSION"),
-};
-
-/// Who is answering: shown by `/whoami`.
-#[derive(Debug, Clone)]
-pub(crate) struct Identity {
-    pub(crate) worker: usize,
-    pub(crate) pid: u32,
-}
 
 /// The connection's stream with its timeouts.
 type Io<'a, S> = Pin<&'a mut TimeoutStream<S>>;
@@ -135,13 +40,44 @@ enum End {
 }
 
 /// Serves HTTP/1.1 on `stream` until the client closes, asks to close, sends something
-/// invalid, times out, or the worker drains (then at the next request boundary).
+/// invalid, times out, or the worker drains (then at the next request boundary): the
+/// demo's responder, for one connection.
+///
+/// Request heads are parsed by `httparse`; around it runs the connection loop: read into
+/// one bounded buffer, answer up to [`Limits::max_pipeline`] complete requests from it,
+/// write those answers with one call, and repeat. Request bodies are read and discarded as
+/// they arrive (never buffered whole), with `Content-Length` or `chunked` framing.
+///
+/// What a client can make the worker hold or wait for, and what it gets past each limit
+/// (every error answer carries `Connection: close`, and the connection is then closed
+/// after a short "lingering" read that keeps the answer from being destroyed by a reset):
+///
+/// | limit ([`Limits`]) | past it |
+/// |---|---|
+/// | `max_request_line`: request line, bytes | 414 URI Too Long (RFC 9112 §3: a request target longer than the server parses) |
+/// | `max_header_bytes`: request head, bytes | 431 |
+/// | `max_headers`: header fields | 431 |
+/// | `header_timeout`: from a head's first byte (from the connection's start for the first request) until the head is complete | 408, or a quiet close if nothing at all arrived |
+/// | `max_body_bytes`: body, bytes (`Content-Length`, or the sum of the chunk sizes) | 413 |
+/// | `body_timeout`: silence while a body is expected | 408 |
+/// | `idle_timeout`: silence between requests on a keep-alive connection | quiet close |
+/// | `send_timeout`: a write that makes no progress (the client does not read) | close |
+/// | `max_pipeline`: requests answered before their answers are written | the rest wait in the buffer: the answers to at most this many requests are buffered, and the next requests are read only once those are written (backpressure) |
+///
+/// Framing errors get 400 and a close: both `Content-Length` and `Transfer-Encoding`,
+/// differing `Content-Length`s, a `Content-Length` that is not a plain decimal number,
+/// `Transfer-Encoding` on HTTP/1.0, `chunked` not the final coding or applied twice, an
+/// invalid chunk-size line, chunk data not followed by CRLF, or a malformed trailer.
+/// A transfer coding other than `chunked`, `gzip`, `deflate` or `compress` gets 501. An
+/// `Expect` other than `100-continue` gets 417. `Expect: 100-continue` gets an interim
+/// `100 Continue` once the head is accepted (or the final error status instead, such as 413
+/// for a declared body over the limit), unless the body is already arriving.
 ///
 /// # Errors
 ///
 /// I/O errors of the stream (a reset, for example). Timeouts are not errors: they end the
-/// connection as described in the module documentation, with `Ok`.
-pub(crate) async fn serve<S>(
+/// connection as described above, with `Ok`.
+pub async fn serve<S>(
     stream: &mut S,
     who: &Identity,
     limits: &Limits,
@@ -344,199 +280,6 @@ async fn input_waiting<S: AsyncRead>(mut io: Io<'_, S>) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// Request heads
-// ---------------------------------------------------------------------------------------
-
-struct Request {
-    method: Method,
-    path: String,
-    /// HTTP/1.x minor version.
-    version: u8,
-    keep_alive: bool,
-    expect_continue: bool,
-    head_len: usize,
-    body: Body,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Method {
-    Get,
-    Head,
-    Post,
-    Other,
-}
-
-/// How the body of a request is framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
-    Empty,
-    Length(u64),
-    Chunked,
-}
-
-enum Head {
-    Partial,
-    Bad(u16),
-    Request(Request),
-}
-
-fn parse_head(input: &[u8], limits: &Limits) -> Head {
-    if input.is_empty() {
-        return Head::Partial;
-    }
-    // The request line (after any empty lines, which are ignored).
-    let start = input
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(input.len());
-    let line = &input[start..];
-    let line_len = match line.iter().position(|&b| b == b'\n') {
-        Some(end) => end - usize::from(end > 0 && line[end - 1] == b'\r'),
-        None => line.len(),
-    };
-    if line_len > limits.max_request_line {
-        return Head::Bad(414);
-    }
-
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
-    let mut req =
-        httparse::Request::new(&mut storage[..limits.max_headers.clamp(1, MAX_HEADERS_CAP)]);
-    let head_len = match req.parse(input) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            return if input.len() > limits.max_header_bytes {
-                Head::Bad(431)
-            } else {
-                Head::Partial
-            };
-        }
-        Err(httparse::Error::TooManyHeaders) => return Head::Bad(431),
-        Err(_) => return Head::Bad(400),
-    };
-    if head_len > limits.max_header_bytes {
-        return Head::Bad(431);
-    }
-    let version = req.version.unwrap_or(1);
-    let mut keep_alive = version == 1;
-    let mut expect_continue = false;
-    let mut content_length: Option<u64> = None;
-    let mut codings = Codings::default();
-    for header in req.headers.iter() {
-        let value = header.value.trim_ascii();
-        if header.name.eq_ignore_ascii_case("connection") {
-            for token in value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                }
-            }
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            // Digits only: no sign, no list, no spaces inside.
-            let Some(len) = parse_decimal(value) else {
-                return Head::Bad(400);
-            };
-            if content_length.is_some_and(|prev| prev != len) {
-                return Head::Bad(400);
-            }
-            content_length = Some(len);
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            codings.add(value);
-        } else if header.name.eq_ignore_ascii_case("expect") {
-            if value.eq_ignore_ascii_case(b"100-continue") {
-                // HTTP/1.0 clients do not wait for it (RFC 9110 §10.1.1).
-                expect_continue = version == 1;
-            } else {
-                return Head::Bad(417);
-            }
-        }
-    }
-    let body = if codings.present {
-        if version == 0 || content_length.is_some() {
-            return Head::Bad(400);
-        }
-        if codings.chunked != 1 || !codings.last_chunked || codings.empty {
-            return Head::Bad(400);
-        }
-        if codings.unknown {
-            return Head::Bad(501);
-        }
-        Body::Chunked
-    } else {
-        match content_length {
-            None | Some(0) => Body::Empty,
-            Some(len) if len > limits.max_body_bytes => return Head::Bad(413),
-            Some(len) => Body::Length(len),
-        }
-    };
-    let method = match req.method {
-        Some("GET") => Method::Get,
-        Some("HEAD") => Method::Head,
-        Some("POST") => Method::Post,
-        _ => Method::Other,
-    };
-    Head::Request(Request {
-        method,
-        path: req.path.unwrap_or("/").to_owned(),
-        version,
-        keep_alive,
-        expect_continue,
-        head_len,
-        body,
-    })
-}
-
-/// The transfer codings of a request, over all its `Transfer-Encoding` fields in order.
-#[derive(Default)]
-struct Codings {
-    present: bool,
-    chunked: usize,
-    last_chunked: bool,
-    unknown: bool,
-    /// A field with no coding at all.
-    empty: bool,
-}
-
-impl Codings {
-    fn add(&mut self, value: &[u8]) {
-        self.present = true;
-        let mut any = false;
-        for coding in value.split(|&b| b == b',') {
-            let coding = coding.trim_ascii();
-            if coding.is_empty() {
-                continue;
-            }
-            any = true;
-            let chunked = coding.eq_ignore_ascii_case(b"chunked");
-            self.chunked += usize::from(chunked);
-            self.last_chunked = chunked;
-            let known = [
-                &b"gzip"[..],
-                b"x-gzip",
-                b"deflate",
-                b"compress",
-                b"x-compress",
-            ]
-            .iter()
-            .any(|name| coding.eq_ignore_ascii_case(name));
-            self.unknown |= !chunked && !known;
-        }
-        self.empty |= !any;
-    }
-}
-
-/// A non-empty string of ASCII digits that fits in a `u64`.
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-// ---------------------------------------------------------------------------------------
 // Request bodies
 // ---------------------------------------------------------------------------------------
 
@@ -596,149 +339,6 @@ async fn read_body<S: AsyncRead + AsyncWrite>(
             Err(err) => return Err(BodyError::Io(err)),
         }
     }
-}
-
-/// Body framing state.
-enum Decoder {
-    /// Bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-}
-
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data: bytes still to come.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer fields until an empty line; bytes of trailers so far.
-    Trailers(usize),
-}
-
-impl Decoder {
-    /// Consumes what belongs to the body at the start of `input`. Returns the bytes used
-    /// and whether the body is complete, or the status that refuses it.
-    fn feed(
-        &mut self,
-        input: &[u8],
-        received: &mut u64,
-        limits: &Limits,
-    ) -> Result<(usize, bool), u16> {
-        let chunk = match self {
-            Decoder::Length(remaining) => {
-                let take = (*remaining).min(input.len() as u64);
-                *remaining -= take;
-                *received += take;
-                // take <= input.len()
-                return Ok((take as usize, *remaining == 0));
-            }
-            Decoder::Chunked(chunk) => chunk,
-        };
-        let mut at = 0usize;
-        loop {
-            let rest = &input[at..];
-            match chunk {
-                Chunk::Size => {
-                    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-                        return if rest.len() > MAX_CHUNK_LINE {
-                            Err(400)
-                        } else {
-                            Ok((at, false))
-                        };
-                    };
-                    if end > MAX_CHUNK_LINE {
-                        return Err(400);
-                    }
-                    let size = parse_chunk_size(&rest[..end]).ok_or(400u16)?;
-                    at += end + 1;
-                    *received = received.checked_add(size).ok_or(413u16)?;
-                    if *received > limits.max_body_bytes {
-                        return Err(413);
-                    }
-                    *chunk = if size == 0 {
-                        Chunk::Trailers(0)
-                    } else {
-                        Chunk::Data(size)
-                    };
-                }
-                Chunk::Data(left) => {
-                    let take = (*left).min(rest.len() as u64);
-                    *left -= take;
-                    at += take as usize;
-                    if *left > 0 {
-                        return Ok((at, false));
-                    }
-                    *chunk = Chunk::DataEnd;
-                }
-                Chunk::DataEnd => match rest {
-                    [b'\r', b'\n', ..] => {
-                        at += 2;
-                        *chunk = Chunk::Size;
-                    }
-                    [] | [b'\r'] => return Ok((at, false)),
-                    _ => return Err(400),
-                },
-                Chunk::Trailers(total) => {
-                    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-                        return if *total + rest.len() > limits.max_header_bytes {
-                            Err(431)
-                        } else {
-                            Ok((at, false))
-                        };
-                    };
-                    let line = rest[..end].strip_suffix(b"\r").ok_or(400u16)?;
-                    at += end + 1;
-                    if line.is_empty() {
-                        return Ok((at, true));
-                    }
-                    *total += end + 1;
-                    if *total > limits.max_header_bytes {
-                        return Err(431);
-                    }
-                    if !is_field_line(line) {
-                        return Err(400);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `chunk-size [ BWS ";" chunk-ext ] CR` (the LF is cut off): 1 to 16 hex digits, then
-/// optionally extensions, which are ignored but may not hold control characters.
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
-    let line = line.strip_suffix(b"\r")?;
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
-        return None;
-    }
-    let size = line[..digits].iter().fold(0u64, |acc, &d| {
-        // At most 16 hex digits: no overflow.
-        (acc << 4) | u64::from((d as char).to_digit(16).unwrap_or(0))
-    });
-    let rest = &line[digits..];
-    let rest = &rest[rest
-        .iter()
-        .take_while(|&&b| b == b' ' || b == b'\t')
-        .count()..];
-    match rest.first() {
-        None => Some(size),
-        Some(b';') if !rest.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) => Some(size),
-        Some(_) => None,
-    }
-}
-
-/// `name ":" value`, with a non-empty token for a name.
-fn is_field_line(line: &[u8]) -> bool {
-    let Some(colon) = line.iter().position(|&b| b == b':') else {
-        return false;
-    };
-    colon > 0
-        && line[..colon]
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        && !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,28 +1,4 @@
-//! The demo HTTP/1.1 responder: coreloop's supervisor and workers serving a small, fast
-//! HTTP server.
-//!
-//! ```text
-//! cargo run --release --example http                      # 127.0.0.1:8080, one worker per CPU
-//! systemd-socket-activate -l 127.0.0.1:9000 target/release/examples/http   # serves port 9000
-//! cargo run --release --example http -- --bind 127.0.0.1:8080 --bind unix:/tmp/demo.sock --workers 4
-//! curl http://127.0.0.1:8080/whoami                       # worker=<id> pid=<pid> version=<v>
-//! wrk -c64 -d10s http://127.0.0.1:8080/
-//! ```
-//!
-//! Endpoints: `GET /` (`Hello, world!`), `/whoami`, `/sleep?ms=N` (answers after N ms
-//! without blocking the worker), `/burn?ms=N` (burns N ms of CPU on the worker: the
-//! expensive request of skewed-load benchmarks), `/block?ms=N` (blocks the worker's event
-//! loop for N ms without using CPU, like a synchronous database call), `POST /discard`
-//! (reads and discards the request body, `Content-Length` or chunked, and answers
-//! `discarded N bytes`). Logs go to stderr; `RUST_LOG` filters them (default `info`).
-//!
-//! Every limit on what a client may make a worker hold or wait for is a flag
-//! (`--max-request-line`, `--max-header-bytes`, `--max-headers`, `--max-body-bytes`,
-//! `--max-pipeline`, `--header-timeout`, `--body-timeout`, `--idle-timeout`,
-//! `--send-timeout`); `respond.rs` lists what each violation gets.
-#![deny(warnings)]
-
-mod respond;
+//! The command line (`Args`) and the [`Server`] built from it: the demo's `main`.
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -31,10 +7,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use coreloop::{Conn, Dispatch, Distribution, ListenAddr, Server, ToListenAddrs};
-use respond::{Identity, Limits};
+
+use crate::limits::{Identity, Limits, VERSION};
 
 #[derive(Debug, Parser)]
-#[command(about = "coreloop's demo HTTP/1.1 responder", version = respond::VERSION)]
+#[command(about = "coreloop's demo HTTP/1.1 responder", version = VERSION)]
 struct Args {
     /// Address to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, or `systemd` /
     /// `systemd:NAME` for sockets passed by systemd (socket activation). Repeatable.
@@ -187,7 +164,16 @@ fn worker_identity(user: Option<&str>, group: Option<&str>) -> anyhow::Result<Op
     Ok(Some((uid, gid)))
 }
 
-fn main() -> anyhow::Result<()> {
+/// The demo's `main`: parses the command line, installs the log subscriber, builds the
+/// [`Server`] and runs it until it stops. The supervisor and every worker run it (workers
+/// are this same binary, started again by coreloop), so a binary whose `main` only calls
+/// this one is the demo, whatever its name (the integration tests have one).
+///
+/// # Errors
+///
+/// A bad command line that clap does not reject itself (`--unix-mode`, `--user`, …), an
+/// address that cannot be bound, or a server that stops with an error.
+pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -288,7 +274,7 @@ fn main() -> anyhow::Result<()> {
                 let limits = Rc::clone(&limits);
                 async move {
                     let shutdown = conn.shutdown_signal();
-                    respond::serve(conn.stream_mut(), &who, &limits, &shutdown).await
+                    crate::serve(conn.stream_mut(), &who, &limits, &shutdown).await
                 }
             }
         })

@@ -1,25 +1,21 @@
 //! Benchmark peer: N processes, each with its own `SO_REUSEPORT` listening socket and a
 //! `current_thread` runtime, so the kernel spreads connections by hash. It serves the
-//! demo's exact HTTP responder (`http/respond.rs`).
+//! demo's exact HTTP responder (`coreloop_demo::serve`).
 //!
 //! ```text
-//! cargo run --release --example peer_reuseport -- --bind 127.0.0.1:8082 --processes 2
+//! cargo run --release -p coreloop-bench --bin peer_reuseport -- --bind 127.0.0.1:8082 --processes 2
 //! ```
 //!
 //! The first process starts the others (by re-executing itself, never `fork()`) and kills
 //! them when it receives SIGTERM or SIGINT, or when any of them exits.
 #![deny(warnings)]
 
-#[path = "http/respond.rs"]
-#[allow(dead_code)]
-mod respond;
-
 use std::net::SocketAddr;
 use std::rc::Rc;
 
 use clap::Parser;
 use coreloop::ShutdownSignal;
-use respond::{Identity, Limits};
+use coreloop_demo::{Identity, Limits};
 use socket2::{Domain, Socket, Type};
 
 #[derive(Debug, Parser)]
@@ -104,7 +100,7 @@ fn serve(addr: SocketAddr, index: usize) -> anyhow::Result<()> {
             stream.set_nodelay(true)?;
             let (who, limits, shutdown) = (Rc::clone(&who), Rc::clone(&limits), shutdown.clone());
             tokio::task::spawn_local(async move {
-                let _ = respond::serve(&mut stream, &who, &limits, &shutdown).await;
+                let _ = coreloop_demo::serve(&mut stream, &who, &limits, &shutdown).await;
             });
         }
     })

@@ -6,7 +6,7 @@
 //! clients simply wait and send less).
 //!
 //! ```text
-//! cargo run --release --example openloop -- --addr 127.0.0.1:8080 --rate 3000 --duration 10 \
+//! cargo run --release -p coreloop-bench --bin openloop -- --addr 127.0.0.1:8080 --rate 3000 --duration 10 \
 //!     --burn-every 20 --burn-ms 5
 //! ```
 //!
