@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark coreloop's demo HTTP server against its peers (stdlib only).
 
-Run it through ``bench/run`` (installs wrk/nginx/gnuplot, builds the examples). Direct use:
+Run it through ``bench/run`` (installs wrk/nginx/gnuplot, builds the demo, the peers and the
+open-loop generator). Direct use:
 
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
@@ -39,7 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-BIN = ROOT / "target" / "release" / "examples"
+# Where `cargo build --release -p coreloop-demo -p coreloop-bench` puts the binaries (cargo
+# reads CARGO_TARGET_DIR relative to the directory it runs in, ROOT for bench/run).
+BIN = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "release"
 NGINX = Path("/usr/sbin/nginx")
 DOC = ROOT / "docs" / "benchmarks.md"
 SVG = ROOT / "docs" / "benchmarks.svg"
@@ -87,24 +90,24 @@ def _nginx_argv(port: int, workers: int, tmp: Path) -> list[str]:
 
 SERVERS: dict[str, dict] = {
     "coreloop": dict(
-        argv=lambda p, w, t: [str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w)],
+        argv=lambda p, w, t: [str(BIN / "coreloop-demo"), "--bind", f"{HOST}:{p}", "--workers", str(w)],
         family="coreloop", stall=True, burn=True, whoami=True, procs=lambda w: w + 1,
-        what="coreloop supervisor + W worker processes (examples/http)",
+        what="coreloop supervisor + W worker processes (the demo, crates/coreloop-demo)",
     ),
     "coreloop-reuseport": dict(
-        argv=lambda p, w, t: [str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w), "--mode", "reuseport"],
+        argv=lambda p, w, t: [str(BIN / "coreloop-demo"), "--bind", f"{HOST}:{p}", "--workers", str(w), "--mode", "reuseport"],
         family="coreloop", stall=True, burn=True, whoami=True, procs=lambda w: w + 1,
         what="coreloop, --mode reuseport: each worker accepts on its own SO_REUSEPORT socket",
     ),
     "tokio": dict(
         argv=lambda p, w, t: [str(BIN / "peer_tokio"), "--bind", f"{HOST}:{p}", "--threads", str(w)],
         family="peer", stall=False, burn=True, whoami=True, procs=lambda w: 1,
-        what="one process, tokio multi-thread runtime with W threads (examples/peer_tokio.rs)",
+        what="one process, tokio multi-thread runtime with W threads (bench/tools/src/bin/peer_tokio.rs)",
     ),
     "reuseport": dict(
         argv=lambda p, w, t: [str(BIN / "peer_reuseport"), "--bind", f"{HOST}:{p}", "--processes", str(w)],
         family="peer", stall=True, burn=True, whoami=True, procs=lambda w: w + 1,
-        what="W SO_REUSEPORT current_thread processes, children of a first one (examples/peer_reuseport.rs)",
+        what="W SO_REUSEPORT current_thread processes, children of a first one (bench/tools/src/bin/peer_reuseport.rs)",
     ),
     "nginx": dict(
         argv=_nginx_argv,
@@ -132,7 +135,7 @@ LOADS: dict[str, dict] = {
     "stalled": dict(wrk=["-t2", "-c64", "--latency", "-s", str(BENCH / "report.lua"),
                          "-H", "Connection: close"],
                     what="the close load while one worker process is SIGSTOPped (W=2 only)"),
-    # Open loop (examples/openloop.rs): requests start on a fixed schedule whatever the
+    # Open loop (bench/tools/src/bin/openloop.rs): requests start on a fixed schedule whatever the
     # server does, and latency counts from the scheduled start, so a request stuck behind
     # a long one shows. A closed loop at saturation (`skewed`) cannot show it: there every
     # server's mean latency is clients / throughput (Little's law), whoever picks workers.
@@ -296,7 +299,7 @@ class Server:
         argv = SERVERS[self.name]["argv"](self.port, self.workers, self.tmp)
         self.argv = argv
         if not Path(argv[0]).exists():
-            hint = ("cargo build --release --examples" if Path(argv[0]).parent == BIN
+            hint = ("cargo build --release -p coreloop-demo -p coreloop-bench" if Path(argv[0]).parent == BIN
                     else "bench/run installs it")
             raise RuntimeError(f"{argv[0]} not found ({hint})")
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"),
@@ -874,10 +877,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--stall-settle", type=float, default=4.0, metavar="SECS",
                     help="stalled load: seconds between SIGSTOP and the start of wrk (default 4)")
     ap.add_argument("--baseline", metavar="BIN",
-                    help="also run server 'coreloop-base': this build of examples/http (e.g. a "
+                    help="also run server 'coreloop-base': this build of the demo (e.g. a "
                          "copy built from main), interleaved with the others, for A/B runs")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                    help="also run server NAME: the current examples/http with extra "
+                    help="also run server NAME: the current demo build with extra "
                          "space-separated ARGS (e.g. 'pinned=--pin-workers'); words of the "
                          "form VAR=VALUE go to its environment instead; repeatable")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
@@ -908,7 +911,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         SERVERS[name] = dict(
             SERVERS["coreloop"],
             argv=lambda p, w, t, more=more: [
-                str(BIN / "http"), "--bind", f"{HOST}:{p}", "--workers", str(w), *more],
+                str(BIN / "coreloop-demo"), "--bind", f"{HOST}:{p}", "--workers", str(w), *more],
             env=env,
             what=f"coreloop with {args}",
         )

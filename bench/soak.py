@@ -47,7 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BINARY = ROOT / "target" / "release" / "examples" / "http"
+# Where `cargo build --release -p coreloop-demo` puts it (cargo reads CARGO_TARGET_DIR
+# relative to the directory it runs in, ROOT for bench/soak).
+DEFAULT_BINARY = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "release" / "coreloop-demo"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 HOST = "127.0.0.1"
@@ -407,7 +409,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sample-interval", type=float, default=1.0)
     parser.add_argument("--binary", type=Path, default=DEFAULT_BINARY,
-                        help="the demo binary (default: target/release/examples/http)")
+                        help="the demo binary (default: target/release/coreloop-demo)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-doc", action="store_true",
                         help="do not rewrite the Soak section of docs/benchmarks.md")

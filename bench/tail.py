@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Where the tail of an open-loop run comes from: reads the file that
-``examples/openloop --dump FILE`` writes (one line per answered request: scheduled start µs,
-how late its task started µs, connect-to-last-byte µs, latency µs, 1 if slow, worker pid)
+"""Where the tail of an open-loop run comes from: reads the file that ``openloop --dump
+FILE`` (package coreloop-bench, bench/tools) writes (one line per answered request:
+scheduled start µs, how late its task started µs, connect-to-last-byte µs, latency µs, 1
+if slow, worker pid)
 and prints, for the slowest 1% of the cheap requests, how late the load generator itself
 started them, how long the server took, how long after a slow request they were
 scheduled and which workers answered them; then the cheap requests around a few slow ones.
 
-    cargo run --release --example openloop -- --addr 127.0.0.1:8080 --rate 3000 \\
+    cargo run --release -p coreloop-bench --bin openloop -- --addr 127.0.0.1:8080 --rate 3000 \\
         --duration 6 --burn-every 200 --cheap-path /whoami --dump /tmp/dump.txt
     python3 bench/tail.py /tmp/dump.txt
 
