@@ -40,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-# Where `cargo build --release -p coreloop-demo -p coreloop-bench` puts the binaries (cargo
-# reads CARGO_TARGET_DIR relative to the directory it runs in, ROOT for bench/run).
+# Where bench/run's `cargo build --release -p coreloop-demo` and `-p coreloop-bench` put the
+# binaries (cargo reads CARGO_TARGET_DIR relative to the directory it runs in: ROOT).
 BIN = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "release"
 NGINX = Path("/usr/sbin/nginx")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -299,7 +299,7 @@ class Server:
         argv = SERVERS[self.name]["argv"](self.port, self.workers, self.tmp)
         self.argv = argv
         if not Path(argv[0]).exists():
-            hint = ("cargo build --release -p coreloop-demo -p coreloop-bench" if Path(argv[0]).parent == BIN
+            hint = ("bench/run builds it" if Path(argv[0]).parent == BIN
                     else "bench/run installs it")
             raise RuntimeError(f"{argv[0]} not found ({hint})")
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"),
