@@ -3,13 +3,11 @@
 //!
 //! When connections arrive faster than the supervisor could usefully wake for each one,
 //! the accept loop polls the listeners on a timer and forwards each poll's connections as
-//! one batch (see the supervisor's `accept_loop`). Every poll costs a fixed amount: the
+//! one batch (see the accept loop). Every poll costs a fixed amount: the
 //! supervisor's wake-up, one message per worker that gets connections and that worker's
 //! wake-up. A short interval adds little latency; a long one forwards bigger batches for
-//! the same fixed cost. Measured on 2 cores under a connection-per-request `wrk` load,
-//! polling every 1 ms instead of every 250 µs cut the server's CPU per request by a
-//! quarter (43 → 30 µs) and raised throughput by 18 %, but at 5,000 connections per second,
-//! with cores to spare, it added half a millisecond to the median latency (360 → 800 µs).
+//! the same fixed cost, which saves CPU per request while the CPUs are saturated and only
+//! adds latency while they are not (docs/benchmarks.md has the measurements).
 //!
 //! So the interval is chosen by whether a CPU is to be had: [`Pace`] reads the
 //! supervisor thread's scheduler statistics (`/proc/thread-self/schedstat`: time spent
@@ -31,9 +29,9 @@ use prometheus_client::metrics::gauge::Gauge;
 pub(crate) const MIN: Duration = Duration::from_micros(250);
 /// The longest polling interval, used while the CPUs are saturated.
 pub(crate) const MAX: Duration = Duration::from_millis(1);
-/// Average wait of the woken supervisor for a CPU above which the interval grows. On an
-/// idle 2-core virtual machine a wake-up waits 5 to 8 µs; at 10,000 connections per
-/// second (the cores shared with the load generator) 15 µs, at saturation 20 to 100 µs.
+/// Average wait of the woken supervisor for a CPU above which the interval grows: above
+/// what a wake-up waits on idle cores, below what it waits once the cores are shared with
+/// the work (docs/benchmarks.md has the waits measured).
 pub(crate) const CONTENDED: Duration = Duration::from_micros(12);
 /// Average wait below which the interval shrinks. Between the two thresholds it stays, so
 /// that it does not flap.
