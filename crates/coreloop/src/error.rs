@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 
 use crate::addr::{ListenAddr, SYNTAX};
+use crate::id::WorkerId;
 
 /// Boxed error returned by handlers and factories.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,7 +88,7 @@ pub enum Error {
     #[error("cannot start worker {id}")]
     SpawnWorker {
         /// The worker's id.
-        id: usize,
+        id: WorkerId,
         /// The spawn error.
         #[source]
         source: io::Error,
@@ -97,7 +98,7 @@ pub enum Error {
     #[error("worker {id} failed to start: {reason}")]
     WorkerStart {
         /// The worker's id.
-        id: usize,
+        id: WorkerId,
         /// What the worker reported.
         reason: String,
     },
@@ -109,7 +110,7 @@ pub enum Error {
     )]
     WorkerExited {
         /// The worker's id.
-        id: usize,
+        id: WorkerId,
         /// How it exited (`exit code 1`, `signal 9`).
         status: String,
     },
@@ -120,7 +121,7 @@ pub enum Error {
     )]
     StartFailures {
         /// The worker's id.
-        id: usize,
+        id: WorkerId,
         /// Consecutive start failures.
         failures: u32,
         /// What the worker reported the last time, or how it exited.
@@ -293,7 +294,7 @@ mod tests {
             Error::Runtime(source()),
             Error::Signal(source()),
             Error::SpawnWorker {
-                id: 1,
+                id: WorkerId(1),
                 source: source(),
             },
             Error::PidFile {
@@ -318,7 +319,7 @@ mod tests {
     #[test]
     fn a_worker_that_exits_before_ready_points_at_the_rule() {
         let err = Error::WorkerExited {
-            id: 0,
+            id: WorkerId(0),
             status: "exit code 1".into(),
         };
         let text = err.to_string();

@@ -15,26 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::BoxError;
+pub use crate::id::WorkerId;
 use crate::shutdown::ShutdownSignal;
 
 use crate::addr::PeerAddr;
-
-/// Identifies one worker slot: `0..workers`. A replacement worker keeps its slot's id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub(crate) usize);
-
-impl WorkerId {
-    /// The slot number.
-    pub fn get(self) -> usize {
-        self.0
-    }
-}
-
-impl std::fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// Serves one connection. Implemented for every `Fn(Conn) -> impl Future<Output =
 /// Result<(), E>>`, so an `async fn handle(conn: Conn) -> io::Result<()>` is a handler.

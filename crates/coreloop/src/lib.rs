@@ -124,6 +124,7 @@ mod error;
 mod exit;
 mod handle;
 mod handler;
+mod id;
 mod lifecycle;
 mod listener;
 mod metrics;

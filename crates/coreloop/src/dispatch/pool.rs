@@ -15,6 +15,7 @@ use super::Busy;
 use super::Planner;
 use super::load::{Reading, classify};
 use crate::exit::ExitReason;
+use crate::handler::WorkerId;
 use crate::metrics::Metrics;
 
 /// The pool of workers, shared by the accept loop, the dispatcher and the supervisor's
@@ -55,7 +56,7 @@ pub(crate) enum State {
 }
 
 pub(crate) struct Worker {
-    pub(crate) slot: usize,
+    pub(crate) slot: WorkerId,
     pub(crate) pid: u32,
     pub(crate) channel: Rc<Channel>,
     /// Our duplicate of the worker's end: what it has not read yet.
@@ -136,7 +137,7 @@ impl Pool {
     }
 
     /// Whether `slot` has a worker that is starting or serving (not draining).
-    pub(crate) fn slot_covered(&self, slot: usize) -> bool {
+    pub(crate) fn slot_covered(&self, slot: WorkerId) -> bool {
         self.workers
             .borrow()
             .iter()

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::pool::{Pool, State};
 use super::{Busy, Candidate};
+use crate::handler::WorkerId;
 
 /// An accepted connection waiting to be queued to a worker.
 pub(crate) struct Pending {
@@ -27,7 +28,7 @@ pub(crate) struct Pending {
 #[derive(Default)]
 pub(crate) struct Scratch {
     pub(crate) candidates: Vec<Candidate>,
-    pub(crate) channels: Vec<(Rc<Channel>, u32, usize)>,
+    pub(crate) channels: Vec<(Rc<Channel>, u32, WorkerId)>,
     pub(crate) plan: Vec<Option<usize>>,
     pub(crate) sent: Vec<bool>,
     pub(crate) excluded: Vec<u32>,
@@ -151,7 +152,7 @@ impl Pool {
     /// joins `excluded`) or the channel fails.
     fn send_share(
         &self,
-        (channel, pid, slot): &(Rc<Channel>, u32, usize),
+        (channel, pid, slot): &(Rc<Channel>, u32, WorkerId),
         planned: impl Iterator<Item = usize>,
         pending: &[Pending],
         sent: &mut [bool],
@@ -177,7 +178,7 @@ impl Pool {
                     return;
                 }
                 Err(TrySendError::Failed(err)) => {
-                    warn!(worker.id = slot, worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
+                    warn!(worker.id = slot.get(), worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
                     self.mark_draining(pid);
                     self.changed.notify_waiters();
                     return;

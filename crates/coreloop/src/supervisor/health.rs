@@ -15,6 +15,7 @@ use super::report::notify;
 use super::spawn::kill_worker;
 use crate::dispatch::{State, Worker};
 use crate::exit::ExitReason;
+use crate::handler::WorkerId;
 
 /// systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` every half period, but only while
 /// every ready worker's event loop is reporting, so that systemd sees a hung pool, not
@@ -32,7 +33,7 @@ pub(super) async fn watchdog_loop(shared: Rc<Shared>, period: Duration) {
             .borrow()
             .iter()
             .filter(|w| w.state == State::Ready && w.stalled)
-            .map(|w| (w.slot, w.pid))
+            .map(|w| (w.slot.get(), w.pid))
             .collect();
         let ready = shared.pool.count(|w| w.state == State::Ready);
         if stalled.is_empty() && ready > 0 {
@@ -97,7 +98,7 @@ pub(super) async fn health_loop(shared: Rc<Shared>) {
 #[derive(Default)]
 struct Findings {
     /// Workers to kill: slot, pid, why.
-    kill: Vec<(usize, u32, ExitReason)>,
+    kill: Vec<(WorkerId, u32, ExitReason)>,
     /// Workers to recycle: pid, what passed its threshold.
     recycle: Vec<(u32, &'static str)>,
 }
@@ -125,14 +126,14 @@ fn inspect(shared: &Shared, now: Instant, stall_after: Duration) -> Findings {
         if silent > stall_after && !w.stalled {
             warn!(
                 event = "worker_stalled",
-                worker.id = w.slot,
+                worker.id = w.slot.get(),
                 worker.pid = w.pid,
                 silent_ms = silent.as_millis() as u64,
                 "worker reports are late; no new connections for it"
             );
             w.stalled = true;
         }
-        if !w.replacing && w.slot < shared.target.get() {
+        if !w.replacing && w.slot.get() < shared.target.get() {
             let by_count = w.recycle_at.is_some_and(|at| w.sent >= at);
             let by_rss = shared
                 .config
@@ -193,7 +194,7 @@ pub(super) fn hung(w: &mut Worker, now: Instant, timeout: Duration) -> Option<Ex
 }
 
 /// The log line of a worker the health check kills.
-pub(super) fn log_kill(slot: usize, pid: u32, reason: ExitReason, silent: Duration) {
+pub(super) fn log_kill(slot: WorkerId, pid: u32, reason: ExitReason, silent: Duration) {
     let message = match reason {
         ExitReason::DrainTimeout => {
             "draining worker did not exit within the shutdown timeout; killing it"
@@ -209,7 +210,7 @@ pub(super) fn log_kill(slot: usize, pid: u32, reason: ExitReason, silent: Durati
     if reason == ExitReason::DrainTimeout {
         warn!(
             event = "worker_killed",
-            worker.id = slot,
+            worker.id = slot.get(),
             worker.pid = pid,
             reason = reason.label(),
             "{message}"
@@ -217,7 +218,7 @@ pub(super) fn log_kill(slot: usize, pid: u32, reason: ExitReason, silent: Durati
     } else {
         error!(
             event = "worker_killed",
-            worker.id = slot,
+            worker.id = slot.get(),
             worker.pid = pid,
             reason = reason.label(),
             blocked_ms,

@@ -12,6 +12,7 @@ use super::report::{notify, notify_reloading};
 use super::spawn::{kill_worker, spawn_worker};
 use crate::dispatch::State;
 use crate::exit::ExitReason;
+use crate::handler::WorkerId;
 
 /// Starts a replacement for the worker `old`, waits until it is ready, then drains `old`.
 /// Returns whether the replacement became ready.
@@ -56,7 +57,7 @@ pub(super) async fn replace(
     .unwrap_or(false);
     if !ready {
         error!(
-            worker.id = slot,
+            worker.id = slot.get(),
             old.pid = old,
             new.pid = new,
             why,
@@ -70,7 +71,7 @@ pub(super) async fn replace(
         return false;
     }
     info!(
-        worker.id = slot,
+        worker.id = slot.get(),
         old.pid = old,
         new.pid = new,
         why,
@@ -129,7 +130,7 @@ pub(super) fn start_reload(shared: &Rc<Shared>) {
 pub(super) fn scale_up(shared: &Rc<Shared>) {
     let slot = shared.target.get();
     shared.target.set(slot + 1);
-    match spawn_worker(shared, slot) {
+    match spawn_worker(shared, WorkerId(slot)) {
         Ok(_) => {
             info!(workers = slot + 1, event = "scaled_up", "scaled up");
             notify(&[NotifyState::Status(&shared.status())]);
@@ -158,7 +159,7 @@ pub(super) async fn scale_down(shared: &Rc<Shared>) {
         .workers
         .borrow()
         .iter()
-        .filter(|w| w.slot == slot && w.state != State::Draining)
+        .filter(|w| w.slot == WorkerId(slot) && w.state != State::Draining)
         .map(|w| w.pid)
         .collect();
     for pid in pids {

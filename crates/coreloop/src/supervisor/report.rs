@@ -32,7 +32,7 @@ impl Shared {
         let workers = self.pool.workers.borrow();
         for w in workers.iter().filter(|w| w.state != State::Starting) {
             let labels = WorkerLabels {
-                worker: w.slot as u32,
+                worker: w.slot.get() as u32,
             };
             self.metrics
                 .live

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::dispatch::{Planner, Pool, State, XorShift};
 use crate::error::Error;
 use crate::handle::{Command, Inbox};
+use crate::handler::WorkerId;
 use crate::listener::{self, Handover, Listener};
 use crate::metrics::Metrics;
 
@@ -220,7 +221,7 @@ async fn start(shared: &Rc<Shared>, upgrade: Option<&Channel>) -> Result<(), Err
         Err(err)
     };
     for slot in 0..shared.config.workers {
-        if let Err(err) = spawn_worker(shared, slot) {
+        if let Err(err) = spawn_worker(shared, WorkerId(slot)) {
             return failed(err).await;
         }
     }

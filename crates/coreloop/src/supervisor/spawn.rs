@@ -12,6 +12,7 @@ use super::Shared;
 use super::watch::watch;
 use crate::dispatch::{State, Worker};
 use crate::error::Error;
+use crate::handler::WorkerId;
 use crate::metrics::WorkerLabels;
 use crate::process::Start;
 
@@ -48,7 +49,7 @@ pub(super) fn seed() -> u64 {
 }
 
 /// Starts a worker for `slot` and its watcher task; returns its pid.
-pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Error> {
+pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: WorkerId) -> Result<u32, Error> {
     let spawn_err = |source| Error::SpawnWorker { id: slot, source };
     let (ours, theirs) = coreloop_ipc::socketpair_cloexec().map_err(spawn_err)?;
     // Our duplicate of the worker's end keeps its receive queue alive after the worker
@@ -56,7 +57,7 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Erro
     let queue = theirs.try_clone().map_err(spawn_err)?;
     let mut command = crate::process::reexec(
         std::path::Path::new("/proc/self/exe"),
-        Start::Worker(slot),
+        Start::Worker(slot.get()),
         &shared.cpus,
         theirs,
     );
@@ -88,7 +89,7 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Erro
         rss_kib: 0,
         live: 0,
         forwarded: shared.metrics.forwarded.get_or_create_owned(&WorkerLabels {
-            worker: slot as u32,
+            worker: slot.get() as u32,
         }),
         exit_reason: None,
         last_report: Instant::now(),
@@ -100,12 +101,11 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: usize) -> Result<u32, Erro
     shared.pool.changed.notify_waiters();
     debug!(
         event = "worker_spawned",
-        worker.id = slot,
+        worker.id = slot.get(),
         worker.pid = pid,
         "worker spawned"
     );
-    let span =
-        tracing::info_span!(parent: &shared.span, "watch", worker.id = slot, worker.pid = pid);
+    let span = tracing::info_span!(parent: &shared.span, "watch", worker.id = slot.get(), worker.pid = pid);
     tokio::task::spawn_local(
         watch(Rc::clone(shared), slot, pid, child, channel, queue).instrument(span),
     );

@@ -25,7 +25,7 @@ use crate::metrics::RestartLabels;
 /// decision about its slot.
 pub(super) async fn watch(
     shared: Rc<Shared>,
-    slot: usize,
+    slot: WorkerId,
     pid: u32,
     child: tokio::process::Child,
     channel: Rc<Channel>,
@@ -57,7 +57,7 @@ pub(super) async fn watch(
 
     let described = describe(status);
     if shared.pool.stopping.get() {
-        debug!(event = "worker_exited", worker.id = slot, worker.pid = pid, status = %described, "worker exited");
+        debug!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, status = %described, "worker exited");
         return;
     }
     let drained = state == State::Draining && status.is_some_and(|s| s.success());
@@ -66,13 +66,13 @@ pub(super) async fn watch(
         .metrics
         .restarts
         .get_or_create(&RestartLabels {
-            worker: slot as u32,
+            worker: slot.get() as u32,
             reason: reason.label(),
         })
         .inc();
     let uptime_ms = started.elapsed().as_millis() as u64;
     if death == Death::Drained {
-        info!(event = "worker_exited", worker.id = slot, worker.pid = pid, reason = reason.label(), status = %described, "worker exited after draining");
+        info!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, reason = reason.label(), status = %described, "worker exited after draining");
     } else if let Some(suppressed) = shared.admit_log() {
         if suppressed > 0 {
             warn!(
@@ -80,7 +80,7 @@ pub(super) async fn watch(
                 suppressed, "lines about workers were suppressed: over the log budget"
             );
         }
-        warn!(event = "worker_exited", worker.id = slot, worker.pid = pid, reason = reason.label(), status = %described, uptime_ms, failure = ?failure.as_deref().unwrap_or(""), "worker died");
+        warn!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, reason = reason.label(), status = %described, uptime_ms, failure = ?failure.as_deref().unwrap_or(""), "worker died");
     }
     let failure = failure.map(|reason| printable(&reason));
     restart(&shared, slot, death, failure, described).await;
@@ -89,13 +89,13 @@ pub(super) async fn watch(
 /// What a worker said just before it exited (a start failure), if it is still queued.
 /// Nothing else is read: a worker that was stopped for breaking the protocol is not
 /// listened to any more.
-fn last_words(shared: &Shared, slot: usize, pid: u32, channel: &Channel) -> Option<String> {
+fn last_words(shared: &Shared, slot: WorkerId, pid: u32, channel: &Channel) -> Option<String> {
     if shared.pool.with_worker(pid, |w| w.exit_reason) == Some(Some(ExitReason::Violation)) {
         return None;
     }
     while let Ok(Some((msg, _))) = channel.try_recv() {
         if let Message::Failed { reason } = msg {
-            error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
+            error!(event = "worker_start_failed", worker.id = slot.get(), worker.pid = pid, reason = ?reason, "worker failed to start");
             return Some(reason);
         }
     }
@@ -129,7 +129,7 @@ fn classify_exit(given: Option<ExitReason>, drained: bool, was_ready: bool) -> (
 /// ([`Screen`]); a worker that breaks the protocol is killed.
 pub(super) async fn follow(
     shared: &Rc<Shared>,
-    slot: usize,
+    slot: WorkerId,
     pid: u32,
     mut child: tokio::process::Child,
     channel: &Channel,
@@ -221,7 +221,7 @@ pub(super) fn take_clock(
 
 /// A worker broke the protocol: it gets no more connections, is killed, and will be
 /// replaced like any worker that died. Said once, within the log budget.
-pub(super) fn broke_protocol(shared: &Shared, slot: usize, pid: u32, violation: Violation) {
+pub(super) fn broke_protocol(shared: &Shared, slot: WorkerId, pid: u32, violation: Violation) {
     shared.pool.with_worker(pid, |w| {
         w.exit_reason = Some(ExitReason::Violation);
         w.state = State::Draining;
@@ -235,7 +235,7 @@ pub(super) fn broke_protocol(shared: &Shared, slot: usize, pid: u32, violation: 
         }
         error!(
             event = "protocol_violation",
-            worker.id = slot,
+            worker.id = slot.get(),
             worker.pid = pid,
             violation = violation.label(),
             detail = %violation,
@@ -288,15 +288,17 @@ pub(super) fn recover(shared: &Rc<Shared>, queue: &Queue) {
 /// server gives up.
 pub(super) async fn restart(
     shared: &Rc<Shared>,
-    slot: usize,
+    slot: WorkerId,
     death: Death,
     failure: Option<String>,
     status: String,
 ) {
     let wanted = |shared: &Shared| {
-        !shared.pool.stopping.get() && slot < shared.target.get() && !shared.pool.slot_covered(slot)
+        !shared.pool.stopping.get()
+            && slot.get() < shared.target.get()
+            && !shared.pool.slot_covered(slot)
     };
-    let id = WorkerId(slot);
+    let id = slot;
     let mut decision = shared
         .policy
         .borrow_mut()
@@ -332,7 +334,7 @@ pub(super) async fn restart(
             Decision::After { delay, why } => {
                 info!(
                     event = "restart_scheduled",
-                    worker.id = slot,
+                    worker.id = slot.get(),
                     delay_ms = delay.as_millis() as u64,
                     why = why.label(),
                     "restarting after backoff"
@@ -349,7 +351,7 @@ pub(super) async fn restart(
 
 pub(super) async fn on_message(
     shared: &Rc<Shared>,
-    slot: usize,
+    slot: WorkerId,
     pid: u32,
     channel: &Channel,
     msg: Message,
@@ -359,7 +361,7 @@ pub(super) async fn on_message(
         Message::Ready { .. } => {
             info!(
                 event = "worker_ready",
-                worker.id = slot,
+                worker.id = slot.get(),
                 worker.pid = pid,
                 "worker ready"
             );
@@ -370,7 +372,7 @@ pub(super) async fn on_message(
                     w.last_report = Instant::now();
                 }
             });
-            shared.policy.borrow_mut().ready(WorkerId(slot));
+            shared.policy.borrow_mut().ready(slot);
             shared.pool.changed.notify_waiters();
         }
         Message::Status {
@@ -391,7 +393,7 @@ pub(super) async fn on_message(
             if resumed {
                 info!(
                     event = "worker_resumed",
-                    worker.id = slot,
+                    worker.id = slot.get(),
                     worker.pid = pid,
                     live,
                     "worker reports again; dispatching to it"
@@ -400,7 +402,7 @@ pub(super) async fn on_message(
             shared.pool.changed.notify_waiters();
         }
         Message::Failed { reason } => {
-            error!(event = "worker_start_failed", worker.id = slot, worker.pid = pid, reason = ?reason, "worker failed to start");
+            error!(event = "worker_start_failed", worker.id = slot.get(), worker.pid = pid, reason = ?reason, "worker failed to start");
             *failure = Some(reason);
         }
         Message::Retiring => retire(shared, slot, pid, channel).await,
@@ -426,10 +428,10 @@ pub(crate) fn describe(status: Option<ExitStatus>) -> String {
 
 /// The worker asks to retire (a stop signal reached it directly): it is drained, and its
 /// slot gets a replacement at once (a planned exit: no backoff).
-async fn retire(shared: &Rc<Shared>, slot: usize, pid: u32, channel: &Channel) {
+async fn retire(shared: &Rc<Shared>, slot: WorkerId, pid: u32, channel: &Channel) {
     info!(
         event = "worker_retiring",
-        worker.id = slot,
+        worker.id = slot.get(),
         worker.pid = pid,
         "worker asks to retire; draining it"
     );
@@ -440,7 +442,9 @@ async fn retire(shared: &Rc<Shared>, slot: usize, pid: u32, channel: &Channel) {
     if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
         debug!(error = %err, "cannot send Drain");
     }
-    if !shared.pool.stopping.get() && slot < shared.target.get() && !shared.pool.slot_covered(slot)
+    if !shared.pool.stopping.get()
+        && slot.get() < shared.target.get()
+        && !shared.pool.slot_covered(slot)
     {
         if let Err(err) = spawn_worker(shared, slot) {
             error!(error = %err.chain(), event = "replacement_spawn_failed", "cannot start replacement worker");
