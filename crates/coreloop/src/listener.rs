@@ -73,8 +73,11 @@ pub(crate) struct Bound {
     pub(crate) fd: OwnedFd,
     /// For unix listeners: the file to remove when the server stops, with the identity
     /// (device, inode) of the socket file we created, so we never remove someone else's.
-    unix_file: Option<(PathBuf, u64, u64)>,
+    unix_file: Option<UnixFile>,
 }
+
+/// A unix-socket file this process created: its path and identity (device, inode).
+type UnixFile = (PathBuf, u64, u64);
 
 /// A socket passed by systemd, with its `LISTEN_FDNAMES` name.
 type Inherited = (OwnedFd, String);
@@ -156,6 +159,7 @@ fn warn_unused(unused: impl IntoIterator<Item = Inherited>) {
             listener.name = %name,
             listener.addr = %addr,
             fd = std::os::fd::AsRawFd::as_raw_fd(&fd),
+            event = "systemd_socket_unused",
             "systemd passed a socket that no listener uses; closing it (bind `systemd` or `systemd:NAME` to serve it)"
         );
     }
@@ -181,38 +185,19 @@ pub(crate) fn bind_all(
     let nodelay = config.tcp_nodelay;
     let reuseport = config.distribution == Distribution::ReusePort;
     let mut bound = Vec::with_capacity(config.listeners.len());
-    // Sockets passed by systemd, taken on the first `Systemd` spec; each slot is emptied
-    // when a spec claims it.
-    let mut inherited: Option<io::Result<Vec<Option<Inherited>>>> = None;
+    let mut passed: Passed = None;
     for (index, spec) in config.listeners.iter().enumerate() {
         // run() checked that the listeners fit in u16.
         let index = index as u16;
-        let key = spec.to_string();
         let reserved = reuseport && matches!(spec, ListenSpec::Tcp(_));
-        let handed_over: Vec<Handover> = if matches!(spec, ListenSpec::Systemd(_)) {
-            let (taken, rest) = std::mem::take(adopted)
-                .into_iter()
-                .partition(|a| a.spec == key);
-            *adopted = rest;
-            taken
-        } else {
-            // One socket per address (two port-0 listeners have the same spec).
-            adopted
-                .iter()
-                .position(|a| a.spec == key)
-                .map(|i| adopted.remove(i))
-                .into_iter()
-                .collect()
-        };
+        let handed_over = take_handed_over(spec, adopted);
         if !handed_over.is_empty() {
             for taken in handed_over {
                 bound.push(adopt(spec, index, taken, reserved)?);
             }
             continue;
         }
-        // A socket bound here: (descriptor, whether the supervisor accepts on it, the
-        // identity of its unix-socket file).
-        let result = match spec {
+        let fresh = match spec {
             ListenSpec::Tcp(addr) if reserved => {
                 if addr.port() == 0 {
                     return Err(Error::Config(format!(
@@ -227,82 +212,135 @@ pub(crate) fn bind_all(
             ListenSpec::Unix(path, perms) => bind_unix(path, backlog, *perms)
                 .map(|(fd, dev, ino)| (fd, true, Some((path.clone(), dev, ino)))),
             ListenSpec::Systemd(name) => {
-                let inherited = inherited.get_or_insert_with(|| {
-                    coreloop_ipc::take_systemd_listeners()
-                        .map(|taken| taken.into_iter().map(Some).collect::<Vec<_>>())
-                });
-                let sockets = match inherited {
-                    Ok(sockets) => sockets,
-                    Err(err) => {
-                        return Err(Error::Bind {
-                            addr: spec.to_string(),
-                            source: io::Error::new(err.kind(), err.to_string()),
-                        });
-                    }
-                };
-                let mut found = 0;
-                for slot in sockets.iter_mut() {
-                    let wanted = slot
-                        .as_ref()
-                        .is_some_and(|(_, n)| name.as_ref().is_none_or(|want| want == n));
-                    if !wanted {
-                        continue;
-                    }
-                    let Some((fd, fd_name)) = slot.take() else {
-                        continue;
-                    };
-                    let local = check_inherited(&fd).map_err(|source| Error::Bind {
-                        addr: format!("{spec} (fd named {fd_name:?})"),
-                        source,
-                    })?;
-                    found += 1;
-                    bound.push(Bound {
-                        label: format!("systemd:{fd_name}({})", describe(local.as_ref())),
-                        local,
-                        spec: key.clone(),
-                        name: fd_name,
-                        index,
-                        accepts: true,
-                        fd,
-                        unix_file: None,
-                    });
-                }
-                if found == 0 {
-                    let reason = match name {
-                        Some(name) => format!("no socket named {name:?} was passed (LISTEN_FDNAMES)"),
-                        None => "no socket was passed (LISTEN_FDS / LISTEN_PID unset or for another process)".into(),
-                    };
-                    return Err(Error::Bind {
-                        addr: spec.to_string(),
-                        source: io::Error::new(io::ErrorKind::NotFound, reason),
-                    });
-                }
+                bound.extend(claim_passed(spec, name.as_deref(), index, &mut passed)?);
                 continue;
             }
         };
-        match result.and_then(|(fd, accepts, unix_file)| {
-            let local = local_of(&fd)?;
-            Ok((fd, accepts, unix_file, local))
-        }) {
-            Ok((fd, accepts, unix_file, local)) => bound.push(Bound {
-                label: describe(local.as_ref()),
-                local,
-                spec: key,
-                name: String::new(),
-                index,
-                accepts,
-                fd,
-                unix_file,
-            }),
-            Err(source) => {
-                return Err(Error::Bind {
-                    addr: spec.to_string(),
-                    source,
-                });
-            }
-        }
+        bound.push(fresh_bound(spec, index, fresh)?);
     }
-    match inherited {
+    close_unused(passed);
+    Ok(bound)
+}
+
+/// The sockets systemd passed: not taken yet (`None`), or taken on the first `Systemd`
+/// listener (or the failure to take them), each slot emptied when a listener claims it.
+type Passed = Option<io::Result<Vec<Option<Inherited>>>>;
+
+/// Takes, out of `adopted`, the sockets the previous supervisor handed over for `spec`:
+/// all of them for a `Systemd` listener, else at most one.
+fn take_handed_over(spec: &ListenSpec, adopted: &mut Vec<Handover>) -> Vec<Handover> {
+    let key = spec.to_string();
+    if matches!(spec, ListenSpec::Systemd(_)) {
+        let (taken, rest) = std::mem::take(adopted)
+            .into_iter()
+            .partition(|a| a.spec == key);
+        *adopted = rest;
+        taken
+    } else {
+        // One socket per address (two port-0 listeners have the same spec).
+        adopted
+            .iter()
+            .position(|a| a.spec == key)
+            .map(|i| adopted.remove(i))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// A socket bound here: the descriptor, whether the supervisor accepts on it, and the
+/// identity of its unix-socket file.
+type Fresh = (OwnedFd, bool, Option<UnixFile>);
+
+/// The listener for a socket bound here, once the kernel says which address it got.
+fn fresh_bound(spec: &ListenSpec, index: u16, fresh: io::Result<Fresh>) -> Result<Bound, Error> {
+    match fresh.and_then(|(fd, accepts, unix_file)| {
+        let local = local_of(&fd)?;
+        Ok((fd, accepts, unix_file, local))
+    }) {
+        Ok((fd, accepts, unix_file, local)) => Ok(Bound {
+            label: describe(local.as_ref()),
+            local,
+            spec: spec.to_string(),
+            name: String::new(),
+            index,
+            accepts,
+            fd,
+            unix_file,
+        }),
+        Err(source) => Err(Error::Bind {
+            addr: spec.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Claims, for a `Systemd` listener (`name`: the `LISTEN_FDNAMES` name it wants, or any),
+/// the sockets systemd passed that no earlier listener claimed; taking them from systemd
+/// on the first call. Finding none is an error.
+fn claim_passed(
+    spec: &ListenSpec,
+    name: Option<&str>,
+    index: u16,
+    passed: &mut Passed,
+) -> Result<Vec<Bound>, Error> {
+    let passed = passed.get_or_insert_with(|| {
+        coreloop_ipc::take_systemd_listeners()
+            .map(|taken| taken.into_iter().map(Some).collect::<Vec<_>>())
+    });
+    let sockets = match passed {
+        Ok(sockets) => sockets,
+        Err(err) => {
+            return Err(Error::Bind {
+                addr: spec.to_string(),
+                source: io::Error::new(err.kind(), err.to_string()),
+            });
+        }
+    };
+    let mut claimed = Vec::new();
+    for slot in sockets.iter_mut() {
+        let wanted = slot
+            .as_ref()
+            .is_some_and(|(_, n)| name.is_none_or(|want| want == n));
+        if !wanted {
+            continue;
+        }
+        let Some((fd, fd_name)) = slot.take() else {
+            continue;
+        };
+        let local = check_inherited(&fd).map_err(|source| Error::Bind {
+            addr: format!("{spec} (fd named {fd_name:?})"),
+            source,
+        })?;
+        claimed.push(Bound {
+            label: format!("systemd:{fd_name}({})", describe(local.as_ref())),
+            local,
+            spec: spec.to_string(),
+            name: fd_name,
+            index,
+            accepts: true,
+            fd,
+            unix_file: None,
+        });
+    }
+    if claimed.is_empty() {
+        let reason = match name {
+            Some(name) => format!("no socket named {name:?} was passed (LISTEN_FDNAMES)"),
+            None => {
+                "no socket was passed (LISTEN_FDS / LISTEN_PID unset or for another process)".into()
+            }
+        };
+        return Err(Error::Bind {
+            addr: spec.to_string(),
+            source: io::Error::new(io::ErrorKind::NotFound, reason),
+        });
+    }
+    Ok(claimed)
+}
+
+/// Logs and closes the sockets systemd passed that no listener claimed; takes them first
+/// when no listener asked for systemd's sockets.
+fn close_unused(passed: Passed) {
+    match passed {
         Some(Ok(slots)) => warn_unused(slots.into_iter().flatten()),
         Some(Err(_)) => {}
         None if systemd_passed() => match coreloop_ipc::take_systemd_listeners() {
@@ -311,7 +349,6 @@ pub(crate) fn bind_all(
         },
         None => {}
     }
-    Ok(bound)
 }
 
 /// What a socket's local address says in logs.
