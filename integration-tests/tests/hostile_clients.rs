@@ -475,10 +475,11 @@ fn a_client_that_resets_mid_response_leaves_the_worker_serving() -> Result<()> {
     // The resets reached the handler as errors, logged as routine (debug), and the same
     // worker goes on serving.
     server
-        .wait_for_logs_since(
+        .wait_events(
             mark,
+            "connection_error",
             5,
-            |line| line.contains("connection ended with an error"),
+            |event| event.level() == "DEBUG",
             Duration::from_secs(10),
         )
         .context("each reset must end its connection with a debug-level error")?;

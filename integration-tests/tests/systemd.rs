@@ -441,14 +441,18 @@ fn socket_activation_with_other_binds_warns_about_the_unused_socket() -> Result<
     // Trigger the exec; the socket this client waits on is not served.
     let _client = TcpStream::connect(("127.0.0.1", port))?;
     let warning = server
-        .wait_for_log(
-            |line| line.contains("WARN") && line.contains("no listener uses"),
+        .wait_event(
+            0,
+            "systemd_socket_unused",
+            |_| true,
             Duration::from_secs(30),
         )
         .with_context(|| format!("no warning:\n{}", server.log_text()))?;
+    let addr = format!("127.0.0.1:{port}");
     ensure!(
-        warning.contains("listener.name=web")
-            && warning.contains(&format!("listener.addr=127.0.0.1:{port}")),
+        warning.level() == "WARN"
+            && warning.field("listener.name") == Some("web")
+            && warning.field("listener.addr") == Some(addr.as_str()),
         "{warning}"
     );
     server
