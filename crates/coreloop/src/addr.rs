@@ -17,7 +17,7 @@ pub(crate) const SYNTAX: &str = "HOST:PORT, [IPV6]:PORT, unix:PATH, systemd or s
 
 /// One place to listen.
 ///
-/// Its [`Display`](fmt::Display) form is the syntax [`ToListenAddrs`] parses, so it
+/// Its [`Display`](fmt::Display) form is the syntax [`ToListenAddrs`](crate::ToListenAddrs) parses, so it
 /// round-trips through a command line.
 ///
 /// # Examples

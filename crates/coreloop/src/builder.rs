@@ -90,8 +90,8 @@ impl ServerBuilder {
     /// resolves to, IPv4 and IPv6 alike; an IPv6 socket is bound `IPV6_V6ONLY`),
     /// `[V6]:PORT`, `unix:PATH` (as [`bind_unix`](Self::bind_unix)), `systemd` or
     /// `systemd:NAME` (as [`bind_systemd`](Self::bind_systemd) and
-    /// [`bind_systemd_named`](Self::bind_systemd_named)); or a [`SocketAddr`], an
-    /// `(ip, port)` pair, a [`ListenAddr`]: anything [`ToListenAddrs`]. Call it again for
+    /// [`bind_systemd_named`](Self::bind_systemd_named)); or a [`SocketAddr`](std::net::SocketAddr), an
+    /// `(ip, port)` pair, a [`ListenAddr`](crate::ListenAddr): anything [`ToListenAddrs`]. Call it again for
     /// more addresses.
     ///
     /// Listeners are numbered in the order they are added, from 0: that is what

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::Busy;
 
-/// What the supervisor last saw of a worker reading its queue (see [`Worker::look`]).
+/// What the supervisor last saw of a worker reading its queue (see [`Worker::look`](super::pool::Worker::look)).
 #[derive(Debug, Default)]
 pub(crate) struct Reading {
     /// Bytes it had read then.
@@ -69,7 +69,7 @@ pub(crate) fn classify(
 }
 
 /// A worker whose event loop has been awake this long without going back to sleep is
-/// busy: connections go to others while any is free (see [`Shared::try_dispatch_all`]).
+/// busy: connections go to others while any is free (see [`Pool::try_dispatch_all`](super::pool::Pool::try_dispatch_all)).
 /// Short requests keep a loop awake for tens of microseconds.
 pub(crate) const AWAKE_BUSY: Duration = Duration::from_micros(500);
 /// A worker inside one handler poll, or with a queue left unread, for this long lags: it

@@ -40,7 +40,7 @@ pub(super) enum Outcome {
     Upgraded(Box<Successor>),
 }
 
-/// What [`run`] prepared for the main task.
+/// What [`run`](super::run) prepared for the main task.
 pub(super) struct Boot<'a> {
     pub(super) config: Config,
     pub(super) bound: Vec<listener::Bound>,

@@ -49,7 +49,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// The channel to the previous supervisor, when this process is the new supervisor of a
-/// binary upgrade ([`is_upgrading`](crate::is_upgrading)): fd 0.
+/// binary upgrade ([`is_upgrading`]): fd 0.
 ///
 /// Call it once, before any runtime exists (it replaces fd 0 with `/dev/null`).
 ///
