@@ -1,6 +1,6 @@
 //! Parsing of what a client sends, without I/O: request heads (with `httparse`) and the
 //! framing of request bodies (`Content-Length` or `chunked`). The statuses they return for
-//! bad input are listed in [`crate::respond`]'s documentation.
+//! bad input are listed in the documentation of [`serve`](crate::serve).
 
 use crate::limits::{Limits, MAX_HEADERS_CAP};
 
