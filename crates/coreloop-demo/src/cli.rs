@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use coreloop::{Conn, Dispatch, Distribution, ListenAddr, Server, ToListenAddrs};
+use coreloop::{Conn, Dispatch, Distribution, ListenAddr, Server, ServerBuilder, ToListenAddrs};
 
 use crate::limits::{Identity, Limits, VERSION};
 
@@ -175,17 +175,46 @@ fn worker_identity(user: Option<&str>, group: Option<&str>) -> anyhow::Result<Op
 /// address that cannot be bound, or a server that stops with an error.
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    init_logging(&args.log_format);
+    let builder = configure(&args)?;
+    let limits = Rc::new(limits(&args));
+    builder
+        .serve(move |worker| {
+            // Per-worker state: `Rc`, not `Arc`: each worker is one thread.
+            let who = Rc::new(Identity {
+                worker: worker.get(),
+                pid: std::process::id(),
+            });
+            let limits = Rc::clone(&limits);
+            move |mut conn: Conn| {
+                let who = Rc::clone(&who);
+                let limits = Rc::clone(&limits);
+                async move {
+                    let shutdown = conn.shutdown_signal();
+                    crate::serve(conn.stream_mut(), &who, &limits, &shutdown).await
+                }
+            }
+        })
+        .run()?;
+    Ok(())
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: &LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match args.log_format {
+    match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+}
 
+/// The server the flags describe, before its handler.
+fn configure(args: &Args) -> anyhow::Result<ServerBuilder> {
     if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
         anyhow::bail!("--heartbeat-timeout must be a positive number of seconds");
     }
@@ -248,8 +277,12 @@ pub fn main() -> anyhow::Result<()> {
             };
         }
     }
-    builder = builder.bind_default("127.0.0.1:8080")?;
-    let limits = Rc::new(Limits {
+    Ok(builder.bind_default("127.0.0.1:8080")?)
+}
+
+/// The responder's limits the flags set.
+fn limits(args: &Args) -> Limits {
+    Limits {
         max_header_bytes: args.max_header_bytes,
         max_headers: usize::from(args.max_headers),
         max_request_line: usize::try_from(args.max_request_line).unwrap_or(usize::MAX),
@@ -260,24 +293,5 @@ pub fn main() -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         send_timeout: Duration::from_secs(args.send_timeout),
         ..Limits::default()
-    });
-    builder
-        .serve(move |worker| {
-            // Per-worker state: `Rc`, not `Arc`: each worker is one thread.
-            let who = Rc::new(Identity {
-                worker: worker.get(),
-                pid: std::process::id(),
-            });
-            let limits = Rc::clone(&limits);
-            move |mut conn: Conn| {
-                let who = Rc::clone(&who);
-                let limits = Rc::clone(&limits);
-                async move {
-                    let shutdown = conn.shutdown_signal();
-                    crate::serve(conn.stream_mut(), &who, &limits, &shutdown).await
-                }
-            }
-        })
-        .run()?;
-    Ok(())
+    }
 }
