@@ -290,7 +290,7 @@ pub(super) async fn restart(
     shared: &Rc<Shared>,
     slot: WorkerId,
     death: Death,
-    failure: Option<String>,
+    mut failure: Option<String>,
     status: String,
 ) {
     let wanted = |shared: &Shared| {
@@ -323,13 +323,24 @@ pub(super) async fn restart(
                 return;
             }
             Decision::Now => {
-                if wanted(shared) {
-                    if let Err(err) = spawn_worker(shared, slot) {
-                        error!(error = %err.chain(), event = "replacement_spawn_failed", "cannot start replacement worker");
-                        shared.fail(err);
-                    }
+                if !wanted(shared) {
+                    return;
                 }
-                return;
+                let Err(err) = spawn_worker(shared, slot) else {
+                    return;
+                };
+                error!(worker.id = slot.get(), error = %err.chain(), event = "replacement_spawn_failed", "cannot start replacement worker");
+                // A worker that cannot even be started (descriptors or processes ran
+                // out, the executable is gone) is a start failure like one that dies
+                // before it is ready: it backs off, and only the start-failure limit
+                // stops the server.
+                failure = Some(err.chain().to_string());
+                decision = shared.policy.borrow_mut().died(
+                    slot,
+                    Death::BeforeReady,
+                    wanted(shared),
+                    Instant::now(),
+                );
             }
             Decision::After { delay, why } => {
                 info!(
