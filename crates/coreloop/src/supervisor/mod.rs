@@ -279,9 +279,19 @@ impl Shared {
         });
     }
 
-    /// Whether a line a worker caused may be logged now (see [`LogBudget::admit`]).
-    fn admit_log(&self) -> Option<u64> {
-        self.log_budget.borrow_mut().admit(Instant::now())
+    /// Whether a line a worker caused may be logged now; first says how many were not
+    /// (`event = "log_suppressed"`), if any.
+    fn admit_log(&self) -> bool {
+        let Some(suppressed) = self.log_budget.borrow_mut().admit(Instant::now()) else {
+            return false;
+        };
+        if suppressed > 0 {
+            warn!(
+                event = "log_suppressed",
+                suppressed, "lines about workers were suppressed: over the log budget"
+            );
+        }
+        true
     }
 
     fn take_fatal(&self) -> Option<Error> {

@@ -73,13 +73,7 @@ pub(super) async fn watch(
     let uptime_ms = started.elapsed().as_millis() as u64;
     if death == Death::Drained {
         info!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, reason = reason.label(), status = %described, "worker exited after draining");
-    } else if let Some(suppressed) = shared.admit_log() {
-        if suppressed > 0 {
-            warn!(
-                event = "log_suppressed",
-                suppressed, "lines about workers were suppressed: over the log budget"
-            );
-        }
+    } else if shared.admit_log() {
         warn!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, reason = reason.label(), status = %described, uptime_ms, failure = ?failure.as_deref().unwrap_or(""), "worker died");
     }
     let failure = failure.map(|reason| printable(&reason));
@@ -226,13 +220,7 @@ pub(super) fn broke_protocol(shared: &Shared, slot: WorkerId, pid: u32, violatio
         w.exit_reason = Some(ExitReason::Violation);
         w.state = State::Draining;
     });
-    if let Some(suppressed) = shared.admit_log() {
-        if suppressed > 0 {
-            warn!(
-                event = "log_suppressed",
-                suppressed, "lines about workers were suppressed: over the log budget"
-            );
-        }
+    if shared.admit_log() {
         error!(
             event = "protocol_violation",
             worker.id = slot.get(),
@@ -298,11 +286,10 @@ pub(super) async fn restart(
             && slot.get() < shared.target.get()
             && !shared.pool.slot_covered(slot)
     };
-    let id = slot;
     let mut decision = shared
         .policy
         .borrow_mut()
-        .died(id, death, wanted(shared), Instant::now());
+        .died(slot, death, wanted(shared), Instant::now());
     loop {
         match decision {
             Decision::Nothing => return,
