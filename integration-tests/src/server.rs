@@ -162,6 +162,7 @@ impl Server {
     /// # Errors
     ///
     /// When the binary is unavailable or cannot be spawned.
+    /// With [`ACCEPTORS_ENV`] set, the demo runs with that many accept loops.
     pub fn launch(config: &ServerConfig, port: Option<u16>) -> Result<Self> {
         let mut args = vec!["--workers".to_owned(), config.workers.to_string()];
         if let Some(port) = port {
@@ -173,7 +174,13 @@ impl Server {
         args.extend(config.args.iter().cloned());
         let binary = match &config.binary {
             Some(binary) => binary.clone(),
-            None => http_binary()?,
+            None => {
+                // The suite's sharded-acceptor pass runs the demo with K accept loops.
+                if let Ok(k) = std::env::var(ACCEPTORS_ENV) {
+                    args.extend(["--acceptors".to_owned(), k]);
+                }
+                http_binary()?
+            }
         };
         let mut server = Self::spawn_binary(&binary, &args, &config.rust_log, config.stdin)?;
         server.port = port;
@@ -771,3 +778,7 @@ pub fn expect_exit_0_after_sigterm(server: &mut Server) -> Result<()> {
     assert!(status.success(), "supervisor exit status {status}");
     Ok(())
 }
+
+/// Environment variable: when set, every demo server the harness starts gets
+/// `--acceptors` with its value (`.ci/run` runs the lifecycle tests once more with 2).
+pub const ACCEPTORS_ENV: &str = "CORELOOP_TEST_ACCEPTORS";

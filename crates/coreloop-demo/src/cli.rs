@@ -10,6 +10,25 @@ use coreloop::{Conn, Dispatch, Distribution, ListenAddr, Server, ServerBuilder, 
 
 use crate::limits::{Identity, Limits, VERSION};
 
+/// `--acceptors`: how many accept loops.
+#[derive(Debug, Clone, Copy)]
+enum Acceptors {
+    Auto,
+    Fixed(u16),
+}
+
+fn parse_acceptors(text: &str) -> Result<Acceptors, String> {
+    if text == "auto" {
+        return Ok(Acceptors::Auto);
+    }
+    match text.parse::<u16>() {
+        Ok(k) if (1..=256).contains(&k) => Ok(Acceptors::Fixed(k)),
+        _ => Err(format!(
+            "expected `auto` or a number from 1 to 256, got `{text}`"
+        )),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(about = "coreloop's demo HTTP/1.1 responder", version = VERSION)]
 struct Args {
@@ -87,6 +106,11 @@ struct Args {
     /// worker on its own SO_REUSEPORT socket.
     #[arg(long, value_enum, default_value_t = Mode::Forward)]
     mode: Mode,
+    /// Accept loops in the supervisor (forward mode), each on its own thread and its own
+    /// SO_REUSEPORT sibling of every TCP listener: a number, or `auto` for one per five
+    /// workers.
+    #[arg(long, value_name = "K|auto", default_value = "auto", value_parser = parse_acceptors)]
+    acceptors: Acceptors,
     /// How the supervisor picks a worker for each connection (forward mode).
     #[arg(long, value_enum, default_value_t = DispatchArg::LeastConnections)]
     dispatch: DispatchArg,
@@ -258,6 +282,9 @@ fn configure(args: &Args) -> anyhow::Result<ServerBuilder> {
     }
     if let Some(workers) = args.workers {
         builder = builder.workers(usize::from(workers));
+    }
+    if let Acceptors::Fixed(k) = args.acceptors {
+        builder = builder.acceptors(usize::from(k));
     }
     if let Some(addr) = &args.metrics {
         builder = builder

@@ -25,6 +25,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use rustix::net::{
@@ -154,8 +155,9 @@ pub struct Channel {
     read: Readiness,
     /// Write readiness, on a duplicate descriptor, registered on first need.
     write: OnceCell<Readiness>,
-    /// Bytes of every message sent so far (see [`Channel::sent_bytes`]).
-    sent: AtomicU64,
+    /// Bytes of every message sent so far, through this channel and its [`Sender`]s (see
+    /// [`Channel::sent_bytes`]).
+    sent: Arc<AtomicU64>,
 }
 
 impl Channel {
@@ -169,7 +171,21 @@ impl Channel {
         Ok(Self {
             read: Readiness::new(fd, Interest::READABLE)?,
             write: OnceCell::new(),
-            sent: AtomicU64::new(0),
+            sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A send-only handle on this channel's socket, for a dispatcher on another thread:
+    /// what it sends counts in this channel's [`sent_bytes`](Channel::sent_bytes).
+    ///
+    /// # Errors
+    ///
+    /// When the descriptor cannot be duplicated.
+    pub fn sender(&self) -> io::Result<Sender> {
+        Ok(Sender {
+            fd: rustix::io::fcntl_dupfd_cloexec(&self.read, 3)?,
+            write: OnceLock::new(),
+            sent: Arc::clone(&self.sent),
         })
     }
 
@@ -202,44 +218,7 @@ impl Channel {
     /// [`TrySendError::Full`] when the kernel has no room (`EAGAIN`); otherwise as
     /// [`Channel::send`].
     pub fn try_send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), TrySendError> {
-        if msg.fd_count() != fds.len() {
-            return Err(ChannelError::FdCount {
-                kind: msg.kind_name(),
-                expected: msg.fd_count(),
-                got: fds.len(),
-            }
-            .into());
-        }
-        let mut bytes = [0u8; MAX_MESSAGE_LEN];
-        let len = msg.encode(&mut bytes).map_err(ChannelError::from)?;
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        // Cannot fail: fds.len() <= MAX_BATCH, which the buffer is sized for.
-        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-            return Err(ChannelError::Io(io::Error::other("control buffer too small")).into());
-        }
-        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL | SendFlags::EOR;
-        match rustix::net::sendmsg(
-            &self.read,
-            &[IoSlice::new(&bytes[..len])],
-            &mut control,
-            flags,
-        ) {
-            Ok(_) => {
-                // A seqpacket send is all or nothing.
-                self.sent.fetch_add(len as u64, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(rustix::io::Errno::AGAIN) => {
-                // The kernel said "full": clear any cached write readiness, so that
-                // `poll_send_ready` waits for the kernel's next report instead of spinning.
-                if let Some(write) = self.write.get() {
-                    write.clear_write_ready();
-                }
-                Err(TrySendError::Full)
-            }
-            Err(err) => Err(ChannelError::Io(err.into()).into()),
-        }
+        try_send_on(self.read.as_fd(), self.write.get(), &self.sent, msg, fds)
     }
 
     /// Bytes of all the messages this end has sent. Less what the peer's queue still holds
@@ -262,8 +241,7 @@ impl Channel {
         let write = match self.write.get() {
             Some(write) => write,
             None => {
-                let dup = rustix::io::fcntl_dupfd_cloexec(&self.read, 3)?;
-                let registered = Readiness::new(dup, Interest::WRITABLE)?;
+                let registered = write_readiness(self.read.as_fd())?;
                 self.write.get_or_init(|| registered)
             }
         };
@@ -316,6 +294,116 @@ impl Channel {
 impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
+    }
+}
+
+/// A send-only handle on a [`Channel`]'s socket ([`Channel::sender`]), for a dispatcher
+/// running on another thread, with its own runtime: write readiness is registered, on a
+/// duplicate descriptor, with the reactor of the runtime that first waits on it (see
+/// [`try_clone`](Sender::try_clone) for one per runtime). A seqpacket send is atomic, so
+/// several senders never interleave within a message.
+#[derive(Debug)]
+pub struct Sender {
+    fd: OwnedFd,
+    write: OnceLock<Readiness>,
+    /// The channel's count of bytes sent, shared.
+    sent: Arc<AtomicU64>,
+}
+
+impl Sender {
+    /// Another handle on the same socket, not yet registered with any reactor: one for each
+    /// thread that sends.
+    ///
+    /// # Errors
+    ///
+    /// When the descriptor cannot be duplicated.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: rustix::io::fcntl_dupfd_cloexec(&self.fd, 3)?,
+            write: OnceLock::new(),
+            sent: Arc::clone(&self.sent),
+        })
+    }
+
+    /// As [`Channel::sent_bytes`]: the channel's count, all handles included.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// As [`Channel::try_send`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Channel::try_send`].
+    pub fn try_send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), TrySendError> {
+        try_send_on(self.fd.as_fd(), self.write.get(), &self.sent, msg, fds)
+    }
+
+    /// As [`Channel::poll_send_ready`]; registers with the current runtime's reactor the
+    /// first time.
+    ///
+    /// # Errors
+    ///
+    /// As [`Channel::poll_send_ready`].
+    pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let write = match self.write.get() {
+            Some(write) => write,
+            None => {
+                let registered = write_readiness(self.fd.as_fd())?;
+                self.write.get_or_init(|| registered)
+            }
+        };
+        write.poll_write_ready(cx)
+    }
+}
+
+/// Registers a duplicate of `fd` for write readiness.
+fn write_readiness(fd: BorrowedFd<'_>) -> io::Result<Readiness> {
+    let dup = rustix::io::fcntl_dupfd_cloexec(fd, 3)?;
+    Readiness::new(dup, Interest::WRITABLE)
+}
+
+/// One non-blocking send of `msg` with `fds` on `fd`, counted in `sent`; `write` is the
+/// write readiness to clear when the kernel says the queue is full.
+fn try_send_on(
+    fd: BorrowedFd<'_>,
+    write: Option<&Readiness>,
+    sent: &AtomicU64,
+    msg: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), TrySendError> {
+    if msg.fd_count() != fds.len() {
+        return Err(ChannelError::FdCount {
+            kind: msg.kind_name(),
+            expected: msg.fd_count(),
+            got: fds.len(),
+        }
+        .into());
+    }
+    let mut bytes = [0u8; MAX_MESSAGE_LEN];
+    let len = msg.encode(&mut bytes).map_err(ChannelError::from)?;
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    // Cannot fail: fds.len() <= MAX_BATCH, which the buffer is sized for.
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(ChannelError::Io(io::Error::other("control buffer too small")).into());
+    }
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL | SendFlags::EOR;
+    match rustix::net::sendmsg(fd, &[IoSlice::new(&bytes[..len])], &mut control, flags) {
+        Ok(_) => {
+            // A seqpacket send is all or nothing.
+            sent.fetch_add(len as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(rustix::io::Errno::AGAIN) => {
+            // The kernel said "full": clear any cached write readiness, so that
+            // `poll_send_ready` waits for the kernel's next report instead of spinning.
+            if let Some(write) = write {
+                write.clear_write_ready();
+            }
+            Err(TrySendError::Full)
+        }
+        Err(err) => Err(ChannelError::Io(err.into()).into()),
     }
 }
 

@@ -52,7 +52,7 @@ mod fd;
 mod message;
 mod timer;
 
-pub use channel::{Channel, ChannelError, Fds, Queue, TrySendError};
+pub use channel::{Channel, ChannelError, Fds, Queue, Sender, TrySendError};
 pub use fd::{
     LoopClock, LoopClockView, Readiness, inherited_channel, socketpair_cloexec,
     take_systemd_listeners,

@@ -74,6 +74,7 @@ impl Default for ServerBuilder {
                 max_concurrent_recycles: 1,
                 dispatch: Dispatch::default(),
                 distribution: Distribution::default(),
+                acceptors: None,
                 pin_workers: false,
                 pin_supervisor: None,
                 worker_ids: None,
@@ -399,6 +400,29 @@ impl ServerBuilder {
     /// socket ([`Distribution::ReusePort`]).
     pub fn distribution(mut self, distribution: Distribution) -> Self {
         self.config.distribution = distribution;
+        self
+    }
+
+    /// Accept loops in the supervisor: each runs on a thread of its own (the first on the
+    /// supervisor's main thread), accepts on its own `SO_REUSEPORT` sibling of every TCP
+    /// listener, and dispatches to every worker on the same load picture. One loop forwards
+    /// for about five workers of a small HTTP responder before its core is the limit; more
+    /// let connection-per-request throughput grow with the cores. Default: one per five
+    /// workers (one up to five). `0` is an error at [`run`](Server::run). Ignored with
+    /// [`Distribution::ReusePort`].
+    ///
+    /// With more than one, TCP listeners are bound with `SO_REUSEPORT`: another process of
+    /// the same user could bind the same address and take a share of its connections, as
+    /// with nginx's `reuseport`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = coreloop::ServerBuilder::default().workers(16).acceptors(4);
+    /// # drop(builder);
+    /// ```
+    pub fn acceptors(mut self, k: usize) -> Self {
+        self.config.acceptors = Some(k);
         self
     }
 

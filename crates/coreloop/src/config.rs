@@ -76,6 +76,8 @@ pub(crate) struct Config {
     pub(crate) max_concurrent_recycles: usize,
     pub(crate) dispatch: Dispatch,
     pub(crate) distribution: Distribution,
+    /// Accept loops in the supervisor; `None`: one per [`WORKERS_PER_ACCEPTOR`] workers.
+    pub(crate) acceptors: Option<usize>,
     pub(crate) pin_workers: bool,
     pub(crate) pin_supervisor: Option<usize>,
     /// Run workers as this user and group (numeric ids).
@@ -104,7 +106,24 @@ impl Default for UnixPerms {
     }
 }
 
+/// Workers one accept loop keeps busy, for the automatic number of accept loops: a loop
+/// spends about a fifth of what a worker running a small HTTP responder spends per
+/// connection (docs/benchmarks.md, "Scaling model"), so it saturates at about five.
+pub(crate) const WORKERS_PER_ACCEPTOR: usize = 5;
+
 impl Config {
+    /// The accept loops to run: as configured, or one per [`WORKERS_PER_ACCEPTOR`] workers.
+    /// One when workers accept for themselves ([`Distribution::ReusePort`]): only unix
+    /// listeners are forwarded then.
+    pub(crate) fn acceptor_count(&self) -> usize {
+        if self.distribution == Distribution::ReusePort {
+            return 1;
+        }
+        self.acceptors
+            .unwrap_or_else(|| self.workers.div_ceil(WORKERS_PER_ACCEPTOR))
+            .max(1)
+    }
+
     /// How often a worker reports from inside its event loop.
     pub(crate) fn heartbeat_interval(&self) -> Duration {
         (self.heartbeat_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))

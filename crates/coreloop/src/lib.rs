@@ -131,6 +131,7 @@ mod metrics;
 mod process;
 mod resolve;
 mod shutdown;
+mod siblings;
 mod supervisor;
 mod timeout;
 mod worker;

@@ -79,6 +79,33 @@ pub(crate) struct Bound {
 /// A unix-socket file this process created: its path and identity (device, inode).
 type UnixFile = (PathBuf, u64, u64);
 
+impl Bound {
+    /// Whether it is a TCP socket (not unix).
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self.local, Some(ListenAddr::Tcp(_)))
+    }
+
+    /// Another socket listening for the same configured listener: an `SO_REUSEPORT`
+    /// sibling, or a duplicate of this one. Carries no socket file.
+    pub(crate) fn with_fd(&self, fd: OwnedFd, name: &str) -> Self {
+        Self {
+            label: self.label.clone(),
+            local: self.local.clone(),
+            spec: self.spec.clone(),
+            name: name.to_owned(),
+            index: self.index,
+            accepts: self.accepts,
+            fd,
+            unix_file: None,
+        }
+    }
+
+    /// A duplicate descriptor of the same socket (see [`Bound::with_fd`]).
+    pub(crate) fn duplicate(&self) -> io::Result<Self> {
+        Ok(self.with_fd(self.fd.try_clone()?, &self.name))
+    }
+}
+
 /// A socket passed by systemd, with its `LISTEN_FDNAMES` name.
 type Inherited = (OwnedFd, String);
 
@@ -207,7 +234,9 @@ pub(crate) fn bind_all(
                 bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| (fd, false, None))
             }
             ListenSpec::Tcp(addr) => {
-                bind_tcp(*addr, backlog, nodelay, None).map(|fd| (fd, true, None))
+                // Sharded acceptors bind siblings of it (`crate::siblings`).
+                let siblings = (config.acceptor_count() > 1).then_some(true);
+                bind_tcp(*addr, backlog, nodelay, siblings).map(|fd| (fd, true, None))
             }
             ListenSpec::Unix(path, perms) => bind_unix(path, backlog, *perms)
                 .map(|(fd, dev, ino)| (fd, true, Some((path.clone(), dev, ino)))),

@@ -38,6 +38,12 @@ pub(crate) struct ListenerLabels {
     pub(crate) listener: String,
 }
 
+/// Labels of per-accept-loop series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AcceptorLabels {
+    pub(crate) acceptor: u32,
+}
+
 /// Labels of the restart counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RestartLabels {
@@ -51,6 +57,7 @@ pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) accepted: Family<ListenerLabels, Counter>,
     pub(crate) accept_errors: Family<ListenerLabels, Counter>,
+    pub(crate) acceptor_accepted: Family<AcceptorLabels, Counter>,
     pub(crate) forwarded: Family<WorkerLabels, Counter>,
     pub(crate) restarts: Family<RestartLabels, Counter>,
     pub(crate) live: Family<WorkerLabels, Gauge>,
@@ -68,6 +75,7 @@ impl Metrics {
         let metrics = Self {
             accepted: Family::default(),
             accept_errors: Family::default(),
+            acceptor_accepted: Family::default(),
             forwarded: Family::default(),
             restarts: Family::default(),
             live: Family::default(),
@@ -89,6 +97,11 @@ impl Metrics {
             "accept_errors",
             "accept() failures, per listener",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "acceptor_accepted",
+            "Connections accepted, per accept loop (0: the supervisor's main thread)",
+            metrics.acceptor_accepted.clone(),
         );
         registry.register(
             "forwarded",

@@ -7,41 +7,63 @@
 //! ([`Switch`]).
 
 pub(crate) mod pace;
+pub(crate) mod shards;
 
-use std::cell::Cell;
 use std::pin::pin;
-use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use coreloop_ipc::ConnMeta;
 
-use crate::dispatch::{Pending, Pool, Scratch};
+use crate::dispatch::{Board, Pending, Shard};
 use crate::listener::{self, AcceptError, Listener};
-use crate::metrics::ListenerLabels;
 use pace::Pace;
 
-/// Whether the accept loop accepts: cleared, with `stop_accepting` notified, for a binary
-/// upgrade's handover, when the loop returns its listeners.
+/// Whether an accept loop accepts: turned off for a binary upgrade's handover (the loop
+/// then returns its listeners) or a stop. One per accept loop, shared with the main task.
 #[derive(Debug)]
 pub(crate) struct Switch {
-    pub(crate) accepting: Cell<bool>,
+    accepting: AtomicBool,
     /// The main task to the accept loop: stop now, whether it waits for a listener or for
     /// a worker with room.
-    pub(crate) stop_accepting: Notify,
+    stop_accepting: Notify,
 }
 
 impl Switch {
     pub(crate) fn new() -> Self {
         Self {
-            accepting: Cell::new(true),
+            accepting: AtomicBool::new(true),
             stop_accepting: Notify::new(),
         }
     }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Tells the loop to stop, whatever it waits for (a permit is stored if it waits for
+    /// nothing right now).
+    pub(crate) fn turn_off(&self) {
+        self.accepting.store(false, Ordering::Release);
+        self.stop_accepting.notify_one();
+    }
+}
+
+/// The metrics one accept loop updates, made on the main thread (the registry lives there).
+pub(crate) struct Counters {
+    /// Per listener, by the listener's position in the loop's sources: accepted, failed.
+    pub(crate) listeners: Vec<(Counter, Counter)>,
+    /// Accepted by this loop.
+    pub(crate) acceptor: Counter,
+    /// The polling interval ([`pace`]).
+    pub(crate) poll_interval: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// Most connections accepted per readiness event before yielding to other tasks.
@@ -58,7 +80,7 @@ struct AcceptState {
     backoff: Duration,
     /// An exhaustion episode: when it began, errors so far, the latest error.
     failing_since: Option<(Instant, u64, Instant)>,
-    counters: Vec<(Counter, Counter)>,
+    counters: Counters,
 }
 
 impl AcceptState {
@@ -66,12 +88,12 @@ impl AcceptState {
     /// exhaustion error; returns how many were accepted, and whether resources ran out.
     fn burst(
         &mut self,
-        pool: &Pool,
+        board: &Board,
         index: usize,
         source: &Source,
         pending: &mut Vec<Pending>,
     ) -> (usize, bool) {
-        let (accepted, accept_errors) = &self.counters[index];
+        let (accepted, accept_errors) = &self.counters.listeners[index];
         let mut count = 0;
         let listener = &source.bound;
         for _ in 0..ACCEPT_BURST {
@@ -94,14 +116,13 @@ impl AcceptState {
                         }
                         self.backoff = ACCEPT_BACKOFF_MIN;
                     }
-                    let id = pool.next_conn_id.get();
-                    pool.next_conn_id.set(id + 1);
                     let meta = ConnMeta {
-                        id,
+                        id: board.next_conn_id(),
                         listener: listener.index,
                         peer,
                     };
                     accepted.inc();
+                    self.counters.acceptor.inc();
                     count += 1;
                     pending.push(Pending {
                         fd,
@@ -160,11 +181,12 @@ impl AcceptState {
 /// available, up to [`pace::MAX`] (1 ms) while they are saturated, when fewer wake-ups
 /// leave more CPU to the work ([`Pace`]).
 ///
-/// Returns the listeners when `switch.accepting` is cleared (a binary upgrade's
-/// handover), once every connection it accepted is queued to a worker.
+/// Returns the listeners when `switch` is turned off (a binary upgrade's handover), once
+/// every connection it accepted is queued to a worker.
 pub(crate) fn accept_loop(
-    pool: Rc<Pool>,
-    switch: Rc<Switch>,
+    shard: Shard,
+    switch: Arc<Switch>,
+    counters: Counters,
     sources: Vec<Source>,
 ) -> impl std::future::Future<Output = Vec<listener::Bound>> {
     let ticker = match coreloop_ipc::Ticker::new() {
@@ -174,36 +196,13 @@ pub(crate) fn accept_loop(
             None
         }
     };
-    accept_with(pool, switch, sources, ticker)
-}
-
-/// The body of [`accept_loop`].
-async fn accept_with(
-    pool: Rc<Pool>,
-    switch: Rc<Switch>,
-    sources: Vec<Source>,
-    ticker: Option<coreloop_ipc::Ticker>,
-) -> Vec<listener::Bound> {
-    let counters: Vec<(Counter, Counter)> = sources
-        .iter()
-        .map(|s| {
-            let labels = ListenerLabels {
-                listener: s.bound.label.clone(),
-            };
-            (
-                pool.metrics.accepted.get_or_create_owned(&labels),
-                pool.metrics.accept_errors.get_or_create_owned(&labels),
-            )
-        })
-        .collect();
-    let pace = Pace::new(pool.metrics.accept_poll_interval.clone());
+    let pace = Pace::new(counters.poll_interval.clone());
     Acceptor {
-        pool,
+        shard,
         switch,
         sources,
         ticker,
         pending: Vec::with_capacity(ACCEPT_BURST),
-        scratch: Scratch::default(),
         state: AcceptState {
             backoff: ACCEPT_BACKOFF_MIN,
             failing_since: None,
@@ -213,19 +212,18 @@ async fn accept_with(
         pace,
     }
     .run()
-    .await
 }
 
 /// The accept loop's state.
 struct Acceptor {
-    pool: Rc<Pool>,
-    switch: Rc<Switch>,
+    /// Its dispatcher, on the shared load picture.
+    shard: Shard,
+    switch: Arc<Switch>,
     sources: Vec<Source>,
     /// The polling timer; `None` if it could not be created (readiness only).
     ticker: Option<coreloop_ipc::Ticker>,
     /// Accepted, not yet queued to a worker.
     pending: Vec<Pending>,
-    scratch: Scratch,
     state: AcceptState,
     /// Polling on the ticker (listeners out of the reactor) rather than on readiness.
     polling: bool,
@@ -243,11 +241,11 @@ enum Step {
 impl Acceptor {
     async fn run(mut self) -> Vec<listener::Bound> {
         loop {
-            if !self.switch.accepting.get() {
+            if !self.switch.is_on() {
                 return self.hand_back().await;
             }
             self.wait_for_room().await;
-            let step = if !self.switch.accepting.get() {
+            let step = if !self.switch.is_on() {
                 Step::Again
             } else if self.polling && self.ticker.is_some() {
                 self.poll().await
@@ -271,9 +269,7 @@ impl Acceptor {
     /// clients not yet accepted are the next generation's. Returns the listeners.
     async fn hand_back(mut self) -> Vec<listener::Bound> {
         if !self.pending.is_empty() {
-            self.pool
-                .dispatch_all(&mut self.pending, &mut self.scratch)
-                .await;
+            self.shard.dispatch_all(&mut self.pending).await;
         }
         self.sources
             .into_iter()
@@ -285,8 +281,9 @@ impl Acceptor {
     /// the kernel's backlog. Returns when some worker can, or accepting stops.
     async fn wait_for_room(&mut self) {
         loop {
-            let changed = self.pool.changed.notified();
-            if !self.switch.accepting.get() || self.pool.count(|w| w.can_take(self.pool.cap)) > 0 {
+            let board = Arc::clone(self.shard.board());
+            let changed = board.changed.notified();
+            if !self.switch.is_on() || self.shard.has_room() {
                 return;
             }
             // The ticker would wake us for nothing meanwhile.
@@ -309,6 +306,8 @@ impl Acceptor {
             tick = ticker.tick() => tick,
             () = self.switch.stop_accepting.notified() => return Step::Again,
         };
+        // A worker that left is let go of at each tick, not only at the next dispatch.
+        self.shard.refresh();
         let periods = match tick {
             Ok(periods) => periods,
             Err(err) => {
@@ -326,9 +325,9 @@ impl Acceptor {
             if self.pending.len() >= ACCEPT_BURST {
                 break;
             }
-            let (count, out) = self
-                .state
-                .burst(&self.pool, index, source, &mut self.pending);
+            let (count, out) =
+                self.state
+                    .burst(self.shard.board(), index, source, &mut self.pending);
             accepted += count;
             exhausted |= out;
             if out {
@@ -364,9 +363,12 @@ impl Acceptor {
             tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
         }
         let mut stop = pin!(self.switch.stop_accepting.notified());
+        let board = Arc::clone(self.shard.board());
+        let mut removed = pin!(board.removed.notified());
         let sources = &self.sources;
         let ready = std::future::poll_fn(|cx| {
-            if stop.as_mut().poll(cx).is_ready() {
+            if stop.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
+                // Stop; or a worker left: the next round lets go of its channel.
                 return Poll::Ready(None);
             }
             for (index, source) in sources.iter().enumerate() {
@@ -387,9 +389,12 @@ impl Acceptor {
                 return Step::Again;
             }
         };
-        let (accepted, exhausted) =
-            self.state
-                .burst(&self.pool, index, &self.sources[index], &mut self.pending);
+        let (accepted, exhausted) = self.state.burst(
+            self.shard.board(),
+            index,
+            &self.sources[index],
+            &mut self.pending,
+        );
         // Several connections queued while this wake-up was on its way: they come faster
         // than the supervisor can usefully wake for each.
         if let Some(ticker) = &self.ticker {
@@ -409,7 +414,7 @@ impl Acceptor {
         let hold = !exhausted
             && !self.pending.is_empty()
             && self.pending[0].since.elapsed() < HOLD_MAX
-            && all_busy(&self.pool);
+            && self.shard.all_busy(pace::MIN);
         let hold = hold
             && match &self.ticker {
                 Some(ticker) if !self.polling => {
@@ -419,9 +424,7 @@ impl Acceptor {
                 None => false,
             };
         if !self.pending.is_empty() && !hold {
-            self.pool
-                .dispatch_all(&mut self.pending, &mut self.scratch)
-                .await;
+            self.shard.dispatch_all(&mut self.pending).await;
         }
     }
 }
@@ -524,24 +527,6 @@ fn register(sources: &mut [Source]) -> bool {
         }
     }
     all
-}
-
-/// Whether every worker that can take a connection has not yet read what it was sent:
-/// each is busy in a handler, and a connection sent now would wait behind it.
-///
-/// A worker counts as busy once its queue has waited a poll interval with nothing
-/// read: one that simply has not been scheduled yet since the last send is not.
-///
-/// Stops at the first worker that is not busy: the dispatch that follows looks at
-/// every worker anyway, so a `FIONREAD` here for the rest would be done twice.
-fn all_busy(pool: &Pool) -> bool {
-    let now = Instant::now();
-    let mut workers = pool.workers.borrow_mut();
-    let mut takers = workers
-        .iter_mut()
-        .filter(|w| w.can_take(pool.cap))
-        .peekable();
-    takers.peek().is_some() && takers.all(|w| w.look(now).is_some_and(|waited| waited >= pace::MIN))
 }
 
 #[cfg(test)]

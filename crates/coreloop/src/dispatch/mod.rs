@@ -8,16 +8,20 @@
 //! the workers and each worker's share travels in one message.
 //!
 //! The module owns everything about getting a connection to a worker: the policy (here),
-//! each worker's load picture and its thresholds ([`load`]), the pool of workers as the
-//! dispatcher sees them ([`pool`]), and the batching and sending ([`send`]). The accept
-//! loop hands it connections; the supervisor adds, retires and removes workers in it.
+//! each worker's load picture and its thresholds ([`load`]), the load picture every
+//! acceptor shares across threads ([`board`]), the pool of workers as the supervisor's main
+//! thread sees them ([`pool`]), and the batching and sending, one dispatcher per accept
+//! loop ([`send`]). The accept loops hand it connections; the supervisor adds, retires and
+//! removes workers in it.
 
+pub(crate) mod board;
 pub(crate) mod load;
 pub(crate) mod pool;
 pub(crate) mod send;
 
+pub(crate) use board::{Board, Seat};
 pub(crate) use pool::{Pool, State, Worker};
-pub(crate) use send::{Pending, Scratch};
+pub(crate) use send::{Pending, Shard};
 
 /// Who accepts TCP connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

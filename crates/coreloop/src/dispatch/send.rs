@@ -1,20 +1,22 @@
-//! Sending connections to workers: the policy plans a batch of accepted connections over
-//! the workers with room, and each worker's share goes out in as few `Conns` messages as
-//! [`MAX_BATCH`] allows, with a non-blocking send, so that a worker whose queue is full is
-//! skipped rather than waited on. Once warm, it allocates nothing.
+//! Sending connections to workers ([`Shard`]: one per accept loop, on its own thread or the
+//! supervisor's): the policy plans a batch of accepted connections over the workers with
+//! room, on the [`Board`]'s shared load picture, and each worker's share goes out in as few
+//! `Conns` messages as [`MAX_BATCH`] allows, with a non-blocking send, so that a worker
+//! whose queue is full is skipped rather than waited on. Once warm, it allocates nothing.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::pin;
-use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use coreloop_ipc::{Channel, ConnBatch, ConnMeta, MAX_BATCH, Message, TrySendError};
+use coreloop_ipc::{ConnBatch, ConnMeta, MAX_BATCH, Message, Sender, TrySendError};
 use tracing::{debug, warn};
 
-use super::pool::{Pool, State};
-use super::{Busy, Candidate};
-use crate::handler::WorkerId;
+use super::board::{Board, Seat};
+use super::load::{Reading, classify};
+use super::{Busy, Candidate, Planner};
 
 /// An accepted connection waiting to be queued to a worker.
 pub(crate) struct Pending {
@@ -24,29 +26,148 @@ pub(crate) struct Pending {
     pub(crate) since: Instant,
 }
 
-/// Buffers reused by every dispatch, so that dispatching allocates nothing once warm.
-#[derive(Default)]
-pub(crate) struct Scratch {
-    pub(crate) candidates: Vec<Candidate>,
-    pub(crate) channels: Vec<(Rc<Channel>, u32, WorkerId)>,
-    pub(crate) plan: Vec<Option<usize>>,
-    pub(crate) sent: Vec<bool>,
-    pub(crate) excluded: Vec<u32>,
+/// A worker as one dispatcher holds it: the shared seat, this dispatcher's handle on its
+/// channel, and what this dispatcher last saw of it reading its queue.
+struct Local {
+    seat: Arc<Seat>,
+    /// `None` if the descriptor could not be duplicated: the worker is skipped.
+    sender: Option<Sender>,
+    reading: Reading,
 }
 
-impl Pool {
+impl Local {
+    /// How long something has waited in its queue while it read nothing at all: `None`
+    /// when its queue is empty. One `FIONREAD`.
+    fn look(&mut self, now: Instant) -> Option<Duration> {
+        let unread = self.seat.queue.unread_bytes().unwrap_or(0);
+        let sent = self.sender.as_ref().map_or(0, Sender::sent_bytes);
+        self.reading.observe(now, sent, unread)
+    }
+
+    /// How busy its event loop looks, and for how long it has looked stuck.
+    fn busy(&mut self, now: Instant) -> (Busy, Duration) {
+        let (awake, in_poll) = self.seat.clock.get().map_or((None, None), |clock| {
+            (clock.awake_for(), clock.poll_running_for())
+        });
+        classify(awake.unwrap_or_default(), in_poll, self.look(now))
+    }
+
+    fn room(&self, cap: u64) -> u64 {
+        if self.sender.is_some() && self.seat.takes() {
+            cap.saturating_sub(self.seat.open())
+        } else {
+            0
+        }
+    }
+}
+
+/// One dispatcher: the workers as it sees them, its planner, and buffers reused by every
+/// dispatch.
+pub(crate) struct Shard {
+    board: Arc<Board>,
+    /// The board's version `locals` was read at.
+    version: u64,
+    locals: Vec<Local>,
+    planner: Planner,
+    candidates: Vec<Candidate>,
+    plan: Vec<Option<usize>>,
+    sent: Vec<bool>,
+    /// Workers found full this dispatch (indices into `locals`).
+    excluded: Vec<usize>,
+}
+
+impl Shard {
+    pub(crate) fn new(board: Arc<Board>, seed: u64) -> Self {
+        let planner = Planner::new(board.policy, seed);
+        let mut shard = Self {
+            board,
+            version: u64::MAX,
+            locals: Vec::new(),
+            planner,
+            candidates: Vec::new(),
+            plan: Vec::new(),
+            sent: Vec::new(),
+            excluded: Vec::new(),
+        };
+        shard.refresh();
+        shard
+    }
+
+    pub(crate) fn board(&self) -> &Arc<Board> {
+        &self.board
+    }
+
+    /// Rereads the seats if the board changed, keeping what it saw of the workers still
+    /// there.
+    pub(crate) fn refresh(&mut self) {
+        if self.board.version() == self.version {
+            return;
+        }
+        let (version, seats) = self.board.seats();
+        let mut old = std::mem::take(&mut self.locals);
+        for seat in seats {
+            let local = match old.iter().position(|l| Arc::ptr_eq(&l.seat, &seat)) {
+                Some(i) => old.swap_remove(i),
+                None => {
+                    let sender = match seat.sender() {
+                        Ok(sender) => Some(sender),
+                        Err(err) => {
+                            warn!(worker.id = seat.slot.get(), worker.pid = seat.pid, error = %err, "cannot duplicate a worker's channel; not dispatching to it from this acceptor");
+                            None
+                        }
+                    };
+                    Local {
+                        seat,
+                        sender,
+                        reading: Reading::default(),
+                    }
+                }
+            };
+            self.locals.push(local);
+        }
+        self.version = version;
+    }
+
+    /// Whether some worker can take a connection now.
+    pub(crate) fn has_room(&mut self) -> bool {
+        self.refresh();
+        let cap = self.board.cap;
+        self.locals.iter().any(|l| l.room(cap) > 0)
+    }
+
+    /// Whether every worker that can take a connection has not yet read what it was sent:
+    /// each is busy in a handler, and a connection sent now would wait behind it.
+    ///
+    /// A worker counts as busy once its queue has waited `min_wait` with nothing read: one
+    /// that simply has not been scheduled yet since the last send is not.
+    ///
+    /// Stops at the first worker that is not busy: the dispatch that follows looks at
+    /// every worker anyway, so a `FIONREAD` here for the rest would be done twice.
+    pub(crate) fn all_busy(&mut self, min_wait: Duration) -> bool {
+        self.refresh();
+        let now = Instant::now();
+        let cap = self.board.cap;
+        let mut takers = self
+            .locals
+            .iter_mut()
+            .filter(|l| l.room(cap) > 0)
+            .peekable();
+        takers.peek().is_some() && takers.all(|l| l.look(now).is_some_and(|w| w >= min_wait))
+    }
+
     /// Hands every pending connection to a worker, in as few messages as the plan allows.
     /// Returns once all were queued, or when the server is stopping (then the rest are
     /// closed undelivered).
-    pub(crate) async fn dispatch_all(&self, pending: &mut Vec<Pending>, scratch: &mut Scratch) {
+    pub(crate) async fn dispatch_all(&mut self, pending: &mut Vec<Pending>) {
+        let board = Arc::clone(&self.board);
         loop {
-            let mut changed = pin!(self.changed.notified());
+            let mut changed = pin!(board.changed.notified());
             changed.as_mut().enable();
-            self.try_dispatch_all(pending, scratch);
+            self.try_dispatch_all(pending);
             if pending.is_empty() {
                 return;
             }
-            if self.stopping.get() {
+            if board.is_stopping() {
                 debug!(
                     undelivered = pending.len(),
                     "stopping; closing undelivered connections"
@@ -55,14 +176,17 @@ impl Pool {
                 return;
             }
             // No worker can take them now: wait for room in a queue or any change.
+            let cap = board.cap;
+            let locals = &self.locals;
             std::future::poll_fn(|cx| {
                 if changed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
                 }
-                let workers = self.workers.borrow();
-                for worker in workers.iter().filter(|w| w.can_take(self.cap)) {
-                    if worker.channel.poll_send_ready(cx).is_ready() {
-                        return Poll::Ready(());
+                for local in locals.iter().filter(|l| l.room(cap) > 0) {
+                    if let Some(sender) = &local.sender {
+                        if sender.poll_send_ready(cx).is_ready() {
+                            return Poll::Ready(());
+                        }
                     }
                 }
                 Poll::Pending
@@ -73,93 +197,91 @@ impl Pool {
 
     /// Plans `pending` over the workers with the dispatch policy and sends each worker its
     /// share in batches, without waiting. What could not be queued stays in `pending`.
-    pub(crate) fn try_dispatch_all(&self, pending: &mut Vec<Pending>, scratch: &mut Scratch) {
+    pub(crate) fn try_dispatch_all(&mut self, pending: &mut Vec<Pending>) {
+        self.refresh();
         // A worker found full or broken is left out of the next pass, so each pass either
         // queues something or leaves nobody to try.
-        let passes = self.workers.borrow().len() + 1;
+        let passes = self.locals.len() + 1;
         for _pass in 0..passes {
             if pending.is_empty() {
-                return;
-            }
-            self.look(scratch);
-            if !self.plan(pending.len(), scratch) {
                 break;
             }
-            scratch.sent.clear();
-            scratch.sent.resize(pending.len(), false);
-            let Scratch {
-                channels,
-                plan,
-                sent,
-                excluded,
-                ..
-            } = &mut *scratch;
-            for (w, target) in channels.iter().enumerate() {
-                let planned = (0..pending.len()).filter(|&i| plan[i] == Some(w));
-                self.send_share(target, planned, pending, sent, excluded);
+            self.look();
+            if !self.plan(pending.len()) {
+                break;
             }
+            self.sent.clear();
+            self.sent.resize(pending.len(), false);
+            for w in 0..self.locals.len() {
+                self.send_share(w, pending);
+            }
+            let sent = &self.sent;
             let mut index = 0;
             pending.retain(|_| {
-                let keep = !scratch.sent[index];
+                let keep = !sent[index];
                 index += 1;
                 keep
             });
         }
-        scratch.excluded.clear();
+        self.excluded.clear();
     }
 
-    /// The candidates of this pass: each worker's room and load picture, and its channel.
-    fn look(&self, scratch: &mut Scratch) {
-        scratch.candidates.clear();
-        scratch.channels.clear();
+    /// The candidates of this pass: each worker's room and load picture.
+    fn look(&mut self) {
+        self.candidates.clear();
         let now = Instant::now();
-        for w in self.workers.borrow_mut().iter_mut() {
-            let room =
-                if w.state == State::Ready && !w.stalled && !scratch.excluded.contains(&w.pid) {
-                    self.cap.saturating_sub(w.open())
-                } else {
-                    0
-                };
+        let cap = self.board.cap;
+        for (i, local) in self.locals.iter_mut().enumerate() {
+            let room = if self.excluded.contains(&i) {
+                0
+            } else {
+                local.room(cap)
+            };
             let (busy, stuck_for) = if room > 0 {
-                w.busy(now)
+                local.busy(now)
             } else {
                 (Busy::Idle, Duration::ZERO)
             };
-            scratch.candidates.push(Candidate {
-                load: w.open(),
+            self.candidates.push(Candidate {
+                load: local.seat.open(),
                 room,
                 busy,
                 stuck_us: u64::try_from(stuck_for.as_micros()).unwrap_or(u64::MAX),
             });
-            scratch
-                .channels
-                .push((Rc::clone(&w.channel), w.pid, w.slot));
         }
     }
 
     /// Picks a candidate for each of `n` connections; `false` if none has room.
-    fn plan(&self, n: usize, scratch: &mut Scratch) -> bool {
-        scratch.plan.clear();
-        let mut planner = self.planner.borrow_mut();
+    fn plan(&mut self, n: usize) -> bool {
+        self.plan.clear();
         for _ in 0..n {
-            scratch.plan.push(planner.pick(&mut scratch.candidates));
+            self.plan.push(self.planner.pick(&mut self.candidates));
         }
-        scratch.plan.iter().any(Option::is_some)
+        self.plan.iter().any(Option::is_some)
     }
 
-    /// Sends a worker the connections planned for it (`planned`, indices into `pending`),
-    /// in batches of at most [`MAX_BATCH`], until one does not fit (its queue is full: it
-    /// joins `excluded`) or the channel fails.
-    fn send_share(
-        &self,
-        (channel, pid, slot): &(Rc<Channel>, u32, WorkerId),
-        planned: impl Iterator<Item = usize>,
-        pending: &[Pending],
-        sent: &mut [bool],
-        excluded: &mut Vec<u32>,
-    ) {
-        let (pid, slot) = (*pid, *slot);
-        let mut chosen = planned.peekable();
+    /// Sends worker `w` the connections planned for it (see [`Shard::send_batches`]); its
+    /// queue waits from now on, if it was empty.
+    fn send_share(&mut self, w: usize, pending: &[Pending]) {
+        if self.send_batches(w, pending) {
+            let reading = &mut self.locals[w].reading;
+            reading.waiting_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Sends worker `w` the connections planned for it, in batches of at most
+    /// [`MAX_BATCH`], until one does not fit (its queue is full: it joins `excluded`), the
+    /// channel fails, or its gate closes. Returns whether it sent any.
+    fn send_batches(&mut self, w: usize, pending: &[Pending]) -> bool {
+        let local = &self.locals[w];
+        let Some(sender) = &local.sender else {
+            return false;
+        };
+        let mut any = false;
+        let seat = &local.seat;
+        let mut chosen = (0..pending.len())
+            .filter(|&i| self.plan[i] == Some(w))
+            .peekable();
         while chosen.peek().is_some() {
             let mut batch = ConnBatch::new();
             let mut indices = [0usize; MAX_BATCH];
@@ -171,44 +293,49 @@ impl Pool {
                 indices[k] = i;
             }
             let k = batch.len();
-            match channel.try_send(&Message::Conns(batch), &fds[..k]) {
-                Ok(()) => self.queued(pid, &indices[..k], pending, sent),
+            let gate = seat.enter();
+            if !*gate {
+                // Closed since the look: it drains, stalled or died.
+                self.excluded.push(w);
+                return any;
+            }
+            let result = sender.try_send(&Message::Conns(batch), &fds[..k]);
+            drop(gate);
+            match result {
+                Ok(()) => {
+                    queued(&self.board, seat, &indices[..k], pending, &mut self.sent);
+                    any = true;
+                }
                 Err(TrySendError::Full) => {
-                    excluded.push(pid);
-                    return;
+                    self.excluded.push(w);
+                    return any;
                 }
                 Err(TrySendError::Failed(err)) => {
-                    warn!(worker.id = slot.get(), worker.pid = pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
-                    self.mark_draining(pid);
-                    self.changed.notify_waiters();
-                    return;
+                    warn!(worker.id = seat.slot.get(), worker.pid = seat.pid, error = %err, event = "worker_send_failed", "cannot send to worker; skipping it");
+                    seat.fail();
+                    self.board.changed.notify_waiters();
+                    return any;
                 }
             }
         }
+        any
     }
+}
 
-    /// The connections at `indices` are queued to worker `pid`: counted, timed, and
-    /// checked against its recycling threshold.
-    fn queued(&self, pid: u32, indices: &[usize], pending: &[Pending], sent: &mut [bool]) {
-        let now = Instant::now();
-        for &i in indices {
-            sent[i] = true;
-            let waited = now.duration_since(pending[i].since);
-            self.metrics.dispatch_latency.observe(waited.as_secs_f64());
-        }
-        let k = indices.len() as u64;
-        let due = self
-            .with_worker(pid, |w| {
-                // Queued from now on, if its queue was empty.
-                w.reading.waiting_since.get_or_insert(now);
-                let before = w.sent;
-                w.sent += k;
-                w.forwarded.inc_by(k);
-                w.recycle_at.is_some_and(|at| before < at && w.sent >= at)
-            })
-            .unwrap_or(false);
-        if due {
-            self.recycle_due.notify_one();
-        }
+/// The connections at `indices` are queued to `seat`'s worker: counted, timed, and
+/// checked against its recycling threshold.
+fn queued(board: &Board, seat: &Seat, indices: &[usize], pending: &[Pending], sent: &mut [bool]) {
+    let now = Instant::now();
+    for &i in indices {
+        sent[i] = true;
+        let waited = now.duration_since(pending[i].since);
+        board.dispatch_latency.observe(waited.as_secs_f64());
+    }
+    let k = indices.len() as u64;
+    let before = seat.sent.fetch_add(k, Ordering::Relaxed);
+    seat.forwarded.inc_by(k);
+    let at = seat.recycle_at.load(Ordering::Relaxed);
+    if before < at && before + k >= at {
+        board.recycle_due.notify_one();
     }
 }

@@ -10,6 +10,7 @@ use tracing::{Instrument, error, info, warn};
 use super::Shared;
 use super::report::{notify, notify_reloading};
 use super::upgrade::Successor;
+use crate::accept::shards::{Acceptors, Assignment};
 use crate::listener;
 use crate::listener::Handover;
 
@@ -49,7 +50,7 @@ pub(super) fn start_upgrade(
                 Ok(successor) => {
                     info!(upgrade.pid = successor.pid, event = "upgrade_successor_serving", "the new generation serves");
                     *shared.successor.borrow_mut() = Some(successor);
-                    shared.pool.changed.notify_waiters();
+                    shared.pool.board.changed.notify_waiters();
                 }
                 Err(reason) => {
                     error!(%reason, event = "upgrade_failed", "upgrade failed; this generation keeps serving");
@@ -62,23 +63,19 @@ pub(super) fn start_upgrade(
 }
 
 /// Binary upgrade, old side, once the new generation serves: stops accepting (the accept
-/// task returns the listeners once what it took is queued to workers), tells the new
+/// loops return the listeners once what they took is queued to workers), tells the new
 /// supervisor to take over, and tells systemd which process is the main one now.
 ///
 /// If the new supervisor is gone by then, returns the listeners to accept on again.
 pub(super) async fn hand_over(
     shared: &Rc<Shared>,
     successor: Successor,
-    accept: Option<tokio::task::JoinHandle<Vec<listener::Bound>>>,
-) -> Result<Successor, Vec<listener::Bound>> {
-    shared.switch.accepting.set(false);
-    // Whether it waits for a listener or for a worker with room.
-    shared.switch.stop_accepting.notify_one();
-    shared.pool.changed.notify_waiters();
-    // The accept task (there is one until a handover succeeds) does not panic; were it
+    accept: Option<Acceptors>,
+) -> Result<Successor, Assignment> {
+    // The accept loops (there are some until a handover succeeds) do not panic; were they
     // gone, there would be nothing to resume.
     let listeners = match accept {
-        Some(task) => task.await.unwrap_or_default(),
+        Some(acceptors) => acceptors.hand_back().await,
         None => Vec::new(),
     };
     match successor.channel.send(&Message::Takeover, &[]).await {
@@ -102,7 +99,6 @@ pub(super) async fn hand_over(
         Err(err) => {
             error!(upgrade.pid = successor.pid, error = %err, event = "upgrade_handover_failed", "the new supervisor went away at the handover; this generation keeps serving");
             tokio::task::spawn_local(successor.abandon(super::upgrade::EXIT_GRACE));
-            shared.switch.accepting.set(true);
             shared.notify_ready();
             Err(listeners)
         }

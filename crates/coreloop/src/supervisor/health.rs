@@ -32,10 +32,10 @@ pub(super) async fn watchdog_loop(shared: Rc<Shared>, period: Duration) {
             .workers
             .borrow()
             .iter()
-            .filter(|w| w.state == State::Ready && w.stalled)
+            .filter(|w| w.state() == State::Ready && w.stalled())
             .map(|w| (w.slot.get(), w.pid))
             .collect();
-        let ready = shared.pool.count(|w| w.state == State::Ready);
+        let ready = shared.pool.count(|w| w.state() == State::Ready);
         if stalled.is_empty() && ready > 0 {
             if withheld {
                 info!(
@@ -67,7 +67,7 @@ pub(super) async fn health_loop(shared: Rc<Shared>) {
             _ = tick.tick() => {}
             // Dispatch found a worker past its recycling threshold: act now, not at the
             // next tick, so that it does not serve far beyond its share.
-            () = shared.pool.recycle_due.notified() => {}
+            () = shared.pool.board.recycle_due.notified() => {}
         }
         let now = Instant::now();
         let recycling = shared.pool.count(|w| w.replacing);
@@ -80,7 +80,7 @@ pub(super) async fn health_loop(shared: Rc<Shared>) {
             log_kill(slot, pid, reason, silent);
             kill_worker(pid);
         }
-        shared.pool.changed.notify_waiters();
+        shared.pool.board.changed.notify_waiters();
         let room = shared
             .config
             .max_concurrent_recycles
@@ -115,15 +115,15 @@ fn inspect(shared: &Shared, now: Instant, stall_after: Duration) -> Findings {
             found.kill.push((w.slot, w.pid, reason));
         }
     }
-    for w in workers.iter_mut().filter(|w| w.state == State::Ready) {
+    for w in workers.iter_mut().filter(|w| w.state() == State::Ready) {
         if let Some(reason) = hung(w, now, shared.config.heartbeat_timeout) {
-            w.state = State::Draining;
+            w.set_state(State::Draining);
             w.exit_reason = Some(reason);
             found.kill.push((w.slot, w.pid, reason));
             continue;
         }
         let silent = now.duration_since(w.last_report);
-        if silent > stall_after && !w.stalled {
+        if silent > stall_after && !w.stalled() {
             warn!(
                 event = "worker_stalled",
                 worker.id = w.slot.get(),
@@ -131,10 +131,10 @@ fn inspect(shared: &Shared, now: Instant, stall_after: Duration) -> Findings {
                 silent_ms = silent.as_millis() as u64,
                 "worker reports are late; no new connections for it"
             );
-            w.stalled = true;
+            w.set_stalled(true);
         }
         if !w.replacing && w.slot.get() < shared.target.get() {
-            let by_count = w.recycle_at.is_some_and(|at| w.sent >= at);
+            let by_count = w.recycle_at.is_some_and(|at| w.sent() >= at);
             let by_rss = shared
                 .config
                 .recycle_rss_kib
@@ -174,7 +174,7 @@ pub(super) fn overdue(w: &Worker, now: Instant) -> Option<ExitReason> {
     if w.kill_at.is_some_and(|at| now >= at) {
         return Some(ExitReason::DrainTimeout);
     }
-    (w.state == State::Starting && now.duration_since(w.started) > READY_TIMEOUT)
+    (w.state() == State::Starting && now.duration_since(w.started) > READY_TIMEOUT)
         .then_some(ExitReason::StartTimeout)
 }
 
@@ -184,7 +184,11 @@ pub(super) fn overdue(w: &Worker, now: Instant) -> Option<ExitReason> {
 /// left unread, for the heartbeat timeout.
 pub(super) fn hung(w: &mut Worker, now: Instant, timeout: Duration) -> Option<ExitReason> {
     let silent = now.duration_since(w.last_report);
-    let in_poll = w.clock.as_ref().and_then(|clock| clock.poll_running_for());
+    let in_poll = w
+        .seat
+        .clock
+        .get()
+        .and_then(|clock| clock.poll_running_for());
     if silent > timeout || in_poll.is_some_and(|poll| poll > timeout) {
         return Some(ExitReason::Hang);
     }

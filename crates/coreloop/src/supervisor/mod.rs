@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use coreloop_ipc::{Channel, Message};
 use tracing::{Instrument, info, warn};
 
-use crate::accept::Switch;
 use crate::config::Config;
 use crate::dispatch::{Pool, XorShift};
 use crate::error::Error;
@@ -120,6 +119,11 @@ fn run_in(
             "the number of workers must be at least 1".into(),
         ));
     }
+    if config.acceptors == Some(0) {
+        return Err(Error::Config(
+            "the number of acceptors must be at least 1".into(),
+        ));
+    }
     if config.listeners.len() > usize::from(u16::MAX) {
         return Err(Error::Config("too many listeners".into()));
     }
@@ -130,6 +134,13 @@ fn run_in(
         None => Vec::new(),
     };
     let bound = listener::bind_all(&mut config, &mut adopted)?;
+    let bound = crate::siblings::add(
+        bound,
+        config.acceptor_count(),
+        &mut adopted,
+        config.backlog,
+        config.tcp_nodelay,
+    )?;
     let metrics_listener = metrics_listener(&config, &mut adopted)?;
     for unused in adopted {
         info!(listener = %unused.spec, "no longer configured; closing the socket handed over for it");
@@ -239,15 +250,13 @@ fn raise_nofile_limit() -> u64 {
 /// A condition that ends the server with an error.
 type Fatal = RefCell<Option<Error>>;
 
-/// What the supervisor's tasks share, by holder: the pool of workers (with the
-/// dispatcher), the accept loop's switch, the restart policy, the run state, and the
-/// state of a binary upgrade.
+/// What the supervisor's tasks share, by holder: the pool of workers (with the load
+/// picture the accept loops dispatch on), the restart policy, the run state, and the state
+/// of a binary upgrade.
 struct Shared {
     config: Config,
-    /// The workers, shared with the accept loop and the dispatcher.
+    /// The workers; the accept loops see them through its board.
     pool: Rc<Pool>,
-    /// Whether the accept loop accepts (a binary upgrade's handover clears it).
-    switch: Rc<Switch>,
     metrics: Rc<Metrics>,
     /// Number of worker slots wanted (changed by scaling).
     target: Cell<usize>,
@@ -304,7 +313,7 @@ impl Shared {
             *fatal = Some(err);
         }
         drop(fatal);
-        self.pool.changed.notify_waiters();
+        self.pool.board.changed.notify_waiters();
     }
 
     fn random_unit(&self) -> f64 {

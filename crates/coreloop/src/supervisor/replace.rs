@@ -41,13 +41,13 @@ pub(super) async fn replace(
     };
     let ready = tokio::time::timeout(READY_TIMEOUT, async {
         loop {
-            let changed = shared.pool.changed.notified();
-            match shared.pool.with_worker(new, |w| w.state) {
+            let changed = shared.pool.board.changed.notified();
+            match shared.pool.with_worker(new, |w| w.state()) {
                 Some(State::Ready) => return true,
                 None | Some(State::Draining) => return false,
                 Some(State::Starting) => {}
             }
-            if shared.pool.stopping.get() {
+            if shared.pool.board.is_stopping() {
                 return false;
             }
             changed.await;
@@ -64,7 +64,7 @@ pub(super) async fn replace(
             event = "replacement_failed",
             "replacement did not become ready; keeping the old worker"
         );
-        if shared.pool.with_worker(new, |w| w.state).is_some() {
+        if shared.pool.with_worker(new, |w| w.state()).is_some() {
             kill_worker(new);
         }
         shared.pool.with_worker(old, |w| w.replacing = false);
@@ -102,12 +102,12 @@ pub(super) fn start_reload(shared: &Rc<Shared>) {
                 .workers
                 .borrow()
                 .iter()
-                .filter(|w| w.state != State::Draining && !w.replacing)
+                .filter(|w| w.state() != State::Draining && !w.replacing)
                 .map(|w| w.pid)
                 .collect();
             let mut replaced = 0usize;
             for pid in &old {
-                if shared.pool.stopping.get() {
+                if shared.pool.board.is_stopping() {
                     break;
                 }
                 if !replace(&shared, *pid, ExitReason::Reload, "reload").await {
@@ -159,7 +159,7 @@ pub(super) async fn scale_down(shared: &Rc<Shared>) {
         .workers
         .borrow()
         .iter()
-        .filter(|w| w.slot == WorkerId(slot) && w.state != State::Draining)
+        .filter(|w| w.slot == WorkerId(slot) && w.state() != State::Draining)
         .map(|w| w.pid)
         .collect();
     for pid in pids {

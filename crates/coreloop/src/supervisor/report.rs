@@ -22,7 +22,7 @@ impl Shared {
 
     /// The `STATUS=` line for systemd.
     pub(super) fn status(&self) -> String {
-        let ready = self.pool.count(|w| w.state == State::Ready);
+        let ready = self.pool.count(|w| w.state() == State::Ready);
         format!("serving: {ready} of {} workers ready", self.target.get())
     }
 
@@ -30,7 +30,7 @@ impl Shared {
     pub(super) fn scrape(&self) -> String {
         let now = Instant::now();
         let workers = self.pool.workers.borrow();
-        for w in workers.iter().filter(|w| w.state != State::Starting) {
+        for w in workers.iter().filter(|w| w.state() != State::Starting) {
             let labels = WorkerLabels {
                 worker: w.slot.get() as u32,
             };
@@ -47,7 +47,7 @@ impl Shared {
                 .get_or_create(&labels)
                 .set(now.duration_since(w.last_report).as_secs_f64());
         }
-        let ready = workers.iter().filter(|w| w.state == State::Ready).count();
+        let ready = workers.iter().filter(|w| w.state() == State::Ready).count();
         drop(workers);
         self.metrics.workers_ready.set(ready as i64);
         self.metrics.encode()
@@ -73,8 +73,8 @@ pub(super) async fn metrics_loop(shared: Rc<Shared>, listener: tokio::net::TcpLi
             let reply = match crate::metrics::read_path(&mut stream).await.as_deref() {
                 Some("/metrics") => Reply::Metrics(shared.scrape()),
                 Some("/healthz") => Reply::Healthy(
-                    !shared.pool.stopping.get()
-                        && shared.pool.count(|w| w.state == State::Ready) > 0,
+                    !shared.pool.board.is_stopping()
+                        && shared.pool.count(|w| w.state() == State::Ready) > 0,
                 ),
                 _ => Reply::NotFound,
             };

@@ -5,11 +5,11 @@
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use coreloop_ipc::{Channel, Message};
 use sd_notify::NotifyState;
-use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::boundary::LogBudget;
@@ -22,9 +22,9 @@ use super::signals::Signals;
 use super::spawn::{seed, spawn_worker};
 use super::upgrade::Successor;
 use super::{FD_RESERVE, KILL_MARGIN, Shared};
-use crate::accept::{Source, Switch, accept_loop};
+use crate::accept::shards::{self, Acceptors, Assignment};
 use crate::config::Config;
-use crate::dispatch::{Planner, Pool, State, XorShift};
+use crate::dispatch::{Board, Pool, State, XorShift};
 use crate::error::Error;
 use crate::handle::{Command, Inbox};
 use crate::handler::WorkerId;
@@ -55,7 +55,13 @@ pub(super) struct Boot<'a> {
 /// What the boot built for the rest of the main task.
 struct Prepared {
     shared: Rc<Shared>,
+    /// The main accept loop's listeners, registered with this runtime.
     listeners: Vec<Listener>,
+    /// The other accept loops' sockets (see [`shards::assign`]); the first set is empty.
+    sets: Assignment,
+    /// Every listener's address once (siblings left out), for the log and the handles.
+    labels: Vec<String>,
+    local_addrs: Vec<crate::handler::LocalAddr>,
     /// Reserved (bound, not listening) sockets: open as long as the supervisor runs.
     reserved: Vec<listener::Bound>,
     /// What a binary upgrade hands over.
@@ -65,8 +71,8 @@ struct Prepared {
 
 /// The tasks that run while the server serves.
 struct Tasks {
-    /// The accept loop; `None` once it returned the listeners for a handover.
-    accept: Option<tokio::task::JoinHandle<Vec<listener::Bound>>>,
+    /// The accept loops; `None` once they returned the listeners for a handover.
+    accept: Option<Acceptors>,
     health: tokio::task::JoinHandle<()>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -94,7 +100,13 @@ pub(super) async fn supervise(boot: Boot<'_>, mut commands: Inbox) -> Result<(),
         return Ok(());
     }
     let handover = Rc::clone(&prepared.handover);
-    let mut tasks = serving(prepared, &commands, upgrade.is_some());
+    let mut tasks = match serving(prepared, &commands, upgrade.is_some()) {
+        Ok(tasks) => tasks,
+        Err(err) => {
+            shared.stop_now().await;
+            return Err(err);
+        }
+    };
     let outcome = serve(&shared, &mut signals, &mut commands, &handover, &mut tasks).await;
     // The duplicates kept for a handover would keep the sockets open (and clients
     // queueing) after the listeners close.
@@ -120,14 +132,19 @@ fn prepare(boot: Boot<'_>) -> Result<Prepared, Error> {
         config.metrics,
     )?);
 
-    let mut listeners = Vec::with_capacity(bound.len());
     // Reserved (bound, not listening) sockets stay open as long as the supervisor runs.
-    let mut reserved = Vec::new();
-    for bound in bound {
-        if !bound.accepts {
-            reserved.push(bound);
-            continue;
-        }
+    let (accepting, reserved): (Vec<_>, Vec<_>) = bound.into_iter().partition(|b| b.accepts);
+    let shown = || {
+        accepting
+            .iter()
+            .chain(&reserved)
+            .filter(|b| b.name != crate::siblings::SIBLING)
+    };
+    let labels = shown().map(|b| b.label.clone()).collect();
+    let local_addrs = crate::handle::local_addrs(shown());
+    let mut sets = shards::assign(accepting, config.acceptor_count());
+    let mut listeners = Vec::new();
+    for bound in std::mem::take(&mut sets[0]) {
         let spec = bound.label.clone();
         let listener = Listener::new(bound).map_err(|source| Error::Bind { addr: spec, source })?;
         listeners.push(listener);
@@ -136,17 +153,15 @@ fn prepare(boot: Boot<'_>) -> Result<Prepared, Error> {
     let cap = (config.max_connections as u64)
         .min(nofile.saturating_sub(FD_RESERVE))
         .max(1);
-    let planner = Planner::new(config.dispatch, seed());
     let metrics = Rc::new(Metrics::new());
+    let board = Arc::new(Board::new(
+        cap,
+        config.dispatch,
+        metrics.dispatch_latency.clone(),
+    ));
     let pool = Rc::new(Pool {
         workers: RefCell::new(Vec::new()),
-        cap,
-        changed: Notify::new(),
-        recycle_due: Notify::new(),
-        stopping: Cell::new(false),
-        next_conn_id: Cell::new(0),
-        planner: RefCell::new(planner),
-        metrics: Rc::clone(&metrics),
+        board,
         drain_grace: config.shutdown_timeout + KILL_MARGIN,
     });
     let shared = Rc::new(Shared {
@@ -155,7 +170,6 @@ fn prepare(boot: Boot<'_>) -> Result<Prepared, Error> {
         log_budget: RefCell::new(LogBudget::new(Instant::now())),
         config,
         pool,
-        switch: Rc::new(Switch::new()),
         metrics,
         booted: Cell::new(false),
         reloading: Cell::new(false),
@@ -170,6 +184,9 @@ fn prepare(boot: Boot<'_>) -> Result<Prepared, Error> {
     Ok(Prepared {
         shared,
         listeners,
+        sets,
+        labels,
+        local_addrs,
         reserved,
         handover,
         metrics_listener,
@@ -226,12 +243,12 @@ async fn start(shared: &Rc<Shared>, upgrade: Option<&Channel>) -> Result<(), Err
         }
     }
     loop {
-        let changed = shared.pool.changed.notified();
+        let changed = shared.pool.board.changed.notified();
         if let Some(err) = shared.take_fatal() {
             drop(changed);
             return failed(err).await;
         }
-        if shared.pool.count(|w| w.state == State::Ready) == shared.config.workers {
+        if shared.pool.count(|w| w.state() == State::Ready) == shared.config.workers {
             break;
         }
         changed.await;
@@ -270,7 +287,7 @@ async fn take_over(shared: &Shared, channel: &Channel) -> Result<(), Error> {
         );
     }
     while !gone {
-        let changed = shared.pool.changed.notified();
+        let changed = shared.pool.board.changed.notified();
         if let Some(err) = shared.take_fatal() {
             return Err(err);
         }
@@ -296,31 +313,26 @@ async fn take_over(shared: &Shared, channel: &Channel) -> Result<(), Error> {
     Ok(())
 }
 
-/// The server serves: starts the accept loop, the health check, `/metrics` and the
+/// The server serves: starts the accept loops, the health check, `/metrics` and the
 /// watchdog, says `serving` (log, handles, systemd).
-fn serving(prepared: Prepared, commands: &Inbox, upgraded: bool) -> Tasks {
+///
+/// # Errors
+///
+/// When an accept loop's thread cannot be started.
+fn serving(prepared: Prepared, commands: &Inbox, upgraded: bool) -> Result<Tasks, Error> {
     let Prepared {
         shared,
         listeners,
+        sets,
+        labels: addrs,
+        local_addrs,
         reserved,
         metrics_listener,
         ..
     } = prepared;
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| &l.bound)
-        .chain(&reserved)
-        .map(|b| b.label.clone())
-        .collect();
-    let local_addrs =
-        crate::handle::local_addrs(listeners.iter().map(|l| &l.bound).chain(&reserved));
-    // Built now, so that its descriptors exist before the server says it is serving.
-    let accept_task = accept_loop(
-        Rc::clone(&shared.pool),
-        Rc::clone(&shared.switch),
-        Source::registered(listeners),
-    );
-    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = shared.pool.cap, upgraded, event = "serving", "serving");
+    // Started now, so that their descriptors exist before the server says it is serving.
+    let acceptors = start_acceptors(&shared, sets, Some(listeners))?;
+    info!(workers = shared.config.workers, listeners = ?addrs, max_connections_per_worker = shared.pool.board.cap, upgraded, event = "serving", "serving");
     commands.serving(local_addrs);
     shared.notify_ready();
     let span = || shared.span.clone();
@@ -334,8 +346,8 @@ fn serving(prepared: Prepared, commands: &Inbox, upgraded: bool) -> Tasks {
         }
         None => None,
     };
-    Tasks {
-        accept: Some(tokio::task::spawn_local(accept_task)),
+    Ok(Tasks {
+        accept: Some(acceptors),
         health: tokio::task::spawn_local(health_loop(Rc::clone(&shared)).instrument(span())),
         metrics,
         watchdog: sd_notify::watchdog_enabled().map(|period| {
@@ -343,7 +355,22 @@ fn serving(prepared: Prepared, commands: &Inbox, upgraded: bool) -> Tasks {
         }),
         upgrade: None,
         reserved,
-    }
+    })
+}
+
+/// Starts the accept loops on `sets` (the first loop on `main` if registered already).
+fn start_acceptors(
+    shared: &Shared,
+    sets: Assignment,
+    main: Option<Vec<Listener>>,
+) -> Result<Acceptors, Error> {
+    let start = shards::Start {
+        board: &shared.pool.board,
+        metrics: &shared.metrics,
+        span: &shared.span,
+        seed: seed(),
+    };
+    Acceptors::start(start, sets, main)
 }
 
 /// Serves signals and handle commands until a stop, a completed upgrade or a fatal error.
@@ -355,7 +382,7 @@ async fn serve(
     tasks: &mut Tasks,
 ) -> Outcome {
     loop {
-        let changed = shared.pool.changed.notified();
+        let changed = shared.pool.board.changed.notified();
         if let Some(err) = shared.take_fatal() {
             return Outcome::Failed(err);
         }
@@ -363,14 +390,13 @@ async fn serve(
         if let Some(successor) = successor {
             match hand_over(shared, successor, tasks.accept.take()).await {
                 Ok(successor) => return Outcome::Upgraded(Box::new(successor)),
-                Err(listeners) => {
-                    tasks.accept = Some(tokio::task::spawn_local(accept_loop(
-                        Rc::clone(&shared.pool),
-                        Rc::clone(&shared.switch),
-                        Source::unregistered(listeners),
-                    )));
-                    continue;
-                }
+                Err(sets) => match start_acceptors(shared, sets, None) {
+                    Ok(acceptors) => {
+                        tasks.accept = Some(acceptors);
+                        continue;
+                    }
+                    Err(err) => return Outcome::Failed(err),
+                },
             }
         }
         let command = tokio::select! {
@@ -474,20 +500,19 @@ async fn stop_tasks(shared: &Shared, tasks: Tasks, upgraded: bool) -> Vec<listen
     if let (Some(metrics), true) = (metrics, upgraded) {
         metrics.abort();
     }
-    shared.pool.stopping.set(true);
+    shared.pool.board.stop();
     if !upgraded {
         notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
-    shared.pool.changed.notify_waiters();
+    shared.pool.board.changed.notify_waiters();
     health.abort();
-    // Stop accepting: the accept task owns the listeners; aborting it closes them (and
-    // removes unix socket files). After a handover it has already returned them.
+    // Stop accepting: the accept loops own the listeners; stopping them closes them (and
+    // removes unix socket files). After a handover they have already returned them.
     if let Some(accept) = accept {
-        accept.abort();
-        let _ = accept.await;
+        accept.stop().await;
     }
     // An upgrade that completed in the meantime is cancelled (the new supervisor killed).
     drop(shared.successor.borrow_mut().take());

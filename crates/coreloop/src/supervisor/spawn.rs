@@ -2,7 +2,7 @@
 //! and killing one: the worker and its process group.
 
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::Arc;
 
 use coreloop_ipc::{Channel, Queue};
 use rustix::process::{Pid, Signal};
@@ -10,7 +10,7 @@ use tracing::{Instrument, debug};
 
 use super::Shared;
 use super::watch::watch;
-use crate::dispatch::{State, Worker};
+use crate::dispatch::{Seat, Worker};
 use crate::error::Error;
 use crate::handler::WorkerId;
 use crate::metrics::WorkerLabels;
@@ -72,33 +72,29 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: WorkerId) -> Result<u32, E
     drop(command);
     let pid = child.id().unwrap_or(0);
     let channel = Rc::new(Channel::from_fd(ours).map_err(spawn_err)?);
-    let queue = Rc::new(Queue::new(queue));
+    let queue = Arc::new(Queue::new(queue));
     let recycle_at = shared.recycle_threshold();
-    shared.pool.workers.borrow_mut().push(Worker {
+    let forwarded = shared.metrics.forwarded.get_or_create_owned(&WorkerLabels {
+        worker: slot.get() as u32,
+    });
+    let sender = channel.sender().map_err(spawn_err)?;
+    let seat = Arc::new(Seat::new(
         slot,
         pid,
-        channel: Rc::clone(&channel),
-        queue: Rc::clone(&queue),
-        reading: crate::dispatch::load::Reading::default(),
-        clock: None,
-        state: State::Starting,
-        started: Instant::now(),
-        was_ready: false,
-        sent: 0,
-        closed: 0,
-        rss_kib: 0,
-        live: 0,
-        forwarded: shared.metrics.forwarded.get_or_create_owned(&WorkerLabels {
-            worker: slot.get() as u32,
-        }),
-        exit_reason: None,
-        last_report: Instant::now(),
-        stalled: false,
-        replacing: false,
+        Arc::clone(&queue),
+        sender,
+        forwarded,
         recycle_at,
-        kill_at: None,
-    });
-    shared.pool.changed.notify_waiters();
+    ));
+    shared.pool.board.add(Arc::clone(&seat));
+    shared.pool.workers.borrow_mut().push(Worker::new(
+        slot,
+        pid,
+        Rc::clone(&channel),
+        seat,
+        recycle_at,
+    ));
+    shared.pool.board.changed.notify_waiters();
     debug!(
         event = "worker_spawned",
         worker.id = slot.get(),

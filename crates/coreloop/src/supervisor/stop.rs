@@ -13,7 +13,7 @@ impl Shared {
         let Some(channel) = self.pool.mark_draining(pid) else {
             return;
         };
-        self.pool.changed.notify_waiters();
+        self.pool.board.changed.notify_waiters();
         let drain = Message::Drain {
             timeout_ms: self.timeout_ms(),
         };
@@ -52,7 +52,7 @@ impl Shared {
 
     pub(super) async fn all_exited(&self) {
         loop {
-            let changed = self.pool.changed.notified();
+            let changed = self.pool.board.changed.notified();
             if self.pool.workers.borrow().is_empty() {
                 return;
             }
@@ -62,7 +62,7 @@ impl Shared {
 
     /// SIGKILL every worker and wait until all are reaped.
     pub(super) async fn stop_now(&self) {
-        self.pool.stopping.set(true);
+        self.pool.board.stop();
         for worker in self.pool.workers.borrow().iter() {
             kill_worker(worker.pid);
         }

@@ -15,7 +15,7 @@ use super::Shared;
 use super::boundary::{CLOSED_GRACE, Screen, Violation, printable};
 use super::restart::{Death, Decision, GiveUp};
 use super::spawn::{kill_group, kill_worker, spawn_worker};
-use crate::dispatch::{Pending, Scratch, State};
+use crate::dispatch::{Pending, Shard, State};
 use crate::error::Error;
 use crate::exit::ExitReason;
 use crate::handler::WorkerId;
@@ -29,7 +29,7 @@ pub(super) async fn watch(
     pid: u32,
     child: tokio::process::Child,
     channel: Rc<Channel>,
-    queue: Rc<Queue>,
+    queue: std::sync::Arc<Queue>,
 ) {
     let mut failure: Option<String> = None;
     let status = follow(&shared, slot, pid, child, &channel, &mut failure).await;
@@ -41,22 +41,25 @@ pub(super) async fn watch(
         let index = workers.iter().position(|w| w.pid == pid);
         index.map(|index| workers.remove(index))
     };
-    shared.pool.changed.notify_waiters();
-    let Some(worker) = removed else { return };
+    let Some(mut worker) = removed else {
+        shared.pool.board.changed.notify_waiters();
+        return;
+    };
+    // Closing its gate waits for any acceptor sending to it: after that, nothing more
+    // joins its queue, and what is there can be taken back whole.
+    let state = worker.state();
+    worker.set_state(State::Draining);
+    shared.pool.board.remove(pid);
+    shared.pool.board.changed.notify_waiters();
     // What decides on the replacement; the rest (the queue's other reference among it) is
     // released now, so the dead worker's channel closes before its replacement starts.
-    let (state, exit_reason, started, was_ready) = (
-        worker.state,
-        worker.exit_reason,
-        worker.started,
-        worker.was_ready,
-    );
+    let (exit_reason, started, was_ready) = (worker.exit_reason, worker.started, worker.was_ready);
     drop(worker);
     recover(&shared, &queue);
     drop(queue);
 
     let described = describe(status);
-    if shared.pool.stopping.get() {
+    if shared.pool.board.is_stopping() {
         debug!(event = "worker_exited", worker.id = slot.get(), worker.pid = pid, status = %described, "worker exited");
         return;
     }
@@ -209,7 +212,10 @@ pub(super) fn take_clock(
         debug!(worker.pid = pid, error = %err, "unusable loop clock");
         Violation::BadLoopClock
     })?;
-    shared.pool.with_worker(pid, |w| w.clock = Some(clock));
+    shared.pool.with_worker(pid, |w| {
+        // A second clock is ignored: the first one stays mapped for the acceptors.
+        let _ = w.seat.clock.set(clock);
+    });
     Ok(())
 }
 
@@ -218,7 +224,7 @@ pub(super) fn take_clock(
 pub(super) fn broke_protocol(shared: &Shared, slot: WorkerId, pid: u32, violation: Violation) {
     shared.pool.with_worker(pid, |w| {
         w.exit_reason = Some(ExitReason::Violation);
-        w.state = State::Draining;
+        w.set_state(State::Draining);
     });
     if shared.admit_log() {
         error!(
@@ -231,7 +237,7 @@ pub(super) fn broke_protocol(shared: &Shared, slot: WorkerId, pid: u32, violatio
         );
     }
     kill_worker(pid);
-    shared.pool.changed.notify_waiters();
+    shared.pool.board.changed.notify_waiters();
 }
 
 /// Takes back what a dead worker never read and gives it to live workers.
@@ -266,8 +272,9 @@ pub(super) fn recover(shared: &Rc<Shared>, queue: &Queue) {
     );
     let shared = Rc::clone(shared);
     tokio::task::spawn_local(async move {
-        let mut scratch = Scratch::default();
-        shared.pool.dispatch_all(&mut recovered, &mut scratch).await;
+        let board = std::sync::Arc::clone(&shared.pool.board);
+        let mut shard = Shard::new(board, super::spawn::seed());
+        shard.dispatch_all(&mut recovered).await;
     });
 }
 
@@ -282,7 +289,7 @@ pub(super) async fn restart(
     status: String,
 ) {
     let wanted = |shared: &Shared| {
-        !shared.pool.stopping.get()
+        !shared.pool.board.is_stopping()
             && slot.get() < shared.target.get()
             && !shared.pool.slot_covered(slot)
     };
@@ -365,13 +372,13 @@ pub(super) async fn on_message(
             );
             shared.pool.with_worker(pid, |w| {
                 w.was_ready = true;
-                if w.state == State::Starting {
-                    w.state = State::Ready;
+                if w.state() == State::Starting {
+                    w.set_state(State::Ready);
                     w.last_report = Instant::now();
                 }
             });
             shared.policy.borrow_mut().ready(slot);
-            shared.pool.changed.notify_waiters();
+            shared.pool.board.changed.notify_waiters();
         }
         Message::Status {
             live,
@@ -381,11 +388,17 @@ pub(super) async fn on_message(
             let resumed = shared
                 .pool
                 .with_worker(pid, |w| {
-                    w.closed = closed;
+                    w.seat
+                        .closed
+                        .store(closed, std::sync::atomic::Ordering::Relaxed);
                     w.rss_kib = rss_kib;
                     w.live = live;
                     w.last_report = Instant::now();
-                    std::mem::replace(&mut w.stalled, false)
+                    let was = w.stalled();
+                    if was {
+                        w.set_stalled(false);
+                    }
+                    was
                 })
                 .unwrap_or(false);
             if resumed {
@@ -397,7 +410,7 @@ pub(super) async fn on_message(
                     "worker reports again; dispatching to it"
                 );
             }
-            shared.pool.changed.notify_waiters();
+            shared.pool.board.changed.notify_waiters();
         }
         Message::Failed { reason } => {
             error!(event = "worker_start_failed", worker.id = slot.get(), worker.pid = pid, reason = ?reason, "worker failed to start");
@@ -436,11 +449,11 @@ async fn retire(shared: &Rc<Shared>, slot: WorkerId, pid: u32, channel: &Channel
     let timeout_ms = shared.timeout_ms();
     shared.pool.mark_draining(pid);
     shared.set_exit_reason(pid, ExitReason::Retire);
-    shared.pool.changed.notify_waiters();
+    shared.pool.board.changed.notify_waiters();
     if let Err(err) = channel.send(&Message::Drain { timeout_ms }, &[]).await {
         debug!(error = %err, "cannot send Drain");
     }
-    if !shared.pool.stopping.get()
+    if !shared.pool.board.is_stopping()
         && slot.get() < shared.target.get()
         && !shared.pool.slot_covered(slot)
     {

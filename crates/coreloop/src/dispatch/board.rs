@@ -1,0 +1,194 @@
+//! The load picture every acceptor dispatches on ([`Board`]), shared across the
+//! supervisor's threads: one [`Seat`] per worker with what a dispatcher needs to choose it
+//! and send to it (whether it takes connections, how many it has open, its loop clock, its
+//! queue, a handle on its channel), plus the notifications and counters of the whole pool.
+//!
+//! The supervisor's main thread owns the workers ([`Pool`](super::Pool)) and is the only
+//! writer of a seat's state; acceptors on other threads read it and add what they send.
+//! The one ordering that matters is the gate: a dispatcher sends to a worker only while it
+//! holds the seat's gate open for reading, so once the main thread has closed it (a worker
+//! that drains, stalls or died) no acceptor sends to that worker any more. That is what
+//! lets the main thread take back a dead worker's queue, or send it `Drain`, knowing that
+//! nothing is queued behind.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
+
+use coreloop_ipc::{LoopClockView, Queue, Sender};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::Notify;
+
+use super::Dispatch;
+use crate::handler::WorkerId;
+
+/// One worker as every dispatcher sees it.
+#[derive(Debug)]
+pub(crate) struct Seat {
+    pub(crate) slot: WorkerId,
+    pub(crate) pid: u32,
+    /// Whether it takes connections (ready, not stalled, not draining, its channel not
+    /// failed). Dispatchers hold it for reading while they send; the main thread takes it
+    /// for writing to change it, which waits for sends in progress.
+    gate: RwLock<bool>,
+    /// A send to it failed: no dispatcher sends to it again.
+    failed: AtomicBool,
+    /// Connections handed to it by every dispatcher.
+    pub(crate) sent: AtomicU64,
+    /// Connections it last reported finished.
+    pub(crate) closed: AtomicU64,
+    /// Recycle once `sent` reaches this (`u64::MAX`: never).
+    pub(crate) recycle_at: AtomicU64,
+    /// When its event loop last woke up, shared with it (sent before `Ready`).
+    pub(crate) clock: OnceLock<LoopClockView>,
+    /// The supervisor's duplicate of its end: what it has not read yet.
+    pub(crate) queue: Arc<Queue>,
+    /// A handle on its channel, cloned by each dispatcher (one registration per runtime).
+    sender: Sender,
+    /// Its slot's `forwarded` counter.
+    pub(crate) forwarded: Counter,
+}
+
+impl Seat {
+    pub(crate) fn new(
+        slot: WorkerId,
+        pid: u32,
+        queue: Arc<Queue>,
+        sender: Sender,
+        forwarded: Counter,
+        recycle_at: Option<u64>,
+    ) -> Self {
+        Self {
+            slot,
+            pid,
+            gate: RwLock::new(false),
+            failed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            recycle_at: AtomicU64::new(recycle_at.unwrap_or(u64::MAX)),
+            clock: OnceLock::new(),
+            queue,
+            sender,
+            forwarded,
+        }
+    }
+
+    /// Connections handed to it that it has not reported closed.
+    pub(crate) fn open(&self) -> u64 {
+        self.sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.closed.load(Ordering::Relaxed))
+    }
+
+    /// Opens or closes the gate. Closing returns once no dispatcher is sending to it.
+    pub(crate) fn set_open(&self, open: bool) {
+        let open = open && !self.failed.load(Ordering::Relaxed);
+        *self.gate.write().unwrap_or_else(PoisonError::into_inner) = open;
+    }
+
+    /// Whether it takes connections now.
+    pub(crate) fn takes(&self) -> bool {
+        *self.enter()
+    }
+
+    /// The gate, held for reading: while the guard lives and says `true`, a send to this
+    /// worker is allowed.
+    pub(crate) fn enter(&self) -> RwLockReadGuard<'_, bool> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A send to it failed; called with the gate not held.
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.set_open(false);
+    }
+
+    pub(crate) fn sender(&self) -> std::io::Result<Sender> {
+        self.sender.try_clone()
+    }
+}
+
+/// The pool as every acceptor sees it: the seats, the notifications, and what the
+/// dispatchers share.
+///
+/// Notifications, by who wakes whom:
+/// - `changed`: any change a waiting task may care about (a worker spawned, ready,
+///   reporting, draining or gone; a fatal error; a handover). Notified by the watchers,
+///   the health check and the main task; awaited by the accept loops (a worker with room),
+///   the dispatchers (room in a queue), the main task (boot, fatal errors) and the drains
+///   (every worker gone). A `Notify` wakes tasks of any runtime, so acceptors on other
+///   threads wait on it as the main thread's tasks do.
+/// - `recycle_due`: a dispatcher to the health check, when a worker passes its recycling
+///   threshold.
+/// - `removed`: a seat left the board (its worker died): the accept loops let go of their
+///   handles on its channel and queue at once rather than at their next dispatch.
+#[derive(Debug)]
+pub(crate) struct Board {
+    seats: Mutex<Vec<Arc<Seat>>>,
+    /// Bumped at every change of `seats`, so that a dispatcher rereads them only then.
+    version: AtomicU64,
+    pub(crate) changed: Notify,
+    pub(crate) recycle_due: Notify,
+    pub(crate) removed: Notify,
+    /// The server is stopping: nothing more is dispatched.
+    stopping: AtomicBool,
+    next_conn_id: AtomicU64,
+    /// Per-worker connection cap: the configured one, kept below `RLIMIT_NOFILE`.
+    pub(crate) cap: u64,
+    pub(crate) policy: Dispatch,
+    pub(crate) dispatch_latency: Histogram,
+}
+
+impl Board {
+    pub(crate) fn new(cap: u64, policy: Dispatch, dispatch_latency: Histogram) -> Self {
+        Self {
+            seats: Mutex::new(Vec::new()),
+            version: AtomicU64::new(0),
+            changed: Notify::new(),
+            recycle_due: Notify::new(),
+            removed: Notify::new(),
+            stopping: AtomicBool::new(false),
+            next_conn_id: AtomicU64::new(0),
+            cap,
+            policy,
+            dispatch_latency,
+        }
+    }
+
+    pub(crate) fn add(&self, seat: Arc<Seat>) {
+        let mut seats = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
+        seats.push(seat);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Takes a worker's seat off the board; its gate must be closed first.
+    pub(crate) fn remove(&self, pid: u32) {
+        let mut seats = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
+        seats.retain(|s| s.pid != pid);
+        self.version.fetch_add(1, Ordering::Release);
+        drop(seats);
+        self.removed.notify_waiters();
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The seats now, with the version they were read at.
+    pub(crate) fn seats(&self) -> (u64, Vec<Arc<Seat>>) {
+        let seats = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.version(), seats.clone())
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
