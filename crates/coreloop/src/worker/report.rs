@@ -19,20 +19,47 @@ const REPORT_COALESCE: Duration = Duration::from_millis(10);
 
 /// Reports every `interval`, and shortly after connections close so the supervisor's view
 /// of the load stays fresh. Returns when the channel fails.
+///
+/// Both timers stay registered with the runtime's timer wheel across reports and are only
+/// moved (`reset`). Arming a timer that is due earlier than the runtime's next planned
+/// wake-up makes tokio wake its own driver (an `eventfd` write, then one more
+/// `epoll_wait`), so a timer dropped and created again per report costs that once more
+/// per report; the heartbeat's deadline, in particular, then comes back as a new earliest
+/// timer after every coalesced report.
 pub(super) async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval: Duration) {
     let mut rss_kib = resident_kib();
-    let mut next_rss = tokio::time::Instant::now() + interval;
+    let heartbeat = tokio::time::sleep(interval);
+    let coalesce = tokio::time::sleep(REPORT_COALESCE);
+    tokio::pin!(heartbeat, coalesce);
+    // Closes counted but not yet reported: the coalescing timer runs.
+    let mut unreported = false;
+    // The close count of the last report.
+    let mut reported = tracker.closed();
     loop {
         tokio::select! {
-            () = tokio::time::sleep_until(next_rss) => {
+            () = heartbeat.as_mut() => {
                 rss_kib = resident_kib();
-                next_rss = tokio::time::Instant::now() + interval;
+                heartbeat.as_mut().reset(tokio::time::Instant::now() + interval);
             }
-            () = tracker.closing() => tokio::time::sleep(REPORT_COALESCE).await,
+            () = coalesce.as_mut(), if unreported => {}
+            () = tracker.closing(), if !unreported => {
+                // A close made during the last coalescing window left its wake-up behind
+                // (`Notify` keeps one), though the report counted it.
+                if tracker.closed() == reported {
+                    continue;
+                }
+                unreported = true;
+                coalesce.as_mut().reset(tokio::time::Instant::now() + REPORT_COALESCE);
+                continue;
+            }
         }
+        // This report carries every close so far; one after it wakes the loop again
+        // (`Tracker::closing` remembers a close made while nobody waited).
+        unreported = false;
+        reported = tracker.closed();
         let status = Message::Status {
             live: u32::try_from(tracker.live()).unwrap_or(u32::MAX),
-            closed: tracker.closed(),
+            closed: reported,
             rss_kib,
         };
         if let Err(err) = channel.send(&status, &[]).await {
