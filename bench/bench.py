@@ -7,13 +7,14 @@ open-loop generator). Direct use:
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
                            [--loads keepalive,close,idle,skewed,stalled,open,skewed-open,blocking-open]
-                           [--out DIR]
+                           [--out DIR] [--prefix NAME] [--wrk-threads N] [--wrk-connections N]
 
 Every run: start the server on a fresh 127.0.0.1 port, wait until it answers ``/``, run one
 load with wrk, sample the server's process tree from /proc, stop it (SIGTERM, SIGKILL after
 5 s) and wait until every process of its tree is gone. Rounds interleave the servers and
 rotate their order. Results: OUT/results-<UTC>.json, OUT/latest.json, docs/benchmarks.svg
-and the generated region of docs/benchmarks.md. See docs/benchmarks.md.
+and the generated region of docs/benchmarks.md. See docs/benchmarks.md. bench/scale runs it
+at W = 1, 2, 4, ... nproc for bench/scale_model.py.
 """
 
 from __future__ import annotations
