@@ -199,8 +199,9 @@ def svg_chart(rows: list[dict], costs: dict, results: dict, per_acceptor: int) -
         ("nginx", "nginx", [r["nginx"] for r in rows]),
     ]
     vals = [v for _, _, vs in series for v in vs if v]
-    ylo = 10 ** math.floor(math.log10(min(vals)))
-    yhi = 10 ** math.ceil(math.log10(max(vals)))
+    steps = [m * 10 ** e for e in range(0, 12) for m in (1, 2, 5)]
+    ylo = max(v for v in steps if v <= min(vals))
+    yhi = min(v for v in steps if v >= max(vals) * 1.05)
     xlo, xhi = math.log2(min(cores)), math.log2(max(cores))
 
     def x(n: float) -> float:
@@ -225,16 +226,13 @@ def svg_chart(rows: list[dict], costs: dict, results: dict, per_acceptor: int) -
          f'<text x="{W / 2}" y="64" text-anchor="middle" font-size="11" fill="#444">'
          f'{esc("assumes dedicated cores, costs constant with N, no contention, load generator elsewhere (docs/benchmarks.md)")}</text>']
     # grid and axes
-    d = ylo
-    while d <= yhi * 1.0001:
-        for m in (1, 2, 5):
-            v = d * m
-            if ylo <= v <= yhi * 1.0001:
-                yy = y(v)
-                o.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" '
-                         f'stroke="{"#cccccc" if m == 1 else "#eeeeee"}"/>')
-                o.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{label(v)}</text>')
-        d *= 10
+    for v in steps:
+        if ylo <= v <= yhi:
+            yy = y(v)
+            major = str(v).startswith("1")
+            o.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" '
+                     f'stroke="{"#cccccc" if major else "#eeeeee"}"/>')
+            o.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{label(v)}</text>')
     for n in cores:
         xx = x(n)
         o.append(f'<line x1="{xx:.1f}" y1="{top}" x2="{xx:.1f}" y2="{top + ph}" stroke="#eeeeee"/>')
