@@ -117,9 +117,10 @@ def assumptions(per_acceptor: int) -> list[str]:
     return [
         "Each configuration's CPU cost per connection stays what it was when measured, "
         "whatever N: no cross-core contention (shared listen queue, accept locks, cache "
-        "lines, memory bandwidth), no NUMA effects, and the supervisor's batching as "
-        "efficient as at the measured load (under light load a connection costs the "
-        "supervisor several times more: it wakes once per connection).",
+        "lines, memory bandwidth) and no NUMA effects. The supervisor's cost depends on "
+        "its batching: it falls as the rate of connections per wake-up rises and grows "
+        "when the machine is contended (see the spread between rounds in the raw runs), "
+        "so S measured at a low rate makes the K = 1 bound pessimistic.",
         "Every core runs the server at 100 %: the load generator runs on other machines and "
         "the network is never the limit. The measured costs come from a machine where wrk "
         "shared the cores with the server.",
