@@ -7,13 +7,14 @@ open-loop generator). Direct use:
     python3 bench/bench.py [--quick] [--rounds N] [--duration SECS] [--workers 1,2]
                            [--servers coreloop,tokio,reuseport,nginx]
                            [--loads keepalive,close,idle,skewed,stalled,open,skewed-open,blocking-open]
-                           [--out DIR]
+                           [--out DIR] [--prefix NAME] [--wrk-threads N] [--wrk-connections N]
 
 Every run: start the server on a fresh 127.0.0.1 port, wait until it answers ``/``, run one
 load with wrk, sample the server's process tree from /proc, stop it (SIGTERM, SIGKILL after
 5 s) and wait until every process of its tree is gone. Rounds interleave the servers and
 rotate their order. Results: OUT/results-<UTC>.json, OUT/latest.json, docs/benchmarks.svg
-and the generated region of docs/benchmarks.md. See docs/benchmarks.md.
+and the generated region of docs/benchmarks.md. See docs/benchmarks.md. bench/scale runs it
+at W = 1, 2, 4, ... nproc for bench/scale_model.py.
 """
 
 from __future__ import annotations
@@ -541,6 +542,13 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
         both = before.keys() & after.keys()
         ticks = sum(after[k]["ticks"] - before[k]["ticks"] for k in both)
         cpu_us = ticks * 1_000_000 / CLK_TCK
+        # coreloop: the root process is the supervisor (all its threads: /proc/PID/stat
+        # counts them), the rest are its workers. Peers: everything counts as workers.
+        root = srv.proc.pid
+        sup_ticks = sum(after[k]["ticks"] - before[k]["ticks"] for k in both if k[0] == root)
+        coreloop = SERVERS[server]["family"] == "coreloop"
+        sup_us = sup_ticks * 1_000_000 / CLK_TCK if coreloop else None
+        workers_us = cpu_us - (sup_us or 0)
         # not in cpu_us (the definition counts processes alive at both samples), kept raw:
         appeared_us = sum(after[k]["ticks"] for k in after.keys() - before.keys()) * 1e6 / CLK_TCK
         hwm = [h for h in (vm_hwm_kib(k[0]) for k in after) if h is not None]
@@ -551,6 +559,8 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
             rps=wrk["requests"] / secs,
             cpu_us_per_req=cpu_us / wrk["requests"],
             cpu_cores=cpu_us / 1e6 / secs,  # mean cores busy in the server tree
+            supervisor_cpu_us_per_req=None if sup_us is None else sup_us / wrk["requests"],
+            workers_cpu_us_per_req=workers_us / wrk["requests"],
             procs=len(after),
             cpu_us_appeared_procs=appeared_us,
             procs_appeared=sorted(k[0] for k in after.keys() - before.keys()),
@@ -581,7 +591,8 @@ def one_run(server: str, load: str, workers: int, rnd: int, duration: int, logdi
 
 # --------------------------------------------------------------------------- aggregation
 METRICS = ["rps", "p50_us", "p99_us", "p999_us", "cheap_p99_us", "cpu_us_per_req", "cpu_cores",
-           "rss_max_kib", "rss_sum_kib", "errors", "stall_fraction"]
+           "rss_max_kib", "rss_sum_kib", "errors", "stall_fraction",
+           "supervisor_cpu_us_per_req", "workers_cpu_us_per_req"]
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -684,7 +695,7 @@ def markdown(results: dict) -> str:
         f"{cfg['rounds']} round(s) × {cfg['duration']} s per run, workers {cfg['workers']}, "
         f"servers {', '.join(cfg['servers'])}, loads {', '.join(cfg['loads'])}. Figures are "
         "medians over rounds; errors are totals over rounds. Raw runs: "
-        f"`{Path(results['raw_file']).with_name('latest.json')}` (a copy of "
+        f"`{Path(results['raw_file']).with_name(results.get('latest_name', 'latest.json'))}` (a copy of "
         f"`{Path(results['raw_file']).name}`, which stays out of git).",
         "",
         "![median req/s and CPU µs/req per server, workers=2](benchmarks.svg)",
@@ -884,6 +895,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "space-separated ARGS (e.g. 'pinned=--pin-workers'); words of the "
                          "form VAR=VALUE go to its environment instead; repeatable")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
+    ap.add_argument("--prefix", default="results", metavar="NAME",
+                    help="results file names: OUT/NAME-<UTC>.json and OUT/NAME-latest.json "
+                         "(default: OUT/results-<UTC>.json and OUT/latest.json)")
+    ap.add_argument("--wrk-threads", type=int, metavar="N",
+                    help="wrk threads of the closed-loop loads (default 2)")
+    ap.add_argument("--wrk-connections", type=int, metavar="N",
+                    help="wrk connections of the loads that use 64 (default 64)")
     ap.add_argument("--no-realtime", action="store_true",
                     help="run the open-loop generator at normal priority rather than "
                          "SCHED_FIFO (which needs root or CAP_SYS_NICE)")
@@ -920,6 +938,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.servers = ",".join(SERVERS)
     elif extra:
         a.servers = ",".join([a.servers, *extra])
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", a.prefix):
+        ap.error(f"--prefix {a.prefix!r}: want a plain file-name prefix")
+    for flag, value, old_word, what in (("--wrk-threads", a.wrk_threads, "-t2", None),
+                                        ("--wrk-connections", a.wrk_connections, "-c64", "64 ")):
+        if value is None:
+            continue
+        if value < 1:
+            ap.error(f"{flag} must be positive")
+        new_word = old_word[:2] + str(value)
+        for spec in LOADS.values():
+            if old_word in spec.get("wrk", []):
+                spec["wrk"] = [new_word if w == old_word else w for w in spec["wrk"]]
+                if what and spec["what"].startswith(what):
+                    spec["what"] = f"{value} " + spec["what"][len(what):]
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
     a.duration = a.duration if a.duration is not None else (2 if a.quick else 8)
     if a.workers is None:
@@ -1005,6 +1037,9 @@ def main(argv: list[str]) -> int:
                 if rec["ok"]:
                     msg = (f"{rec['rps']:>10,.0f} req/s  p99 {fmt_ms(rec['p99_us']):>6} ms  "
                            f"{rec['cpu_us_per_req']:6.1f} µs/req  err {rec['errors']}")
+                    if rec["supervisor_cpu_us_per_req"] is not None:
+                        msg += (f"  (supervisor {rec['supervisor_cpu_us_per_req']:.1f} + "
+                                f"workers {rec['workers_cpu_us_per_req']:.1f})")
                 else:
                     msg = f"FAILED: {rec['error']}"
                 print(f"[{i}/{len(plan)}] round {rnd + 1} {load:<9} W={w} {s:<10} {msg}", flush=True)
@@ -1014,7 +1049,9 @@ def main(argv: list[str]) -> int:
 
         medians = aggregate(runs)
         rel_raw = None
-        raw_path = out_dir / f"results-{stamp}.json"
+        raw_path = out_dir / f"{args.prefix}-{stamp}.json"
+        latest_path = out_dir / ("latest.json" if args.prefix == "results"
+                                 else f"{args.prefix}-latest.json")
         try:
             rel_raw = raw_path.relative_to(ROOT)
         except ValueError:
@@ -1024,6 +1061,7 @@ def main(argv: list[str]) -> int:
             finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             command="bench/run " + " ".join(shlex.quote(a) for a in argv),
             raw_file=str(rel_raw),
+            latest_name=latest_path.name,
             interrupted=interrupted,
             config=dict(rounds=args.rounds, duration=args.duration, workers=args.workers,
                         servers=args.servers, loads=args.loads, idle_connections=IDLE_CONNS,
@@ -1041,8 +1079,8 @@ def main(argv: list[str]) -> int:
         results["leftover_pids"] = leftovers
         text = json.dumps(results, indent=1, default=str)
         raw_path.write_text(text)
-        (out_dir / "latest.json").write_text(text)
-        print(f"wrote {raw_path} and {out_dir / 'latest.json'}")
+        latest_path.write_text(text)
+        print(f"wrote {raw_path} and {latest_path}")
         if not args.no_doc:
             problem = chart(results, tmp)
             print(problem or f"wrote {SVG}")
