@@ -35,7 +35,12 @@ fn two_accept_loops_share_the_connections_and_serve_every_request() -> anyhow::R
         "every connection accepted once: {first} + {second}"
     );
     let forwarded: f64 = (0..2)
-        .filter_map(|w| series(&text, &format!("coreloop_forwarded_total{{worker=\"{w}\"}}")))
+        .filter_map(|w| {
+            series(
+                &text,
+                &format!("coreloop_forwarded_total{{worker=\"{w}\"}}"),
+            )
+        })
         .sum();
     ensure!(
         forwarded >= CONNECTIONS as f64,

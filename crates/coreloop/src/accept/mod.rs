@@ -306,7 +306,7 @@ impl Acceptor {
             tick = ticker.tick() => tick,
             () = self.switch.stop_accepting.notified() => return Step::Again,
         };
-        // A worker that left is let go of at each tick, not only at the next dispatch.
+        // Workers that came or left are seen at each tick, not only at the next dispatch.
         self.shard.refresh();
         let periods = match tick {
             Ok(periods) => periods,
@@ -364,11 +364,11 @@ impl Acceptor {
         }
         let mut stop = pin!(self.switch.stop_accepting.notified());
         let board = Arc::clone(self.shard.board());
-        let mut removed = pin!(board.removed.notified());
+        let mut reseated = pin!(board.seats_changed.notified());
         let sources = &self.sources;
         let ready = std::future::poll_fn(|cx| {
-            if stop.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
-                // Stop; or a worker left: the next round lets go of its channel.
+            if stop.as_mut().poll(cx).is_ready() || reseated.as_mut().poll(cx).is_ready() {
+                // Stop; or a worker came or left: the next round rereads the board.
                 return Poll::Ready(None);
             }
             for (index, source) in sources.iter().enumerate() {

@@ -120,8 +120,9 @@ impl Seat {
 ///   threads wait on it as the main thread's tasks do.
 /// - `recycle_due`: a dispatcher to the health check, when a worker passes its recycling
 ///   threshold.
-/// - `removed`: a seat left the board (its worker died): the accept loops let go of their
-///   handles on its channel and queue at once rather than at their next dispatch.
+/// - `seats_changed`: a seat joined the board (a worker spawned) or left it (its worker
+///   died): the accept loops take a handle on the new worker's channel, or let go of the
+///   dead one's channel and queue, at once rather than at their next dispatch.
 #[derive(Debug)]
 pub(crate) struct Board {
     seats: Mutex<Vec<Arc<Seat>>>,
@@ -129,7 +130,7 @@ pub(crate) struct Board {
     version: AtomicU64,
     pub(crate) changed: Notify,
     pub(crate) recycle_due: Notify,
-    pub(crate) removed: Notify,
+    pub(crate) seats_changed: Notify,
     /// The server is stopping: nothing more is dispatched.
     stopping: AtomicBool,
     next_conn_id: AtomicU64,
@@ -146,7 +147,7 @@ impl Board {
             version: AtomicU64::new(0),
             changed: Notify::new(),
             recycle_due: Notify::new(),
-            removed: Notify::new(),
+            seats_changed: Notify::new(),
             stopping: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(0),
             cap,
@@ -159,6 +160,8 @@ impl Board {
         let mut seats = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
         seats.push(seat);
         self.version.fetch_add(1, Ordering::Release);
+        drop(seats);
+        self.seats_changed.notify_waiters();
     }
 
     /// Takes a worker's seat off the board; its gate must be closed first.
@@ -167,7 +170,7 @@ impl Board {
         seats.retain(|s| s.pid != pid);
         self.version.fetch_add(1, Ordering::Release);
         drop(seats);
-        self.removed.notify_waiters();
+        self.seats_changed.notify_waiters();
     }
 
     pub(crate) fn version(&self) -> u64 {
