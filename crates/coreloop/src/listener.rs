@@ -234,7 +234,7 @@ pub(crate) fn bind_all(
                 bind_tcp(*addr, backlog, nodelay, Some(false)).map(|fd| (fd, false, None))
             }
             ListenSpec::Tcp(addr) => {
-                // Sharded acceptors bind siblings of it (`crate::siblings`).
+                // Sharded acceptors bind SO_REUSEPORT siblings of it (the `siblings` module).
                 let siblings = (config.acceptor_count() > 1).then_some(true);
                 bind_tcp(*addr, backlog, nodelay, siblings).map(|fd| (fd, true, None))
             }

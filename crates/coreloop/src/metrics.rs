@@ -70,6 +70,25 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
+    /// The accept loops' series.
+    fn register_accepting(&self, registry: &mut Registry) {
+        registry.register(
+            "accepted",
+            "Connections accepted, per listener",
+            self.accepted.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "accept() failures, per listener",
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            "acceptor_accepted",
+            "Connections accepted, per accept loop (0: the supervisor's main thread)",
+            self.acceptor_accepted.clone(),
+        );
+    }
+
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("coreloop");
         let metrics = Self {
@@ -88,21 +107,7 @@ impl Metrics {
             accept_poll_interval: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "accepted",
-            "Connections accepted, per listener",
-            metrics.accepted.clone(),
-        );
-        registry.register(
-            "accept_errors",
-            "accept() failures, per listener",
-            metrics.accept_errors.clone(),
-        );
-        registry.register(
-            "acceptor_accepted",
-            "Connections accepted, per accept loop (0: the supervisor's main thread)",
-            metrics.acceptor_accepted.clone(),
-        );
+        metrics.register_accepting(&mut registry);
         registry.register(
             "forwarded",
             "Connections handed to each worker slot",

@@ -1,5 +1,5 @@
-//! `SO_REUSEPORT` siblings of the TCP listeners, one per extra accept loop (see
-//! [`accept::shards`](crate::accept::shards)): sockets bound to the same address, each with
+//! `SO_REUSEPORT` siblings of the TCP listeners, one per extra accept loop (see the
+//! sharded accept loops, `accept/shards.rs`): sockets bound to the same address, each with
 //! its own accept queue, among which the kernel spreads new connections.
 //!
 //! In the new supervisor of a binary upgrade the previous generation's siblings are taken
