@@ -44,6 +44,12 @@ pub(crate) fn add(
                 continue;
             }
         };
+        let mut primary = primary;
+        // A handed-over sibling may have been taken as the listener itself: it is one now
+        // (a TCP listener has no name of its own).
+        if primary.name == SIBLING {
+            primary.name.clear();
+        }
         let mut group = vec![primary];
         take_adopted(&mut group, addr, adopted);
         if group.len() < k && reuseport(&group[0]) {
