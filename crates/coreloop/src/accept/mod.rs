@@ -232,8 +232,9 @@ struct Acceptor {
 
 /// What one wait of the loop gave.
 enum Step {
-    /// Connections were accepted (perhaps none); `exhausted`: resources ran out.
-    Accepted { exhausted: bool },
+    /// Connections were accepted (perhaps none); `exhausted`: resources ran out;
+    /// `drained`: the listener's queue was found empty (its readiness cleared).
+    Accepted { exhausted: bool, drained: bool },
     /// Nothing to do this time round: look at the switch and the workers again.
     Again,
 }
@@ -252,14 +253,17 @@ impl Acceptor {
             } else {
                 self.on_readiness().await
             };
-            let Step::Accepted { exhausted } = step else {
+            let Step::Accepted { exhausted, drained } = step else {
                 continue;
             };
             self.hold_or_dispatch(exhausted).await;
             if exhausted {
                 tokio::time::sleep(self.state.backoff).await;
                 self.state.backoff = (self.state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            } else if !self.polling {
+            } else if !self.polling && !drained {
+                // A full burst: let the other tasks run before the next. After a burst
+                // that emptied the queue the next wait for readiness yields anyway, and a
+                // yield here would cost one more `epoll_wait` per wake-up.
                 tokio::task::yield_now().await;
             }
         }
@@ -351,7 +355,10 @@ impl Acceptor {
                 }
             }
         }
-        Step::Accepted { exhausted }
+        Step::Accepted {
+            exhausted,
+            drained: false,
+        }
     }
 
     /// Readiness: waits for any listener to be readable (or to be told to stop) and
@@ -402,7 +409,10 @@ impl Acceptor {
                 start_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace);
             }
         }
-        Step::Accepted { exhausted }
+        Step::Accepted {
+            exhausted,
+            drained: !exhausted && accepted < ACCEPT_BURST,
+        }
     }
 
     /// Every worker busy in a handler: holds the connections (and leaves new ones in the

@@ -69,7 +69,7 @@ pub(crate) fn classify(
 }
 
 /// A worker whose event loop has been awake this long without going back to sleep is
-/// busy: connections go to others while any is free (see [`Pool::try_dispatch_all`](super::pool::Pool::try_dispatch_all)).
+/// busy: connections go to others while any is free (see [`Shard::try_dispatch_all`](super::send::Shard::try_dispatch_all)).
 /// Short requests keep a loop awake for tens of microseconds.
 pub(crate) const AWAKE_BUSY: Duration = Duration::from_micros(500);
 /// A worker inside one handler poll, or with a queue left unread, for this long lags: it
