@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tracing::{Instrument, error};
 
-use super::{Counters, Source, Switch, accept_loop};
+use super::{Counters, Source, Switch, accept_loop, register};
 use crate::dispatch::{Board, Shard};
 use crate::error::Error;
 use crate::listener::{self, Bound};
@@ -92,19 +92,30 @@ impl Acceptors {
                 .map_err(Error::Runtime)?;
             let switch = Arc::new(Switch::new());
             let (done, returned) = tokio::sync::oneshot::channel();
+            let (started, set_up) = std::sync::mpsc::sync_channel(1);
             let span = tracing::info_span!(parent: start.span, "acceptor", acceptor = id);
             let loop_switch = Arc::clone(&switch);
             std::thread::Builder::new()
                 .name(format!("coreloop-acceptor-{id}"))
                 .spawn(move || {
-                    // Built inside the runtime: the loop registers its timer there.
-                    let accept = async { accept_loop(shard, loop_switch, counters, sources).await };
+                    let accept = async {
+                        // Inside the runtime, before the server says it serves (as the
+                        // main loop's): the listeners registered, the loop's timer made.
+                        let mut sources = sources;
+                        register(&mut sources);
+                        let accept = accept_loop(shard, loop_switch, counters, sources);
+                        let _ = started.send(());
+                        accept.await
+                    };
                     let sockets = runtime.block_on(accept.instrument(span));
                     // The main task may have stopped waiting (the server stops): the
                     // sockets close here then.
                     let _ = done.send(sockets);
                 })
                 .map_err(Error::Runtime)?;
+            // A loop that could not set up has ended: its sockets come back through
+            // `returned` like any loop's.
+            let _ = set_up.recv();
             acceptors.threads.push((switch, returned));
         }
         Ok(acceptors)
