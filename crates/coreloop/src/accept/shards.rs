@@ -52,8 +52,8 @@ impl Acceptors {
     ///
     /// # Errors
     ///
-    /// When a thread or its runtime cannot be created; the loops already started are
-    /// stopped when the returned error drops them.
+    /// When a thread or its runtime cannot be created: the server does not start (the
+    /// supervisor returns the error, and its process ends with the loops it started).
     pub(crate) fn start(
         start: Start<'_>,
         mut sets: Assignment,
