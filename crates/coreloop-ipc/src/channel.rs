@@ -20,7 +20,6 @@
 //! `passfd` was evaluated for this job and rejected: its tokio futures lose the wakeup once
 //! a call would block, which on a busy channel hangs the connection path.
 
-use std::cell::OnceCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -154,7 +153,7 @@ enum Recv {
 pub struct Channel {
     read: Readiness,
     /// Write readiness, on a duplicate descriptor, registered on first need.
-    write: OnceCell<Readiness>,
+    write: OnceLock<Readiness>,
     /// Bytes of every message sent so far, through this channel and its [`Sender`]s (see
     /// [`Channel::sent_bytes`]).
     sent: Arc<AtomicU64>,
@@ -170,7 +169,7 @@ impl Channel {
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         Ok(Self {
             read: Readiness::new(fd, Interest::READABLE)?,
-            write: OnceCell::new(),
+            write: OnceLock::new(),
             sent: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -238,14 +237,7 @@ impl Channel {
     /// When the descriptor cannot be duplicated or registered, or the reactor reports an
     /// error for it.
     pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let write = match self.write.get() {
-            Some(write) => write,
-            None => {
-                let registered = write_readiness(self.read.as_fd())?;
-                self.write.get_or_init(|| registered)
-            }
-        };
-        write.poll_write_ready(cx)
+        poll_write(self.read.as_fd(), &self.write, cx)
     }
 
     /// Receives the next message and the descriptors it carries.
@@ -346,21 +338,26 @@ impl Sender {
     ///
     /// As [`Channel::poll_send_ready`].
     pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let write = match self.write.get() {
-            Some(write) => write,
-            None => {
-                let registered = write_readiness(self.fd.as_fd())?;
-                self.write.get_or_init(|| registered)
-            }
-        };
-        write.poll_write_ready(cx)
+        poll_write(self.fd.as_fd(), &self.write, cx)
     }
 }
 
-/// Registers a duplicate of `fd` for write readiness.
-fn write_readiness(fd: BorrowedFd<'_>) -> io::Result<Readiness> {
-    let dup = rustix::io::fcntl_dupfd_cloexec(fd, 3)?;
-    Readiness::new(dup, Interest::WRITABLE)
+/// Polls `fd`'s write readiness, registered in `write` on a duplicate descriptor, with the
+/// current runtime's reactor, the first time.
+fn poll_write(
+    fd: BorrowedFd<'_>,
+    write: &OnceLock<Readiness>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let write = match write.get() {
+        Some(write) => write,
+        None => {
+            let dup = rustix::io::fcntl_dupfd_cloexec(fd, 3)?;
+            let registered = Readiness::new(dup, Interest::WRITABLE)?;
+            write.get_or_init(|| registered)
+        }
+    };
+    write.poll_write_ready(cx)
 }
 
 /// One non-blocking send of `msg` with `fds` on `fd`, counted in `sent`; `write` is the

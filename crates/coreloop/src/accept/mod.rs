@@ -198,6 +198,7 @@ pub(crate) fn accept_loop(
     };
     let pace = Pace::new(counters.poll_interval.clone());
     Acceptor {
+        board: Arc::clone(shard.board()),
         shard,
         switch,
         sources,
@@ -218,6 +219,8 @@ pub(crate) fn accept_loop(
 struct Acceptor {
     /// Its dispatcher, on the shared load picture.
     shard: Shard,
+    /// The shard's board, for the notifications this loop waits on.
+    board: Arc<Board>,
     switch: Arc<Switch>,
     sources: Vec<Source>,
     /// The polling timer; `None` if it could not be created (readiness only).
@@ -285,8 +288,7 @@ impl Acceptor {
     /// the kernel's backlog. Returns when some worker can, or accepting stops.
     async fn wait_for_room(&mut self) {
         loop {
-            let board = Arc::clone(self.shard.board());
-            let changed = board.changed.notified();
+            let changed = self.board.changed.notified();
             if !self.switch.is_on() || self.shard.has_room() {
                 return;
             }
@@ -370,8 +372,7 @@ impl Acceptor {
             tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
         }
         let mut stop = pin!(self.switch.stop_accepting.notified());
-        let board = Arc::clone(self.shard.board());
-        let mut reseated = pin!(board.seats_changed.notified());
+        let mut reseated = pin!(self.board.seats_changed.notified());
         let sources = &self.sources;
         let ready = std::future::poll_fn(|cx| {
             if stop.as_mut().poll(cx).is_ready() || reseated.as_mut().poll(cx).is_ready() {

@@ -13,13 +13,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use coreloop_ipc::{LoopClockView, Queue, Sender};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Notify;
 
-use super::Dispatch;
+use super::load::{Reading, classify};
+use super::{Busy, Dispatch};
 use crate::handler::WorkerId;
 
 /// One worker as every dispatcher sees it.
@@ -31,6 +33,9 @@ pub(crate) struct Seat {
     /// failed). Dispatchers hold it for reading while they send; the main thread takes it
     /// for writing to change it, which waits for sends in progress.
     gate: RwLock<bool>,
+    /// What the gate says, for the looks that only read it: a plain load, so the seats'
+    /// lines stay shared between the accept loops' cores (a read lock writes its count).
+    open: AtomicBool,
     /// A send to it failed: no dispatcher sends to it again.
     failed: AtomicBool,
     /// Connections handed to it by every dispatcher.
@@ -62,6 +67,7 @@ impl Seat {
             slot,
             pid,
             gate: RwLock::new(false),
+            open: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
             closed: AtomicU64::new(0),
@@ -83,12 +89,40 @@ impl Seat {
     /// Opens or closes the gate. Closing returns once no dispatcher is sending to it.
     pub(crate) fn set_open(&self, open: bool) {
         let open = open && !self.failed.load(Ordering::Relaxed);
-        *self.gate.write().unwrap_or_else(PoisonError::into_inner) = open;
+        let mut gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        *gate = open;
+        self.open.store(open, Ordering::Release);
     }
 
-    /// Whether it takes connections now.
+    /// Whether it takes connections now (a send still checks the gate itself).
     pub(crate) fn takes(&self) -> bool {
-        *self.enter()
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Recycle once it has been sent this many connections.
+    pub(crate) fn recycle_at(&self) -> Option<u64> {
+        Some(self.recycle_at.load(Ordering::Relaxed)).filter(|&at| at != u64::MAX)
+    }
+
+    /// How long something has waited in its queue while it read nothing at all, as
+    /// `reading` (one observer's record) sees it: `None` when its queue is empty. One
+    /// `FIONREAD`; an error (there is none for a socket) only loses the information.
+    ///
+    /// What it has read is what was sent less what is still queued, so a worker that reads
+    /// slower than it is sent to, but reads, is not waiting: only one that has stopped
+    /// reading (stopped, not scheduled, or in a handler that does not yield) is.
+    pub(crate) fn look(&self, reading: &mut Reading, now: Instant) -> Option<Duration> {
+        let unread = self.queue.unread_bytes().unwrap_or(0);
+        reading.observe(now, self.sender.sent_bytes(), unread)
+    }
+
+    /// How busy its event loop looks (see [`classify`]), and for how long it has looked
+    /// stuck.
+    pub(crate) fn busy(&self, reading: &mut Reading, now: Instant) -> (Busy, Duration) {
+        let (awake, in_poll) = self.clock.get().map_or((None, None), |clock| {
+            (clock.awake_for(), clock.poll_running_for())
+        });
+        classify(awake.unwrap_or_default(), in_poll, self.look(reading, now))
     }
 
     /// The gate, held for reading: while the guard lives and says `true`, a send to this

@@ -56,8 +56,6 @@ pub(crate) struct Worker {
     stalled: bool,
     /// A replacement is being started for it (reload or recycle).
     pub(crate) replacing: bool,
-    /// Recycle once it has been sent this many connections.
-    pub(crate) recycle_at: Option<u64>,
     /// Once draining: when the supervisor kills it if it has not exited.
     pub(crate) kill_at: Option<Instant>,
     /// Connections it is serving, as it last reported.
@@ -69,13 +67,7 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// A worker just spawned: starting, its gate closed.
-    pub(crate) fn new(
-        slot: WorkerId,
-        pid: u32,
-        channel: Rc<Channel>,
-        seat: Arc<Seat>,
-        recycle_at: Option<u64>,
-    ) -> Self {
+    pub(crate) fn new(slot: WorkerId, pid: u32, channel: Rc<Channel>, seat: Arc<Seat>) -> Self {
         let now = Instant::now();
         Self {
             slot,
@@ -90,7 +82,6 @@ impl Worker {
             last_report: now,
             stalled: false,
             replacing: false,
-            recycle_at,
             kill_at: None,
             live: 0,
             exit_reason: None,
@@ -128,16 +119,9 @@ impl Worker {
         self.seat.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// How long something has waited in its queue while it read nothing at all: `None`
-    /// when its queue is empty. One `FIONREAD`; an error (there is none for a socket) only
-    /// loses the information.
-    ///
-    /// What it has read is what was sent less what is still queued, so a worker that reads
-    /// slower than it is sent to, but reads, is not waiting: only one that has stopped
-    /// reading (stopped, not scheduled, or in a handler that does not yield) is.
+    /// As [`Seat::look`], with the health check's record of its reading.
     pub(crate) fn look(&mut self, now: Instant) -> Option<Duration> {
-        let unread = self.seat.queue.unread_bytes().unwrap_or(0);
-        self.reading.observe(now, self.channel.sent_bytes(), unread)
+        self.seat.look(&mut self.reading, now)
     }
 }
 

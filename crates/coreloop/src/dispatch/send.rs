@@ -15,7 +15,7 @@ use coreloop_ipc::{ConnBatch, ConnMeta, MAX_BATCH, Message, Sender, TrySendError
 use tracing::{debug, warn};
 
 use super::board::{Board, Seat};
-use super::load::{Reading, classify};
+use super::load::Reading;
 use super::{Busy, Candidate, Planner};
 
 /// An accepted connection waiting to be queued to a worker.
@@ -36,20 +36,12 @@ struct Local {
 }
 
 impl Local {
-    /// How long something has waited in its queue while it read nothing at all: `None`
-    /// when its queue is empty. One `FIONREAD`.
     fn look(&mut self, now: Instant) -> Option<Duration> {
-        let unread = self.seat.queue.unread_bytes().unwrap_or(0);
-        let sent = self.sender.as_ref().map_or(0, Sender::sent_bytes);
-        self.reading.observe(now, sent, unread)
+        self.seat.look(&mut self.reading, now)
     }
 
-    /// How busy its event loop looks, and for how long it has looked stuck.
     fn busy(&mut self, now: Instant) -> (Busy, Duration) {
-        let (awake, in_poll) = self.seat.clock.get().map_or((None, None), |clock| {
-            (clock.awake_for(), clock.poll_running_for())
-        });
-        classify(awake.unwrap_or_default(), in_poll, self.look(now))
+        self.seat.busy(&mut self.reading, now)
     }
 
     fn room(&self, cap: u64) -> u64 {
@@ -159,6 +151,11 @@ impl Shard {
     /// Returns once all were queued, or when the server is stopping (then the rest are
     /// closed undelivered).
     pub(crate) async fn dispatch_all(&mut self, pending: &mut Vec<Pending>) {
+        self.try_dispatch_all(pending);
+        if pending.is_empty() {
+            return;
+        }
+        // No worker took them all: wait for room or a change, trying again after each.
         let board = Arc::clone(&self.board);
         loop {
             let mut changed = pin!(board.changed.notified());

@@ -134,7 +134,7 @@ fn inspect(shared: &Shared, now: Instant, stall_after: Duration) -> Findings {
             w.set_stalled(true);
         }
         if !w.replacing && w.slot.get() < shared.target.get() {
-            let by_count = w.recycle_at.is_some_and(|at| w.sent() >= at);
+            let by_count = w.seat.recycle_at().is_some_and(|at| w.sent() >= at);
             let by_rss = shared
                 .config
                 .recycle_rss_kib

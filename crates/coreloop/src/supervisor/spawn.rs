@@ -87,13 +87,11 @@ pub(super) fn spawn_worker(shared: &Rc<Shared>, slot: WorkerId) -> Result<u32, E
         recycle_at,
     ));
     shared.pool.board.add(Arc::clone(&seat));
-    shared.pool.workers.borrow_mut().push(Worker::new(
-        slot,
-        pid,
-        Rc::clone(&channel),
-        seat,
-        recycle_at,
-    ));
+    shared
+        .pool
+        .workers
+        .borrow_mut()
+        .push(Worker::new(slot, pid, Rc::clone(&channel), seat));
     shared.pool.board.changed.notify_waiters();
     debug!(
         event = "worker_spawned",

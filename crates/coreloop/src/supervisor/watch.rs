@@ -41,19 +41,23 @@ pub(super) async fn watch(
         let index = workers.iter().position(|w| w.pid == pid);
         index.map(|index| workers.remove(index))
     };
-    let Some(mut worker) = removed else {
+    let Some(worker) = removed else {
         shared.pool.board.changed.notify_waiters();
         return;
     };
     // Closing its gate waits for any acceptor sending to it: after that, nothing more
     // joins its queue, and what is there can be taken back whole.
-    let state = worker.state();
-    worker.set_state(State::Draining);
+    worker.seat.set_open(false);
     shared.pool.board.remove(pid);
     shared.pool.board.changed.notify_waiters();
     // What decides on the replacement; the rest (the queue's other reference among it) is
     // released now, so the dead worker's channel closes before its replacement starts.
-    let (exit_reason, started, was_ready) = (worker.exit_reason, worker.started, worker.was_ready);
+    let (state, exit_reason, started, was_ready) = (
+        worker.state(),
+        worker.exit_reason,
+        worker.started,
+        worker.was_ready,
+    );
     drop(worker);
     recover(&shared, &queue);
     drop(queue);
