@@ -157,6 +157,8 @@ pub struct Channel {
     /// Bytes of every message sent so far, through this channel and its [`Sender`]s (see
     /// [`Channel::sent_bytes`]).
     sent: Arc<AtomicU64>,
+    /// Bytes of every message received so far (see [`Channel::received_bytes`]).
+    received: AtomicU64,
 }
 
 impl Channel {
@@ -171,6 +173,7 @@ impl Channel {
             read: Readiness::new(fd, Interest::READABLE)?,
             write: OnceLock::new(),
             sent: Arc::new(AtomicU64::new(0)),
+            received: AtomicU64::new(0),
         })
     }
 
@@ -227,6 +230,15 @@ impl Channel {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// Bytes of every datagram this end has taken off its queue, whether it decoded or
+    /// not: the peer's [`sent_bytes`](Channel::sent_bytes) less this is what is still
+    /// queued here, which a worker publishes for its supervisor
+    /// ([`LoopClock::read_up_to`](crate::LoopClock::read_up_to)) so that the supervisor
+    /// needs no `FIONREAD` to know it.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
     /// Polls until the kernel reports room in the peer's queue. After a
     /// [`TrySendError::Full`], this waits for the next report.
     ///
@@ -279,7 +291,7 @@ impl Channel {
     }
 
     fn recv_once(&self) -> Result<Recv, ChannelError> {
-        recv_once(self.read.as_fd())
+        recv_once(self.read.as_fd(), Some(&self.received))
     }
 }
 
@@ -439,15 +451,17 @@ impl Queue {
     ///
     /// As [`Channel::recv`].
     pub fn try_recv(&self) -> Result<Option<(Message, Fds)>, ChannelError> {
-        match recv_once(self.fd.as_fd())? {
+        match recv_once(self.fd.as_fd(), None)? {
             Recv::Message(msg, fds) => Ok(Some((msg, fds))),
             Recv::Empty | Recv::Closed => Ok(None),
         }
     }
 }
 
-/// One non-blocking receive on `fd`, with every check of the receive path.
-fn recv_once(fd: BorrowedFd<'_>) -> Result<Recv, ChannelError> {
+/// One non-blocking receive on `fd`, with every check of the receive path; the bytes of
+/// the datagram taken off the queue are added to `count`, if given (a datagram longer than
+/// the buffer counts as the bytes copied; none that fits a message is).
+fn recv_once(fd: BorrowedFd<'_>, count: Option<&AtomicU64>) -> Result<Recv, ChannelError> {
     // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
     let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
@@ -459,6 +473,9 @@ fn recv_once(fd: BorrowedFd<'_>) -> Result<Recv, ChannelError> {
         Err(rustix::io::Errno::AGAIN) => return Ok(Recv::Empty),
         Err(err) => return Err(ChannelError::Io(err.into())),
     };
+    if let Some(count) = count {
+        count.fetch_add(received.bytes as u64, Ordering::Relaxed);
+    }
     let mut fds = Fds::default();
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(arrived) = message {

@@ -11,7 +11,7 @@
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
 //! The `unsafe` blocks of coreloop are here: [`take_systemd_listeners`] adopts the sockets
-//! systemd passed by number, [`LoopClock`] maps two words of memory that a worker and its
+//! systemd passed by number, [`LoopClock`] maps three words of memory that a worker and its
 //! supervisor share, and [`Readiness`] registers an owned descriptor
 //! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
 //! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
@@ -184,25 +184,27 @@ impl AsFd for Readiness {
     }
 }
 
-/// Two words of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
+/// Three words of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
 /// when the worker's event loop last woke up (`CLOCK_MONOTONIC` nanoseconds), or 0 while
-/// it sleeps in the reactor; and when the handler poll now running started, or 0 between
-/// handler polls.
+/// it sleeps in the reactor; when the handler poll now running started, or 0 between
+/// handler polls; and how many bytes of its channel the worker has read.
 ///
 /// The worker writes the first from its runtime's park and unpark hooks (two stores per
-/// wake-up, no system call), and the second around every poll of a connection's handler
-/// (a vDSO clock read and two stores); the supervisor reads them, through a
-/// [`LoopClockView`], when it picks a worker. A loop that has been awake for a long time
-/// has a long batch of work; one poll that has run for long is a handler that does not
-/// yield. The supervisor learns that before it has sent the worker anything, which no
-/// message could tell it, since the worker cannot send while it is busy.
+/// wake-up, no system call), the second around every poll of a connection's handler (a
+/// vDSO clock read and two stores), and the third after every message it receives; the
+/// supervisor reads them, through a [`LoopClockView`], when it picks a worker. A loop that
+/// has been awake for a long time has a long batch of work; one poll that has run for long
+/// is a handler that does not yield; bytes sent that the worker has not read are a queue
+/// waiting for it. The supervisor learns all three before it sends the worker anything and
+/// without a system call (the third replaces a `FIONREAD` per worker per dispatch), which
+/// no message could tell it, since the worker cannot send while it is busy.
 ///
 /// The worker creates the memory and seals its size (`F_SEAL_SHRINK`, `F_SEAL_GROW`,
 /// `F_SEAL_SEAL`) before anyone else sees it: see [`LoopClockView::from_fd`] for why the
 /// supervisor maps nothing else.
 #[derive(Debug)]
 pub struct LoopClock {
-    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
+    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; WORDS]>,
     fd: OwnedFd,
 }
 
@@ -212,8 +214,10 @@ unsafe impl Send for LoopClock {}
 // SAFETY: as above: `&LoopClock` offers atomic loads and stores only.
 unsafe impl Sync for LoopClock {}
 
-/// Size of the shared memory: two `u64`s.
-const CLOCK_LEN: usize = 2 * std::mem::size_of::<u64>();
+/// Words of the shared memory: loop awake since, handler poll since, channel bytes read.
+const WORDS: usize = 3;
+/// Size of the shared memory: three `u64`s.
+const CLOCK_LEN: usize = WORDS * std::mem::size_of::<u64>();
 
 /// The seals a loop clock must carry before the supervisor maps it: its size can never
 /// change again, so no page of the mapping can stop being backed by the file.
@@ -223,8 +227,8 @@ fn clock_seals() -> rustix::fs::SealFlags {
 }
 
 impl LoopClock {
-    /// Creates the shared words (a new close-on-exec `memfd` of 16 bytes, its size sealed),
-    /// marked asleep.
+    /// Creates the shared words (a new close-on-exec `memfd` of 24 bytes, its size sealed),
+    /// marked asleep, nothing read.
     ///
     /// # Errors
     ///
@@ -241,7 +245,7 @@ impl LoopClock {
         Ok(Self { words, fd })
     }
 
-    fn words(&self) -> &[std::sync::atomic::AtomicU64; 2] {
+    fn words(&self) -> &[std::sync::atomic::AtomicU64; WORDS] {
         // SAFETY: `words` points at the start of a live mapping of `CLOCK_LEN` bytes, page
         // aligned (so aligned for `AtomicU64`), of a file whose size is sealed at
         // `CLOCK_LEN`, unmapped only in `drop`; the memory is only ever accessed
@@ -273,6 +277,11 @@ impl LoopClock {
     pub fn poll_ended(&self) {
         self.words()[1].store(0, Ordering::Release);
     }
+
+    /// The worker has read `bytes` of its channel in all ([`Channel::received_bytes`](crate::Channel::received_bytes)).
+    pub fn read_up_to(&self, bytes: u64) {
+        self.words()[2].store(bytes, Ordering::Release);
+    }
 }
 
 impl Drop for LoopClock {
@@ -286,7 +295,7 @@ impl Drop for LoopClock {
 /// The supervisor's read-only view of a worker's [`LoopClock`].
 #[derive(Debug)]
 pub struct LoopClockView {
-    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>,
+    words: std::ptr::NonNull<[std::sync::atomic::AtomicU64; WORDS]>,
     _fd: OwnedFd,
 }
 
@@ -304,14 +313,14 @@ impl LoopClockView {
     /// mapped page whose file no longer backs it raises `SIGBUS` in every process that
     /// reads it, the supervisor included. So the descriptor is mapped only if it is a
     /// `memfd` whose size is sealed (`F_SEAL_SHRINK`, `F_SEAL_GROW`, `F_SEAL_SEAL`: seals
-    /// can be added, never removed) and is at least 16 bytes, checked in that order, so
+    /// can be added, never removed) and is at least 24 bytes, checked in that order, so
     /// that the size read is final. What the worker can still do is write any value into
-    /// the two words; they only steer connections toward or away from that worker.
+    /// the three words; they only steer connections toward or away from that worker.
     ///
     /// # Errors
     ///
     /// `InvalidInput` when the descriptor is not a memfd with those seals, or is shorter
-    /// than 16 bytes; the `mmap` error.
+    /// than 24 bytes; the `mmap` error.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_owned());
         // Files that cannot be sealed (sockets, pipes, regular files) fail with EINVAL.
@@ -322,13 +331,13 @@ impl LoopClockView {
         }
         let stat = rustix::fs::fstat(&fd)?;
         if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
-            return Err(invalid("the loop clock is not a file of 16 bytes"));
+            return Err(invalid("the loop clock is not a file of 24 bytes"));
         }
         let words = map(&fd, ProtFlags::READ)?;
         Ok(Self { words, _fd: fd })
     }
 
-    fn words(&self) -> &[std::sync::atomic::AtomicU64; 2] {
+    fn words(&self) -> &[std::sync::atomic::AtomicU64; WORDS] {
         // SAFETY: `words` points at the start of a live read-only mapping of `CLOCK_LEN`
         // bytes, page aligned, of a file sealed against shrinking at no less than
         // `CLOCK_LEN` bytes (checked in `from_fd`), so every byte stays backed; unmapped
@@ -344,6 +353,12 @@ impl LoopClockView {
     /// How long the worker's loop has been awake without sleeping, or `None` if it sleeps.
     pub fn awake_for(&self) -> Option<std::time::Duration> {
         since(self.words()[0].load(Ordering::Acquire))
+    }
+
+    /// How many bytes of its channel the worker says it has read. Any value a worker
+    /// writes: the caller bounds it by what it has sent.
+    pub fn read_bytes(&self) -> u64 {
+        self.words()[2].load(Ordering::Acquire)
     }
 }
 
@@ -362,7 +377,7 @@ impl Drop for LoopClockView {
 fn map(
     fd: &OwnedFd,
     prot: ProtFlags,
-) -> io::Result<std::ptr::NonNull<[std::sync::atomic::AtomicU64; 2]>> {
+) -> io::Result<std::ptr::NonNull<[std::sync::atomic::AtomicU64; WORDS]>> {
     // SAFETY: a new shared mapping chosen by the kernel (null hint), so it overlaps no
     // memory Rust knows about; `fd` is a file of at least `CLOCK_LEN` bytes whose size is
     // sealed (created so in `LoopClock::create`, or checked by `LoopClockView::from_fd`),
@@ -377,7 +392,7 @@ fn map(
             0,
         )
     }?;
-    std::ptr::NonNull::new(ptr.cast::<[std::sync::atomic::AtomicU64; 2]>())
+    std::ptr::NonNull::new(ptr.cast::<[std::sync::atomic::AtomicU64; WORDS]>())
         .ok_or_else(|| io::Error::other("mmap returned null"))
 }
 
@@ -437,8 +452,22 @@ mod tests {
     }
 
     #[test]
-    fn a_file_too_short_for_both_words_is_refused() {
-        let fd = sealable(8);
+    fn the_read_count_is_shared_and_separate_from_the_clocks() {
+        let (worker, supervisor) = both_ends();
+        assert_eq!(supervisor.read_bytes(), 0);
+        worker.read_up_to(4_096);
+        assert_eq!(supervisor.read_bytes(), 4_096);
+        assert_eq!(supervisor.awake_for(), None);
+        assert_eq!(supervisor.poll_running_for(), None);
+        worker.woke();
+        worker.poll_started();
+        assert_eq!(supervisor.read_bytes(), 4_096);
+    }
+
+    #[test]
+    fn a_file_too_short_for_every_word_is_refused() {
+        // Two words: what a loop clock held before the read count joined it.
+        let fd = sealable(16);
         rustix::fs::fcntl_add_seals(&fd, clock_seals()).unwrap();
         assert!(LoopClockView::from_fd(fd).is_err());
     }
@@ -459,7 +488,7 @@ mod tests {
     #[test]
     fn an_unsealed_memfd_is_refused() {
         // What a hostile worker would send: memory it can truncate under the mapping.
-        let fd = sealable(16);
+        let fd = sealable(CLOCK_LEN as u64);
         let err = LoopClockView::from_fd(fd.try_clone().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
         // Sealed against shrinking only: it could still be grown and the seals changed.
@@ -467,7 +496,7 @@ mod tests {
         assert!(LoopClockView::from_fd(fd).is_err());
         // A memfd created without sealing allowed carries F_SEAL_SEAL alone.
         let fd = rustix::fs::memfd_create("nosealing", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&fd, 16).unwrap();
+        rustix::fs::ftruncate(&fd, CLOCK_LEN as u64).unwrap();
         assert!(LoopClockView::from_fd(fd).is_err());
     }
 

@@ -264,9 +264,15 @@ async fn the_queue_tells_whether_the_reader_has_read_everything() {
     let two = queue.unread_bytes().unwrap();
     assert!(two > 0);
     assert_eq!(sup.sent_bytes(), two, "sent so far is all unread");
+    assert_eq!(worker.received_bytes(), 0);
     worker.recv().await.unwrap().expect("first message");
     let one = queue.unread_bytes().unwrap();
     assert!(one > 0 && one < two, "{one} of {two}");
+    assert_eq!(
+        worker.received_bytes(),
+        two - one,
+        "what the reader counts is what left its queue"
+    );
     assert_eq!(
         sup.sent_bytes(),
         two,
@@ -274,6 +280,7 @@ async fn the_queue_tells_whether_the_reader_has_read_everything() {
     );
     worker.recv().await.unwrap().expect("second message");
     assert_eq!(queue.unread_bytes().unwrap(), 0);
+    assert_eq!(worker.received_bytes(), sup.sent_bytes());
     // Sends that fail count nothing: one refused before the call (a descriptor too many),
     // then the kernel's "full" once the queue is filled. What was sent is then exactly
     // what was read (`two`) plus what is queued.

@@ -105,13 +105,31 @@ impl Seat {
     }
 
     /// How long something has waited in its queue while it read nothing at all, as
-    /// `reading` (one observer's record) sees it: `None` when its queue is empty. One
-    /// `FIONREAD`; an error (there is none for a socket) only loses the information.
+    /// `reading` (one observer's record) sees it: `None` when its queue is empty. What is
+    /// queued is what was sent less what the worker says, in its loop clock, it has read:
+    /// no system call. A worker can write any count there, which only steers connections
+    /// toward or away from it (bounded by what was sent); the health check, which kills,
+    /// asks the kernel instead ([`Seat::look_queue`]). A worker without a loop clock is
+    /// looked at as the health check does.
     ///
     /// What it has read is what was sent less what is still queued, so a worker that reads
     /// slower than it is sent to, but reads, is not waiting: only one that has stopped
     /// reading (stopped, not scheduled, or in a handler that does not yield) is.
     pub(crate) fn look(&self, reading: &mut Reading, now: Instant) -> Option<Duration> {
+        let Some(clock) = self.clock.get() else {
+            return self.look_queue(reading, now);
+        };
+        // The count of sent bytes rises after the send returns, so a worker quick enough
+        // may have read more than it shows: nothing is queued then.
+        let sent = self.sender.sent_bytes();
+        let unread = sent.saturating_sub(clock.read_bytes());
+        reading.observe(now, sent, unread)
+    }
+
+    /// As [`Seat::look`], but with what the kernel says is queued (one `FIONREAD`; an
+    /// error, which a socket does not return, only loses the information): what the
+    /// health check judges by, since nothing the worker writes can change it.
+    pub(crate) fn look_queue(&self, reading: &mut Reading, now: Instant) -> Option<Duration> {
         let unread = self.queue.unread_bytes().unwrap_or(0);
         reading.observe(now, self.sender.sent_bytes(), unread)
     }
@@ -227,5 +245,51 @@ impl Board {
 
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coreloop_ipc::{Channel, LoopClock, Message, socketpair_cloexec};
+
+    use super::*;
+
+    /// Dispatchers see a worker's queue through the count it publishes; the health check
+    /// through the kernel's, which a worker cannot change.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dispatch_trusts_the_published_read_count_only_to_steer() {
+        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+        let queue = Arc::new(Queue::new(worker_end.try_clone().unwrap()));
+        let sup = Channel::from_fd(sup_end).unwrap();
+        let worker = Channel::from_fd(worker_end).unwrap();
+        let sender = sup.sender().unwrap();
+        let seat = Seat::new(WorkerId(0), 1, queue, sender, Counter::default(), None);
+        let clock = LoopClock::create().unwrap();
+        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        seat.clock.set(view).unwrap();
+        let (mut dispatch, mut health) = (Reading::default(), Reading::default());
+        let now = Instant::now();
+        let drain = Message::Drain { timeout_ms: 1 };
+
+        assert_eq!(seat.look(&mut dispatch, now), None, "nothing sent yet");
+        sup.send(&drain, &[]).await.unwrap();
+        assert!(seat.look(&mut dispatch, now).is_some(), "sent, not read");
+        assert!(seat.look_queue(&mut health, now).is_some());
+
+        worker.recv().await.unwrap().expect("the message");
+        assert!(
+            seat.look(&mut dispatch, now).is_some(),
+            "read, but not published yet: dispatch goes by what the worker says"
+        );
+        assert_eq!(seat.look_queue(&mut health, now), None);
+        clock.read_up_to(worker.received_bytes());
+        assert_eq!(seat.look(&mut dispatch, now), None, "published");
+
+        // A worker that claims more than it was sent: nothing queued (no wrap-around) as
+        // far as dispatch goes, while the health check still sees the unread message.
+        clock.read_up_to(u64::MAX);
+        sup.send(&drain, &[]).await.unwrap();
+        assert_eq!(seat.look(&mut dispatch, now), None);
+        assert!(seat.look_queue(&mut health, now).is_some());
     }
 }

@@ -1,7 +1,7 @@
 //! The load picture of a worker: how busy its event loop is, from the loop clock it shares
 //! with the supervisor and from how long its queue of connections has waited unread, and
 //! the thresholds that rank workers by it. Read at every dispatch, so it costs a few
-//! atomic loads and one `FIONREAD` per worker, and no message.
+//! atomic loads of memory the worker shares (no system call) and no message.
 
 use std::time::{Duration, Instant};
 

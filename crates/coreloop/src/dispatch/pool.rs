@@ -119,9 +119,10 @@ impl Worker {
         self.seat.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// As [`Seat::look`], with the health check's record of its reading.
+    /// As [`Seat::look_queue`] (the kernel's count, not the worker's), with the health
+    /// check's record of its reading.
     pub(crate) fn look(&mut self, now: Instant) -> Option<Duration> {
-        self.seat.look(&mut self.reading, now)
+        self.seat.look_queue(&mut self.reading, now)
     }
 }
 

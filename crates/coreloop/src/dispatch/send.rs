@@ -134,7 +134,7 @@ impl Shard {
     /// that simply has not been scheduled yet since the last send is not.
     ///
     /// Stops at the first worker that is not busy: the dispatch that follows looks at
-    /// every worker anyway, so a `FIONREAD` here for the rest would be done twice.
+    /// every worker anyway.
     pub(crate) fn all_busy(&mut self, min_wait: Duration) -> bool {
         self.refresh();
         let now = Instant::now();

@@ -256,25 +256,18 @@ async fn read_channel<H: Handler>(
     mut signals: StopSignals,
 ) -> End {
     let mut retiring = false;
+    let clock = clock::get();
     loop {
         tokio::select! {
-            received = channel.recv() => match received {
-                Ok(Some((Message::Conns(batch), fds))) => {
-                    for (meta, fd) in batch.as_slice().iter().zip(fds) {
-                        spawner.adopt(*meta, fd);
-                    }
+            received = channel.recv() => {
+                // Whatever it was, it left the queue: the supervisor sees that at once.
+                if let Some(clock) = clock {
+                    clock.read_up_to(channel.received_bytes());
                 }
-                Ok(Some((Message::Drain { timeout_ms }, _))) => {
-                    return End::Drain(Duration::from_millis(u64::from(timeout_ms)));
+                if let Some(end) = take(received, spawner) {
+                    return end;
                 }
-                Ok(Some((other, _))) => warn!(message = other.kind_name(), "unexpected message"),
-                Ok(None) => return End::Orphaned,
-                Err(ChannelError::Io(err)) => {
-                    error!(error = %err, "channel failed");
-                    return End::Orphaned;
-                }
-                Err(err) => error!(error = %err, "bad message from the supervisor; a connection may have been lost"),
-            },
+            }
             _ = signals.term.recv(), if !retiring => {
                 retiring = true;
                 retire(channel).await;
@@ -285,6 +278,34 @@ async fn read_channel<H: Handler>(
             }
         }
     }
+}
+
+/// Acts on what the channel delivered: adopts connections, or says how the worker ends.
+fn take<H: Handler>(
+    received: Result<Option<(Message, coreloop_ipc::Fds)>, ChannelError>,
+    spawner: &Spawner<H>,
+) -> Option<End> {
+    match received {
+        Ok(Some((Message::Conns(batch), fds))) => {
+            for (meta, fd) in batch.as_slice().iter().zip(fds) {
+                spawner.adopt(*meta, fd);
+            }
+        }
+        Ok(Some((Message::Drain { timeout_ms }, _))) => {
+            return Some(End::Drain(Duration::from_millis(u64::from(timeout_ms))));
+        }
+        Ok(Some((other, _))) => warn!(message = other.kind_name(), "unexpected message"),
+        Ok(None) => return Some(End::Orphaned),
+        Err(ChannelError::Io(err)) => {
+            error!(error = %err, "channel failed");
+            return Some(End::Orphaned);
+        }
+        Err(err) => error!(
+            error = %err,
+            "bad message from the supervisor; a connection may have been lost"
+        ),
+    }
+    None
 }
 
 /// Asks the supervisor to drain this worker (`Retiring`); it answers with `Drain` once no
