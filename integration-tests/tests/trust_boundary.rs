@@ -1,10 +1,11 @@
 //! The trust boundary, attacked from inside real worker processes (`fixture-misbehave`):
 //! a worker that truncates the memory it shares with the supervisor, forges it, floods or
 //! corrupts its channel, attaches descriptors it should not, closes its channel, stops
-//! reading while it forges heartbeats, ignores a drain, or forks children that keep its
-//! descriptors. For each: the supervisor stays up, the misbehaving worker is replaced
-//! (or, where the kernel refused the attack, keeps serving), the log names what happened
-//! once, and requests that the other worker holds never fail.
+//! reading while it forges heartbeats (and, in its loop clock, an idle loop that has read
+//! everything), ignores a drain, or forks children that keep its descriptors. For each:
+//! the supervisor stays up, the misbehaving worker is replaced (or, where the kernel
+//! refused the attack, keeps serving), the log names what happened once, and requests
+//! that the other worker holds never fail.
 
 use std::io::Write as _;
 use std::net::TcpStream;
@@ -330,6 +331,51 @@ fn a_worker_that_reports_but_never_reads_is_killed_as_hung() -> anyhow::Result<(
         WAIT,
     )?;
     server.wait_for_replacement(mark, slot, victim, WAIT)?;
+    bystanders.assert_unharmed(victim)?;
+    ensure!(is_alive(server.pid()), "the supervisor died");
+    Ok(())
+}
+
+#[test]
+fn a_worker_that_claims_to_read_but_does_not_is_killed_and_loses_no_connection()
+-> anyhow::Result<()> {
+    let server = start(&[])?;
+    let bystanders = Bystanders::start(pin(&server, 2)?);
+    let port = server.port();
+    let mark = server.log_mark();
+    let (slot, victim, _) = attack(&server, "forge-reading")?;
+    // New connections, one after another, until the liar is gone: it looks asleep, empty
+    // and with nothing open, so dispatch sends them to it. Only the kernel's count of what
+    // it left unread, which the health check reads, gives it away; once it is killed, what
+    // it never read goes to another worker, and every request is answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<JoinHandle<anyhow::Result<()>>> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, body) = get(port, "/whoami")?;
+                    ensure!(status == 200, "status {status}: {body}");
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    server.expect_log_since(
+        mark,
+        "worker_killed not-reading",
+        |line| {
+            is_event(line, "worker_killed")
+                && pid_of(line) == Some(victim)
+                && field(line, "reason") == Some("not-reading")
+        },
+        WAIT,
+    )?;
+    server.wait_for_replacement(mark, slot, victim, WAIT)?;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().map_err(|_| anyhow::anyhow!("panic"))??;
+    }
     bystanders.assert_unharmed(victim)?;
     ensure!(is_alive(server.pid()), "the supervisor died");
     Ok(())

@@ -459,8 +459,8 @@ impl Queue {
 }
 
 /// One non-blocking receive on `fd`, with every check of the receive path; the bytes of
-/// the datagram taken off the queue are added to `count`, if given (a datagram longer than
-/// the buffer counts as the bytes copied; none that fits a message is).
+/// the datagram taken off the queue are added to `count`, if given (one longer than any
+/// message counts only the bytes copied).
 fn recv_once(fd: BorrowedFd<'_>, count: Option<&AtomicU64>) -> Result<Recv, ChannelError> {
     // One spare byte so that an over-long datagram shows up as MSG_TRUNC.
     let mut bytes = [0u8; MAX_MESSAGE_LEN + 1];

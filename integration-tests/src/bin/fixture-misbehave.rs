@@ -16,6 +16,9 @@
 //!   - `close-channel`: shut down the sending side of its channel, and keep running;
 //!   - `stop-reading`: block its event loop for 60 s while a thread forges a `Status`
 //!     every 100 ms (a worker that reports but reads nothing);
+//!   - `forge-reading`: the same, but the thread also claims, in the loop clock, a loop
+//!     asleep, no handler poll and everything read, and its `Status` a huge close count
+//!     (a worker that looks idle and empty to dispatch, and reads nothing);
 //!   - `ignore-drain`: when the worker starts draining, block its event loop for an hour;
 //!   - `fork-and-die`: fork a child that sleeps forever holding every descriptor
 //!     (`child=<pid>`), then exit 3.
@@ -148,6 +151,20 @@ fn misbehave(conn: &Conn, what: &str) {
             // Blocks the event loop: this handler's poll never returns.
             std::thread::sleep(Duration::from_secs(60));
         }
+        "forge-reading" => {
+            let forged = channel.try_clone_to_owned().expect("dup of the channel");
+            let clock = loop_clock()
+                .expect("a loop clock")
+                .expect("the loop clock opens for writing");
+            let idle = encode(&Message::Status {
+                live: 0,
+                closed: 1 << 40,
+                rss_kib: 0,
+            });
+            std::thread::spawn(move || forge_reading(&forged, &clock, &idle));
+            // Blocks the event loop: this handler's poll never returns.
+            std::thread::sleep(Duration::from_secs(60));
+        }
         "ignore-drain" => {
             let draining = conn.shutdown_signal();
             tokio::task::spawn_local(async move {
@@ -229,28 +246,52 @@ fn forge_clock(channel: BorrowedFd<'_>) -> std::io::Result<()> {
 
 /// Truncates this worker's own loop clock; says what the kernel answered.
 fn truncate_clock() -> String {
+    match loop_clock() {
+        Some(Ok(file)) => match file.set_len(0) {
+            Ok(()) => "ok".into(),
+            Err(err) => format!("errno{}", err.raw_os_error().unwrap_or(0)),
+        },
+        Some(Err(err)) => format!("errno{}", err.raw_os_error().unwrap_or(0)),
+        None => "no-clock".into(),
+    }
+}
+
+/// This worker's loop clock, opened anew for reading and writing through `/proc/self/fd`,
+/// as any code in the process could; `None` if it has none.
+fn loop_clock() -> Option<std::io::Result<std::fs::File>> {
     for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
         let Ok(entry) = entry else { continue };
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if !target
+        if target
             .to_string_lossy()
             .starts_with("/memfd:coreloop-loop-clock")
         {
-            continue;
+            return Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(entry.path()),
+            );
         }
-        // A new description of the same memory, writable, as any code here could open.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(entry.path());
-        return match file.and_then(|file| file.set_len(0)) {
-            Ok(()) => "ok".into(),
-            Err(err) => format!("errno{}", err.raw_os_error().unwrap_or(0)),
-        };
     }
-    "no-clock".into()
+    None
+}
+
+/// For 60 s: every millisecond, writes into the loop clock a loop asleep (0), no handler
+/// poll (0) and every byte of the channel read (`u64::MAX`); every 100 ms, sends `status`.
+fn forge_reading(channel: &OwnedFd, clock: &std::fs::File, status: &[u8]) {
+    use std::os::unix::fs::FileExt as _;
+    let mut words = [0u8; 24];
+    words[16..].copy_from_slice(&u64::MAX.to_ne_bytes());
+    for tick in 0..60_000 {
+        let _ = clock.write_at(&words, 0);
+        if tick % 100 == 0 {
+            let _ = send(channel.as_fd(), status, &[]);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Forks a child that holds every descriptor of this worker and sleeps until killed;
