@@ -153,6 +153,26 @@ fn attack(server: &Server, what: &str) -> anyhow::Result<(usize, u32, String)> {
     Ok((slot, pid, body))
 }
 
+/// Waits for the supervisor to log `event` for `victim` with `key` = `value` (why it
+/// killed it, or which rule it broke).
+fn expect_event_for(
+    server: &Server,
+    mark: usize,
+    victim: u32,
+    event: &str,
+    (key, value): (&str, &str),
+) -> anyhow::Result<()> {
+    server.expect_log_since(
+        mark,
+        &format!("{event} {key}={value} for worker {victim}"),
+        |line| {
+            is_event(line, event) && pid_of(line) == Some(victim) && field(line, key) == Some(value)
+        },
+        WAIT,
+    )?;
+    Ok(())
+}
+
 /// Runs one attack that breaks the protocol, with bystanders on both workers: the
 /// supervisor names the violation once, kills the worker, replaces it, and stays up.
 fn violation_is_contained(what: &str, violation: &str) -> anyhow::Result<()> {
@@ -162,16 +182,8 @@ fn violation_is_contained(what: &str, violation: &str) -> anyhow::Result<()> {
     let bystanders = Bystanders::start(pin(&server, 2)?);
     let mark = server.log_mark();
     let (slot, victim, _) = attack(&server, what)?;
-    server.expect_log_since(
-        mark,
-        &format!("protocol_violation {violation} for worker {victim}"),
-        |line| {
-            is_event(line, "protocol_violation")
-                && pid_of(line) == Some(victim)
-                && field(line, "violation") == Some(violation)
-        },
-        WAIT,
-    )?;
+    let violated = ("violation", violation);
+    expect_event_for(&server, mark, victim, "protocol_violation", violated)?;
     let replacement = server.wait_for_replacement(mark, slot, victim, WAIT)?;
     ensure!(
         wait_for_exit(victim, WAIT),
@@ -320,16 +332,7 @@ fn a_worker_that_reports_but_never_reads_is_killed_as_hung() -> anyhow::Result<(
     let (slot, victim, _) = attack(&server, "stop-reading")?;
     // Its reports keep coming (a thread forges them); its blocked handler poll, read from
     // the loop clock, gives it away.
-    server.expect_log_since(
-        mark,
-        "worker_killed hang",
-        |line| {
-            is_event(line, "worker_killed")
-                && pid_of(line) == Some(victim)
-                && field(line, "reason") == Some("hang")
-        },
-        WAIT,
-    )?;
+    expect_event_for(&server, mark, victim, "worker_killed", ("reason", "hang"))?;
     server.wait_for_replacement(mark, slot, victim, WAIT)?;
     bystanders.assert_unharmed(victim)?;
     ensure!(is_alive(server.pid()), "the supervisor died");
@@ -361,15 +364,12 @@ fn a_worker_that_claims_to_read_but_does_not_is_killed_and_loses_no_connection()
             })
         })
         .collect();
-    server.expect_log_since(
+    expect_event_for(
+        &server,
         mark,
-        "worker_killed not-reading",
-        |line| {
-            is_event(line, "worker_killed")
-                && pid_of(line) == Some(victim)
-                && field(line, "reason") == Some("not-reading")
-        },
-        WAIT,
+        victim,
+        "worker_killed",
+        ("reason", "not-reading"),
     )?;
     server.wait_for_replacement(mark, slot, victim, WAIT)?;
     stop.store(true, Ordering::Relaxed);
@@ -389,15 +389,12 @@ fn a_worker_that_ignores_drain_is_killed_after_the_shutdown_timeout() -> anyhow:
     let mark = server.log_mark();
     // SIGTERM to the worker: it asks to retire, is sent `Drain`, and then blocks.
     kill(victim, Signal::TERM)?;
-    server.expect_log_since(
+    expect_event_for(
+        &server,
         mark,
-        "worker_killed drain-timeout",
-        |line| {
-            is_event(line, "worker_killed")
-                && pid_of(line) == Some(victim)
-                && field(line, "reason") == Some("drain-timeout")
-        },
-        WAIT,
+        victim,
+        "worker_killed",
+        ("reason", "drain-timeout"),
     )?;
     server.wait_for_replacement(mark, slot, victim, WAIT)?;
     ensure!(wait_for_exit(victim, WAIT), "worker {victim} still runs");
