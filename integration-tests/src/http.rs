@@ -327,6 +327,43 @@ pub fn scrape(port: u16) -> Result<String> {
     Ok(body)
 }
 
+/// Waits up to `timeout` until the supervisor whose metrics endpoint is on `metrics_port`
+/// has forwarded at least `n` connections in all to its workers `0..workers`: then each
+/// was accepted and handed to a worker, which no answer on another connection can tell
+/// once several accept loops each have their own queue. Polled: nothing signals a
+/// dispatch to the outside.
+///
+/// # Errors
+///
+/// A failed scrape, or fewer than `n` forwarded when `timeout` has passed.
+pub fn wait_for_forwarded(
+    metrics_port: u16,
+    workers: usize,
+    n: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = scrape(metrics_port)?;
+        let forwarded: f64 = (0..workers)
+            .filter_map(|w| {
+                series(
+                    &text,
+                    &format!("coreloop_forwarded_total{{worker=\"{w}\"}}"),
+                )
+            })
+            .sum();
+        if forwarded >= n as f64 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{forwarded} of {n} connections forwarded after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The value of one series in an OpenMetrics text, named exactly as it is written there
 /// (`coreloop_forwarded_total{worker="0"}`); `None` if the text has no such series.
 pub fn series(text: &str, name: &str) -> Option<f64> {

@@ -8,18 +8,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, get, kill, parse_responses, read_response, read_until_close,
-    wait_for_stopped,
+    Server, ServerConfig, connect, kill, parse_responses, read_response, read_until_close,
+    start_with_metrics, wait_for_forwarded, wait_for_stopped,
 };
 use rustix::process::Signal;
 
-/// A request answered on a connection opened after others: the supervisor accepts in
-/// order and dispatches one connection at a time, so every connection opened before this
-/// one has been handed to a worker.
-fn barrier(port: u16) -> anyhow::Result<()> {
-    let (status, body) = get(port, "/")?;
-    ensure!(status == 200, "barrier request: {status} {body}");
-    Ok(())
+/// Waits until the supervisor has handed `n` connections to the two workers: a connection
+/// opened before is then with a worker, not in a listening socket's queue (with several
+/// accept loops, an answer on a later connection does not say that).
+fn forwarded(metrics_port: u16, n: usize) -> anyhow::Result<()> {
+    wait_for_forwarded(metrics_port, 2, n, Duration::from_secs(5))
 }
 
 #[test]
@@ -61,11 +59,12 @@ fn idle_keep_alive_connection_is_closed_soon_after_sigterm() -> anyhow::Result<(
 
 #[test]
 fn accepted_connection_is_served_after_sigterm() -> anyhow::Result<()> {
-    let mut server = Server::start(ServerConfig::new(2).args(["--shutdown-timeout", "10"]))?;
+    let config = ServerConfig::new(2).args(["--shutdown-timeout", "10"]);
+    let (mut server, metrics_port) = start_with_metrics(&config)?;
     let port = server.port();
     // Accepted and handed to a worker before SIGTERM, but its request comes after.
     let mut early = connect(port)?;
-    barrier(port)?;
+    forwarded(metrics_port, 1)?;
 
     let mark = server.log_mark();
     server.signal(Signal::TERM)?;
@@ -90,11 +89,12 @@ fn accepted_connection_is_served_after_sigterm() -> anyhow::Result<()> {
 
 #[test]
 fn shutdown_timeout_cuts_off_a_slow_request() -> anyhow::Result<()> {
-    let mut server = Server::start(ServerConfig::new(2).args(["--shutdown-timeout", "1"]))?;
+    let config = ServerConfig::new(2).args(["--shutdown-timeout", "1"]);
+    let (mut server, metrics_port) = start_with_metrics(&config)?;
     let port = server.port();
     let mut slow = connect(port)?;
     slow.write_all(b"GET /sleep?ms=20000 HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    barrier(port)?;
+    forwarded(metrics_port, 1)?;
 
     let mark = server.log_mark();
     let sent = Instant::now();
