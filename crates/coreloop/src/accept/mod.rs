@@ -54,6 +54,15 @@ impl Switch {
         self.accepting.store(false, Ordering::Release);
         self.stop_accepting.notify_one();
     }
+
+    /// Sleeps for `period` (a back-off), or less if the loop is turned off meanwhile: its
+    /// caller then goes back to the top of the loop, which sees the switch off.
+    async fn pause(&self, period: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = self.stop_accepting.notified() => {}
+        }
+    }
 }
 
 /// The metrics one accept loop updates, made on the main thread (the registry lives there).
@@ -261,7 +270,7 @@ impl Acceptor {
             };
             self.hold_or_dispatch(exhausted).await;
             if exhausted {
-                tokio::time::sleep(self.state.backoff).await;
+                self.switch.pause(self.state.backoff).await;
                 self.state.backoff = (self.state.backoff * 2).min(ACCEPT_BACKOFF_MAX);
             } else if !self.polling && !drained {
                 // A full burst: let the other tasks run before the next. After a burst
@@ -272,8 +281,9 @@ impl Acceptor {
         }
     }
 
-    /// A handover: what was accepted (held, say) goes to this generation's workers;
-    /// clients not yet accepted are the next generation's. Returns the listeners.
+    /// A handover or a stop: what was accepted (held, say) goes to this generation's
+    /// workers (at a stop, to those with room, without waiting); clients not yet accepted
+    /// are the next generation's, or reset. Returns the listeners.
     async fn hand_back(mut self) -> Vec<listener::Bound> {
         if !self.pending.is_empty() {
             self.shard.dispatch_all(&mut self.pending).await;
@@ -321,7 +331,7 @@ impl Acceptor {
                 self.pace.stop(Instant::now());
                 self.polling = false;
                 if !register(&mut self.sources) {
-                    tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                    self.switch.pause(ACCEPT_BACKOFF_MAX).await;
                 }
                 return Step::Again;
             }
@@ -369,7 +379,10 @@ impl Acceptor {
         if self.sources.iter().any(|s| s.ready.is_none()) && !register(&mut self.sources) {
             // Out of descriptors: try again shortly rather than never wait for that
             // listener.
-            tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
+            self.switch.pause(ACCEPT_BACKOFF_MIN).await;
+            if !self.switch.is_on() {
+                return Step::Again;
+            }
         }
         let mut stop = pin!(self.switch.stop_accepting.notified());
         let mut reseated = pin!(self.board.seats_changed.notified());
@@ -393,7 +406,7 @@ impl Acceptor {
             Some(Ok(ready)) => ready,
             Some(Err(err)) => {
                 error!(error = %err, "listener readiness failed; backing off");
-                tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+                self.switch.pause(ACCEPT_BACKOFF_MAX).await;
                 return Step::Again;
             }
         };

@@ -12,7 +12,8 @@
 //!
 //! This module starts the loops, turns them off for a binary upgrade's handover (each
 //! returns its sockets once what it accepted is queued to a worker), starts them again on
-//! the same sockets if the handover does not happen, and stops them with the server.
+//! the same sockets if the handover does not happen, and stops them with the server the
+//! same way, closing the sockets they return.
 
 use std::sync::Arc;
 
@@ -141,20 +142,12 @@ impl Acceptors {
         sets
     }
 
-    /// Stops every loop and closes its sockets: the main loop at once (what it holds is
-    /// closed), the others once they return (the server is stopping, so they close what
-    /// they hold undelivered).
+    /// Stops every loop and closes its sockets, as a handover would (see
+    /// [`Acceptors::hand_back`]): each loop first queues what it accepted to a worker with
+    /// room. The server is stopping, so no loop waits for room; its workers are sent
+    /// `Drain` only after this.
     pub(crate) async fn stop(self) {
-        let (_, main) = self.main;
-        main.abort();
-        let _ = main.await;
-        for (switch, _) in &self.threads {
-            switch.turn_off();
-        }
-        self.board.changed.notify_waiters();
-        for (_, returned) in self.threads {
-            drop(returned.await);
-        }
+        drop(self.hand_back().await);
     }
 }
 
