@@ -84,12 +84,20 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// handler (see [`accept_loop`]); after that they are queued to the least busy anyway.
 const HOLD_MAX: Duration = Duration::from_millis(20);
 
-/// Accept errors of one kind of exhaustion, handled once per episode.
+/// Connection ids a loop takes from the board at once: the loops share the count, and one
+/// write to it per connection from every loop's core would make its cache line travel
+/// between them at every accept.
+const CONN_ID_BLOCK: u64 = 1024;
+
+/// Accept errors of one kind of exhaustion, handled once per episode; the loop's counters
+/// and its block of connection ids.
 struct AcceptState {
     backoff: Duration,
     /// An exhaustion episode: when it began, errors so far, the latest error.
     failing_since: Option<(Instant, u64, Instant)>,
     counters: Counters,
+    /// Ids taken from the board and not given out yet.
+    ids: std::ops::Range<u64>,
 }
 
 impl AcceptState {
@@ -102,8 +110,8 @@ impl AcceptState {
         source: &Source,
         pending: &mut Vec<Pending>,
     ) -> (usize, bool) {
-        let (accepted, accept_errors) = &self.counters.listeners[index];
         let mut count = 0;
+        let mut exhausted = false;
         let listener = &source.bound;
         for _ in 0..ACCEPT_BURST {
             match listener::accept(&listener.fd) {
@@ -125,13 +133,14 @@ impl AcceptState {
                         }
                         self.backoff = ACCEPT_BACKOFF_MIN;
                     }
+                    if self.ids.is_empty() {
+                        self.ids = board.conn_ids(CONN_ID_BLOCK);
+                    }
                     let meta = ConnMeta {
-                        id: board.next_conn_id(),
+                        id: self.ids.next().unwrap_or_default(),
                         listener: listener.index,
                         peer,
                     };
-                    accepted.inc();
-                    self.counters.acceptor.inc();
                     count += 1;
                     pending.push(Pending {
                         fd,
@@ -150,7 +159,7 @@ impl AcceptState {
                         debug!(error = %err, "accept: connection failed before it was taken")
                     }
                     AcceptError::Resource => {
-                        accept_errors.inc();
+                        self.counters.listeners[index].1.inc();
                         match &mut self.failing_since {
                             Some((_, errors, last)) => {
                                 *errors += 1;
@@ -161,12 +170,16 @@ impl AcceptState {
                                 self.failing_since = Some((Instant::now(), 1, Instant::now()));
                             }
                         }
-                        return (count, true);
+                        exhausted = true;
+                        break;
                     }
                 },
             }
         }
-        (count, false)
+        // Counted once per burst: the counters are shared with the other loops.
+        self.counters.listeners[index].0.inc_by(count as u64);
+        self.counters.acceptor.inc_by(count as u64);
+        (count, exhausted)
     }
 }
 
@@ -216,6 +229,7 @@ pub(crate) fn accept_loop(
         state: AcceptState {
             backoff: ACCEPT_BACKOFF_MIN,
             failing_since: None,
+            ids: 0..0,
             counters,
         },
         polling: false,

@@ -185,6 +185,7 @@ pub(crate) struct Board {
     pub(crate) seats_changed: Notify,
     /// The server is stopping: nothing more is dispatched.
     stopping: AtomicBool,
+    /// The first connection id no accept loop has taken yet (see [`Board::conn_ids`]).
     next_conn_id: AtomicU64,
     /// Per-worker connection cap: the configured one, kept below `RLIMIT_NOFILE`.
     pub(crate) cap: u64,
@@ -243,8 +244,11 @@ impl Board {
         self.stopping.store(true, Ordering::Release);
     }
 
-    pub(crate) fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    /// `n` connection ids no other caller gets: an accept loop takes them a block at a
+    /// time.
+    pub(crate) fn conn_ids(&self, n: u64) -> std::ops::Range<u64> {
+        let first = self.next_conn_id.fetch_add(n, Ordering::Relaxed);
+        first..first + n
     }
 }
 
