@@ -639,11 +639,7 @@ fn forward_uring(
             args = args.min_wait_usec(min_wait_us);
         }
         c.syscalls += 1;
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-            Err(err) => return Err(err).context("io_uring_enter"),
-        }
+        submit_and_wait(&ring, &args)?;
         reap(
             &mut ring,
             &mut accepted,
@@ -657,12 +653,7 @@ fn forward_uring(
     // Past the deadline: every SENDMSG must complete before its slot goes.
     let give_up = Instant::now() + Duration::from_secs(2);
     while free.len() < URING_SLOTS && Instant::now() < give_up {
-        let args = types::SubmitArgs::new().timespec(&timeout);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-            Err(err) => return Err(err).context("io_uring_enter"),
-        }
+        submit_and_wait(&ring, &types::SubmitArgs::new().timespec(&timeout))?;
         reap(
             &mut ring,
             &mut accepted,
@@ -682,6 +673,16 @@ fn forward_uring(
         close_fd(fd);
     }
     Ok(c)
+}
+
+/// Submits the queue and waits for one completion or the timeout in `args` (one
+/// `io_uring_enter`); a timeout or a signal is not an error.
+fn submit_and_wait(ring: &IoUring, args: &types::SubmitArgs<'_, '_>) -> anyhow::Result<()> {
+    match ring.submitter().submit_with_args(1, args) {
+        Ok(_) => Ok(()),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
+        Err(err) => Err(err).context("io_uring_enter"),
+    }
 }
 
 /// Takes the completions: accepted descriptors into `accepted`, finished messages' slots
