@@ -355,9 +355,9 @@ impl Acceptor {
             if self.pending.len() >= ACCEPT_BURST {
                 break;
             }
-            let (count, out) =
-                self.state
-                    .burst(self.shard.board(), index, source, &mut self.pending);
+            let (count, out) = self
+                .state
+                .burst(&self.board, index, source, &mut self.pending);
             accepted += count;
             exhausted |= out;
             if out {
@@ -424,12 +424,9 @@ impl Acceptor {
                 return Step::Again;
             }
         };
-        let (accepted, exhausted) = self.state.burst(
-            self.shard.board(),
-            index,
-            &self.sources[index],
-            &mut self.pending,
-        );
+        let (accepted, exhausted) =
+            self.state
+                .burst(&self.board, index, &self.sources[index], &mut self.pending);
         // Several connections queued while this wake-up was on its way: they come faster
         // than the supervisor can usefully wake for each.
         if let Some(ticker) = &self.ticker {

@@ -193,20 +193,19 @@ pub(crate) fn assign(bound: Vec<Bound>, k: usize) -> Assignment {
     for (_, group) in by_listener {
         let tcp = group.iter().all(Bound::is_tcp);
         let n = group.len();
-        let mut first_dup = None;
+        // The loops past the last socket share the first (a loop without one accepts on
+        // none of this listener's, should a duplicate fail).
+        let shared: Vec<Option<Bound>> = if tcp {
+            (n..k).map(|_| group[0].duplicate().ok()).collect()
+        } else {
+            Vec::new()
+        };
         for (j, b) in group.into_iter().enumerate() {
-            if tcp && j == 0 && n < k {
-                first_dup = b.duplicate().ok();
-            }
             let to = if tcp { j % k } else { 0 };
             sets[to].push(b);
         }
-        if let Some(original) = first_dup {
-            for set in sets.iter_mut().skip(n) {
-                if let Ok(dup) = original.duplicate() {
-                    set.push(dup);
-                }
-            }
+        for (set, dup) in sets.iter_mut().skip(n).zip(shared) {
+            set.extend(dup);
         }
     }
     sets
