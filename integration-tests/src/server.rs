@@ -175,8 +175,10 @@ impl Server {
         let binary = match &config.binary {
             Some(binary) => binary.clone(),
             None => {
-                // The suite's sharded-acceptor pass runs the demo with K accept loops.
-                if let Ok(k) = std::env::var(ACCEPTORS_ENV) {
+                // The suite's sharded-acceptor pass runs the demo with K accept loops,
+                // unless the test chose its own.
+                let chosen = config.args.iter().any(|a| a == "--acceptors");
+                if let (Ok(k), false) = (std::env::var(ACCEPTORS_ENV), chosen) {
                     args.extend(["--acceptors".to_owned(), k]);
                 }
                 http_binary()?
@@ -780,5 +782,6 @@ pub fn expect_exit_0_after_sigterm(server: &mut Server) -> Result<()> {
 }
 
 /// Environment variable: when set, every demo server the harness starts gets
-/// `--acceptors` with its value (`.ci/run` runs the lifecycle tests once more with 2).
+/// `--acceptors` with its value, unless the test gives `--acceptors` itself (`.ci/run`
+/// runs the lifecycle tests once more with 2).
 pub const ACCEPTORS_ENV: &str = "CORELOOP_TEST_ACCEPTORS";
