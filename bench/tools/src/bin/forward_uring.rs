@@ -578,29 +578,31 @@ fn forward_uring(
     // Each slot's msghdr must stay where it is until its SENDMSG completes: the slots are
     // boxed once and never moved.
     let mut slots: Vec<Box<FdMsg>> = (0..URING_SLOTS).map(|_| Box::new(FdMsg::new())).collect();
-    let mut free: Vec<usize> = (0..URING_SLOTS).rev().collect();
-    let mut in_flight = vec![0usize; URING_SLOTS];
-    let mut accepted: Vec<RawFd> = Vec::with_capacity(4 * ACCEPT_BURST);
-    let mut accept_armed = false;
+    let mut f = Flight {
+        free: (0..URING_SLOTS).rev().collect(),
+        in_flight: vec![0usize; URING_SLOTS],
+        accepted: Vec::with_capacity(4 * ACCEPT_BURST),
+        accept_armed: false,
+        sent_total: 0,
+    };
     let mut chain: Vec<squeue::Entry> = Vec::with_capacity(MAX_BATCH + 1);
-    let mut sent_total = 0u64;
     let timeout = types::Timespec::new().nsec(100_000_000);
 
     loop {
-        if !accept_armed && sent_total + (accepted.len() as u64) < conns {
+        if !f.accept_armed && f.sent_total + (f.accepted.len() as u64) < conns {
             let accept = opcode::AcceptMulti::new(lfd)
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
                 .build()
                 .user_data(UD_ACCEPT);
             push_all(&mut ring, std::slice::from_ref(&accept), &mut c)?;
-            accept_armed = true;
+            f.accept_armed = true;
         }
         // Forward what has been accepted: per batch a SENDMSG, hard-linked to the closes,
         // which thus run after it whether or not it succeeds.
-        while !accepted.is_empty() {
-            let Some(slot) = free.pop() else { break };
-            let n = accepted.len().min(MAX_BATCH);
-            let batch: Vec<RawFd> = accepted.drain(..n).collect();
+        while !f.accepted.is_empty() {
+            let Some(slot) = f.free.pop() else { break };
+            let n = f.accepted.len().min(MAX_BATCH);
+            let batch: Vec<RawFd> = f.accepted.drain(..n).collect();
             let msg = &mut slots[slot];
             msg.fill(&batch);
             chain.clear();
@@ -624,10 +626,10 @@ fn forward_uring(
                 );
             }
             push_all(&mut ring, &chain, &mut c)?;
-            in_flight[slot] = n;
+            f.in_flight[slot] = n;
             c.messages += 1;
         }
-        if sent_total >= conns && free.len() == URING_SLOTS {
+        if f.sent_total >= conns && f.free.len() == URING_SLOTS {
             break;
         }
         if Instant::now() > deadline {
@@ -640,36 +642,20 @@ fn forward_uring(
         }
         c.syscalls += 1;
         submit_and_wait(&ring, &args)?;
-        reap(
-            &mut ring,
-            &mut accepted,
-            &mut accept_armed,
-            &mut in_flight,
-            &mut free,
-            &mut sent_total,
-            &mut c,
-        );
+        f.reap(&mut ring, &mut c);
     }
     // Past the deadline: every SENDMSG must complete before its slot goes.
     let give_up = Instant::now() + Duration::from_secs(2);
-    while free.len() < URING_SLOTS && Instant::now() < give_up {
+    while f.free.len() < URING_SLOTS && Instant::now() < give_up {
         submit_and_wait(&ring, &types::SubmitArgs::new().timespec(&timeout))?;
-        reap(
-            &mut ring,
-            &mut accepted,
-            &mut accept_armed,
-            &mut in_flight,
-            &mut free,
-            &mut sent_total,
-            &mut c,
-        );
+        f.reap(&mut ring, &mut c);
     }
-    if free.len() < URING_SLOTS {
+    if f.free.len() < URING_SLOTS {
         // A SENDMSG never completed: its msghdr must outlive the ring.
         std::mem::forget(slots);
     }
     // Whatever was accepted but not forwarded: closed here.
-    for fd in accepted {
+    for fd in f.accepted {
         close_fd(fd);
     }
     Ok(c)
@@ -685,40 +671,48 @@ fn submit_and_wait(ring: &IoUring, args: &types::SubmitArgs<'_, '_>) -> anyhow::
     }
 }
 
-/// Takes the completions: accepted descriptors into `accepted`, finished messages' slots
-/// back into `free`.
-fn reap(
-    ring: &mut IoUring,
-    accepted: &mut Vec<RawFd>,
-    accept_armed: &mut bool,
-    in_flight: &mut [usize],
-    free: &mut Vec<usize>,
-    sent_total: &mut u64,
-    c: &mut Counts,
-) {
-    for cqe in ring.completion() {
-        match cqe.user_data() {
-            UD_ACCEPT => {
-                if cqe.result() >= 0 {
-                    accepted.push(cqe.result());
-                } else {
-                    c.errors += 1;
+/// What the io_uring loop has in flight: descriptors accepted and not yet forwarded, the
+/// multishot accept, the message slots.
+struct Flight {
+    /// Accepted, not yet in a message.
+    accepted: Vec<RawFd>,
+    /// The multishot accept is queued and has not ended.
+    accept_armed: bool,
+    /// Descriptors in each slot's message (0: free).
+    in_flight: Vec<usize>,
+    free: Vec<usize>,
+    /// Descriptors whose message has completed, sent or not.
+    sent_total: u64,
+}
+
+impl Flight {
+    /// Takes the completions: accepted descriptors into `accepted`, finished messages'
+    /// slots back into `free`.
+    fn reap(&mut self, ring: &mut IoUring, c: &mut Counts) {
+        for cqe in ring.completion() {
+            match cqe.user_data() {
+                UD_ACCEPT => {
+                    if cqe.result() >= 0 {
+                        self.accepted.push(cqe.result());
+                    } else {
+                        c.errors += 1;
+                    }
+                    if !cqueue::more(cqe.flags()) {
+                        self.accept_armed = false;
+                    }
                 }
-                if !cqueue::more(cqe.flags()) {
-                    *accept_armed = false;
+                UD_CLOSE => c.errors += 1,
+                slot => {
+                    let slot = slot as usize;
+                    if cqe.result() < 0 {
+                        c.errors += 1;
+                    } else {
+                        c.forwarded += self.in_flight[slot] as u64;
+                    }
+                    self.sent_total += self.in_flight[slot] as u64;
+                    self.in_flight[slot] = 0;
+                    self.free.push(slot);
                 }
-            }
-            UD_CLOSE => c.errors += 1,
-            slot => {
-                let slot = slot as usize;
-                if cqe.result() < 0 {
-                    c.errors += 1;
-                } else {
-                    c.forwarded += in_flight[slot] as u64;
-                }
-                *sent_total += in_flight[slot] as u64;
-                in_flight[slot] = 0;
-                free.push(slot);
             }
         }
     }
