@@ -322,7 +322,10 @@ impl Acceptor {
                     stop_polling(ticker, &mut self.sources, &mut self.polling, &mut self.pace);
                 }
             }
-            changed.await;
+            tokio::select! {
+                () = changed => {}
+                () = self.shard.recheck() => {}
+            }
         }
     }
 

@@ -24,6 +24,11 @@ use super::load::{Reading, classify};
 use super::{Busy, Dispatch};
 use crate::handler::WorkerId;
 
+/// How often a dispatcher that waits for room at a worker at its cap looks again: a close
+/// counted in the worker's loop clock frees room that nothing announces. Only a server
+/// whose every worker is at its cap pays for it.
+pub(crate) const ROOM_RECHECK: Duration = Duration::from_millis(10);
+
 /// One worker as every dispatcher sees it.
 #[derive(Debug)]
 pub(crate) struct Seat {
@@ -79,11 +84,24 @@ impl Seat {
         }
     }
 
-    /// Connections handed to it that it has not reported closed.
+    /// Connections handed to it that it has not closed: what was sent less the higher of
+    /// the close count its loop clock publishes at every close and the one of its last
+    /// report (all a worker without a clock gives). Both are what the worker says, so a
+    /// lie only moves connections toward or away from it, within the cap, and a count
+    /// above what was sent reads as none open.
     pub(crate) fn open(&self) -> u64 {
+        let reported = self.closed.load(Ordering::Relaxed);
+        let published = self.clock.get().map_or(0, LoopClockView::closed);
         self.sent
             .load(Ordering::Relaxed)
-            .saturating_sub(self.closed.load(Ordering::Relaxed))
+            .saturating_sub(reported.max(published))
+    }
+
+    /// Whether it takes connections but has none to spare under `cap`. Its closes free
+    /// room without a notification (they are published in its loop clock, which wakes
+    /// nobody), so a dispatcher waiting for room looks again every [`ROOM_RECHECK`].
+    pub(crate) fn at_cap(&self, cap: u64) -> bool {
+        self.takes() && self.open() >= cap
     }
 
     /// Opens or closes the gate. Closing returns once no dispatcher is sending to it.
@@ -295,5 +313,39 @@ mod tests {
         sup.send(&drain, &[]).await.unwrap();
         assert_eq!(seat.look(&mut dispatch, now), None);
         assert!(seat.look_queue(&mut health, now).is_some());
+    }
+
+    /// A worker's load is what it was sent less what it closed, by the later of its loop
+    /// clock and its last report, and never below nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_open_count_takes_the_later_of_the_published_and_reported_closes() {
+        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+        let queue = Arc::new(Queue::new(worker_end));
+        let sender = Channel::from_fd(sup_end).unwrap().sender().unwrap();
+        let seat = Seat::new(WorkerId(0), 1, queue, sender, Counter::default(), None);
+        seat.sent.store(10, Ordering::Relaxed);
+        seat.closed.store(2, Ordering::Relaxed);
+        assert_eq!(seat.open(), 8, "no loop clock: the report alone");
+
+        let clock = LoopClock::create().unwrap();
+        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        seat.clock.set(view).unwrap();
+        assert_eq!(
+            seat.open(),
+            8,
+            "a clock with no close yet leaves the report"
+        );
+        clock.closed(7);
+        assert_eq!(seat.open(), 3, "a close published, not reported yet");
+        seat.set_open(true);
+        assert!(!seat.at_cap(4));
+        assert!(seat.at_cap(3));
+        seat.closed.store(9, Ordering::Relaxed);
+        assert_eq!(seat.open(), 1, "a report later than the clock");
+
+        // A worker that claims more closes than it was sent looks empty, nothing more.
+        clock.closed(u64::MAX);
+        assert_eq!(seat.open(), 0);
+        assert!(!seat.at_cap(1));
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use coreloop_ipc::{ConnBatch, ConnMeta, MAX_BATCH, Message, Sender, TrySendError};
 use tracing::{debug, warn};
 
-use super::board::{Board, Seat};
+use super::board::{Board, ROOM_RECHECK, Seat};
 use super::load::Reading;
 use super::{Busy, Candidate, Planner};
 
@@ -127,6 +127,25 @@ impl Shard {
         self.locals.iter().any(|l| l.room(cap) > 0)
     }
 
+    /// Completes when a dispatcher waiting for room should look at the workers again:
+    /// after [`ROOM_RECHECK`] if some worker lacks room only because of its cap (its closes
+    /// announce nothing), otherwise never (every other way to get room notifies
+    /// `changed`). Whether that is so is decided now.
+    pub(crate) fn recheck(&self) -> impl Future<Output = ()> + use<> {
+        let cap = self.board.cap;
+        let capped = self
+            .locals
+            .iter()
+            .any(|l| l.sender.is_some() && l.seat.at_cap(cap));
+        async move {
+            if capped {
+                tokio::time::sleep(ROOM_RECHECK).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Whether every worker that can take a connection has not yet read what it was sent:
     /// each is busy in a handler, and a connection sent now would wait behind it.
     ///
@@ -172,11 +191,13 @@ impl Shard {
                 pending.clear();
                 return;
             }
-            // No worker can take them now: wait for room in a queue or any change.
+            // No worker can take them now: wait for room in a queue, a close at a worker at
+            // its cap, or any change.
+            let mut recheck = pin!(self.recheck());
             let cap = board.cap;
             let locals = &self.locals;
             std::future::poll_fn(|cx| {
-                if changed.as_mut().poll(cx).is_ready() {
+                if changed.as_mut().poll(cx).is_ready() || recheck.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
                 }
                 for local in locals.iter().filter(|l| l.room(cap) > 0) {
@@ -334,5 +355,85 @@ fn queued(board: &Board, seat: &Seat, indices: &[usize], pending: &[Pending], se
     let at = seat.recycle_at.load(Ordering::Relaxed);
     if before < at && before + k >= at {
         board.recycle_due.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use coreloop_ipc::{Channel, LoopClock, LoopClockView, PeerAddr, Queue, socketpair_cloexec};
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    use super::*;
+    use crate::dispatch::Dispatch;
+    use crate::handler::WorkerId;
+
+    fn pending(fd: OwnedFd) -> Pending {
+        Pending {
+            fd,
+            meta: ConnMeta {
+                id: 1,
+                listener: 0,
+                peer: PeerAddr::Unknown,
+            },
+            since: Instant::now(),
+        }
+    }
+
+    /// A close published in a worker's loop clock wakes nobody, so a dispatcher holding a
+    /// connection for a worker at its cap must look again by itself.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_close_published_in_the_clock_frees_room_at_the_cap() {
+        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+        let queue = Arc::new(Queue::new(worker_end.try_clone().unwrap()));
+        let sup = Channel::from_fd(sup_end).unwrap();
+        let worker = Channel::from_fd(worker_end).unwrap();
+        let seat = Arc::new(Seat::new(
+            WorkerId(0),
+            1,
+            queue,
+            sup.sender().unwrap(),
+            Counter::default(),
+            None,
+        ));
+        let clock = LoopClock::create().unwrap();
+        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        seat.clock.set(view).unwrap();
+        seat.set_open(true);
+        // One connection sent and still open: at a cap of one.
+        seat.sent.store(1, Ordering::Relaxed);
+        let board = Arc::new(Board::new(
+            1,
+            Dispatch::LeastConnections,
+            Histogram::new([1.0].into_iter()),
+        ));
+        board.add(Arc::clone(&seat));
+        let mut shard = Shard::new(Arc::clone(&board), 1);
+        assert!(!shard.has_room());
+
+        let (client, _peer) = socketpair_cloexec().unwrap();
+        let dispatcher = tokio::spawn(async move {
+            let mut held = vec![pending(client)];
+            shard.dispatch_all(&mut held).await;
+            held.len()
+        });
+        // The dispatcher runs until it waits for room, and is polled again only when woken.
+        tokio::task::yield_now().await;
+        assert!(!dispatcher.is_finished(), "held at the cap");
+        assert_eq!(seat.sent.load(Ordering::Relaxed), 1);
+        // The worker closes one. Nothing notifies `changed`: only the dispatcher's own
+        // second look can see it.
+        clock.closed(1);
+        let left = tokio::time::timeout(Duration::from_secs(10), dispatcher)
+            .await
+            .expect("the held connection went out once the worker closed one")
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(seat.sent.load(Ordering::Relaxed), 2);
+        let (msg, fds) = worker.recv().await.unwrap().expect("the batch");
+        assert!(matches!(msg, Message::Conns(_)), "{msg:?}");
+        assert_eq!(fds.len(), 1);
     }
 }

@@ -10,15 +10,18 @@ use tracing::debug;
 
 use super::tracker::Tracker;
 
-/// After a connection closes, how long the worker waits for more closes before it reports
-/// its load: one report per burst of closes rather than one per connection. Under a
-/// steady stream of short connections this is the report rate, and every report wakes the
-/// supervisor, so it is kept coarse. The supervisor learns that a worker is busy from its
-/// unread queue at once, so the count of closes can lag this much.
+/// After a connection closes, how long a worker without a loop clock waits for more closes
+/// before it reports its load: one report per burst of closes rather than one per
+/// connection. Every report wakes the supervisor, so it is kept coarse; the supervisor
+/// learns that a worker is busy from its unread queue at once, so the count of closes can
+/// lag this much.
 const REPORT_COALESCE: Duration = Duration::from_millis(10);
 
-/// Reports every `interval`, and shortly after connections close so the supervisor's view
-/// of the load stays fresh. Returns when the channel fails.
+/// Reports at once, then every `interval`. A worker with a loop clock publishes every
+/// close there (`Tracker`), where dispatch reads it without being woken, so its reports are
+/// the heartbeat alone; one without reports shortly after connections close as well
+/// (`coalesce_closes`), so that the supervisor's view of its load stays fresh. Returns
+/// when the channel fails.
 ///
 /// Both timers stay registered with the runtime's timer wheel across reports and are only
 /// moved (`reset`). Arming a timer that is due earlier than the runtime's next planned
@@ -26,15 +29,24 @@ const REPORT_COALESCE: Duration = Duration::from_millis(10);
 /// `epoll_wait`), so a timer dropped and created again per report costs that once more
 /// per report; the heartbeat's deadline, in particular, then comes back as a new earliest
 /// timer after every coalesced report.
-pub(super) async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval: Duration) {
+pub(super) async fn report(
+    channel: Rc<Channel>,
+    tracker: Rc<Tracker>,
+    interval: Duration,
+    coalesce_closes: bool,
+) {
     let mut rss_kib = resident_kib();
     let heartbeat = tokio::time::sleep(interval);
     let coalesce = tokio::time::sleep(REPORT_COALESCE);
     tokio::pin!(heartbeat, coalesce);
     // Closes counted but not yet reported: the coalescing timer runs.
     let mut unreported = false;
-    // The close count of the last report.
+    // The close count of the last report. The first goes out at once, so that the
+    // supervisor's gauges (memory, say) hold a value from the start.
     let mut reported = tracker.closed();
+    if !send(&channel, &tracker, reported, rss_kib).await {
+        return;
+    }
     loop {
         tokio::select! {
             () = heartbeat.as_mut() => {
@@ -42,7 +54,7 @@ pub(super) async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval:
                 heartbeat.as_mut().reset(tokio::time::Instant::now() + interval);
             }
             () = coalesce.as_mut(), if unreported => {}
-            () = tracker.closing(), if !unreported => {
+            () = tracker.closing(), if coalesce_closes && !unreported => {
                 // A close made during the last coalescing window left its wake-up behind
                 // (`Notify` keeps one), though the report counted it.
                 if tracker.closed() == reported {
@@ -57,14 +69,24 @@ pub(super) async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval:
         // (`Tracker::closing` remembers a close made while nobody waited).
         unreported = false;
         reported = tracker.closed();
-        let status = Message::Status {
-            live: u32::try_from(tracker.live()).unwrap_or(u32::MAX),
-            closed: reported,
-            rss_kib,
-        };
-        if let Err(err) = channel.send(&status, &[]).await {
-            debug!(error = %err, "cannot report status");
+        if !send(&channel, &tracker, reported, rss_kib).await {
             return;
+        }
+    }
+}
+
+/// Sends one `Status`; `false` if the channel failed.
+async fn send(channel: &Channel, tracker: &Tracker, closed: u64, rss_kib: u64) -> bool {
+    let status = Message::Status {
+        live: u32::try_from(tracker.live()).unwrap_or(u32::MAX),
+        closed,
+        rss_kib,
+    };
+    match channel.send(&status, &[]).await {
+        Ok(()) => true,
+        Err(err) => {
+            debug!(error = %err, "cannot report status");
+            false
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Counting the worker's live connections: an RAII guard per connection, a way to wait
-//! until none is left (the drain), and a signal on every close (the load report). The
+//! until none is left (the drain), and, at every close, the count of closes published in
+//! the loop clock (the supervisor's load picture) and a signal for the load report. The
 //! worker is single-threaded, so plain `Cell`s hold the counts.
 
 use std::cell::Cell;
@@ -7,6 +8,8 @@ use std::rc::Rc;
 
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
+
+use super::clock;
 
 /// Live connections of this worker, and a way to wait until there are none.
 #[derive(Default)]
@@ -56,7 +59,11 @@ impl Drop for TrackerGuard {
     fn drop(&mut self) {
         let live = self.0.live.get() - 1;
         self.0.live.set(live);
-        self.0.closed.set(self.0.closed.get() + 1);
+        let closed = self.0.closed.get() + 1;
+        self.0.closed.set(closed);
+        if let Some(clock) = clock::get() {
+            clock.closed(closed);
+        }
         self.0.closing.notify_one();
         if live == 0 {
             self.0.idle.notify_waiters();
