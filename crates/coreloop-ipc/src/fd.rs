@@ -288,7 +288,7 @@ impl LoopClock {
     }
 
     /// The worker has closed `count` connections in all.
-    pub fn closed(&self, count: u64) {
+    pub fn closed_up_to(&self, count: u64) {
         self.words()[3].store(count, Ordering::Release);
     }
 }
@@ -484,7 +484,7 @@ mod tests {
         let (worker, supervisor) = both_ends();
         assert_eq!(supervisor.closed(), 0);
         worker.read_up_to(4_096);
-        worker.closed(7);
+        worker.closed_up_to(7);
         assert_eq!(supervisor.closed(), 7);
         assert_eq!(supervisor.read_bytes(), 4_096);
         worker.read_up_to(8_192);

@@ -335,7 +335,7 @@ mod tests {
             8,
             "a clock with no close yet leaves the report"
         );
-        clock.closed(7);
+        clock.closed_up_to(7);
         assert_eq!(seat.open(), 3, "a close published, not reported yet");
         seat.set_open(true);
         assert!(!seat.at_cap(4));
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(seat.open(), 1, "a report later than the clock");
 
         // A worker that claims more closes than it was sent looks empty, nothing more.
-        clock.closed(u64::MAX);
+        clock.closed_up_to(u64::MAX);
         assert_eq!(seat.open(), 0);
         assert!(!seat.at_cap(1));
     }

@@ -425,7 +425,7 @@ mod tests {
         assert_eq!(seat.sent.load(Ordering::Relaxed), 1);
         // The worker closes one. Nothing notifies `changed`: only the dispatcher's own
         // second look can see it.
-        clock.closed(1);
+        clock.closed_up_to(1);
         let left = tokio::time::timeout(Duration::from_secs(10), dispatcher)
             .await
             .expect("the held connection went out once the worker closed one")

@@ -62,7 +62,7 @@ impl Drop for TrackerGuard {
         let closed = self.0.closed.get() + 1;
         self.0.closed.set(closed);
         if let Some(clock) = clock::get() {
-            clock.closed(closed);
+            clock.closed_up_to(closed);
         }
         self.0.closing.notify_one();
         if live == 0 {
