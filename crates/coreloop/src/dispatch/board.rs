@@ -270,6 +270,39 @@ impl Board {
     }
 }
 
+/// A seat for unit tests: on a channel pair, with its worker's end and a loop clock.
+#[cfg(test)]
+pub(crate) struct TestSeat {
+    pub(crate) seat: Arc<Seat>,
+    /// The supervisor's end (its sender is the seat's).
+    pub(crate) sup: coreloop_ipc::Channel,
+    pub(crate) worker: coreloop_ipc::Channel,
+    pub(crate) clock: coreloop_ipc::LoopClock,
+}
+
+#[cfg(test)]
+impl TestSeat {
+    /// Needs a tokio runtime (the channels register with its reactor).
+    pub(crate) fn new() -> Self {
+        use coreloop_ipc::{Channel, LoopClock, socketpair_cloexec};
+        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
+        let queue = Arc::new(Queue::new(worker_end.try_clone().unwrap()));
+        let sup = Channel::from_fd(sup_end).unwrap();
+        let worker = Channel::from_fd(worker_end).unwrap();
+        let sender = sup.sender().unwrap();
+        let seat = Seat::new(WorkerId(0), 1, queue, sender, Counter::default(), None);
+        let clock = LoopClock::create().unwrap();
+        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        seat.clock.set(view).unwrap();
+        Self {
+            seat: Arc::new(seat),
+            sup,
+            worker,
+            clock,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use coreloop_ipc::{Channel, LoopClock, Message, socketpair_cloexec};
@@ -280,15 +313,12 @@ mod tests {
     /// through the kernel's, which a worker cannot change.
     #[tokio::test(flavor = "current_thread")]
     async fn dispatch_trusts_the_published_read_count_only_to_steer() {
-        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
-        let queue = Arc::new(Queue::new(worker_end.try_clone().unwrap()));
-        let sup = Channel::from_fd(sup_end).unwrap();
-        let worker = Channel::from_fd(worker_end).unwrap();
-        let sender = sup.sender().unwrap();
-        let seat = Seat::new(WorkerId(0), 1, queue, sender, Counter::default(), None);
-        let clock = LoopClock::create().unwrap();
-        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
-        seat.clock.set(view).unwrap();
+        let TestSeat {
+            seat,
+            sup,
+            worker,
+            clock,
+        } = TestSeat::new();
         let (mut dispatch, mut health) = (Reading::default(), Reading::default());
         let now = Instant::now();
         let drain = Message::Drain { timeout_ms: 1 };

@@ -362,13 +362,12 @@ fn queued(board: &Board, seat: &Seat, indices: &[usize], pending: &[Pending], se
 mod tests {
     use std::os::fd::OwnedFd;
 
-    use coreloop_ipc::{Channel, LoopClock, LoopClockView, PeerAddr, Queue, socketpair_cloexec};
-    use prometheus_client::metrics::counter::Counter;
+    use coreloop_ipc::{PeerAddr, socketpair_cloexec};
     use prometheus_client::metrics::histogram::Histogram;
 
     use super::*;
     use crate::dispatch::Dispatch;
-    use crate::handler::WorkerId;
+    use crate::dispatch::board::TestSeat;
 
     fn pending(fd: OwnedFd) -> Pending {
         Pending {
@@ -386,21 +385,12 @@ mod tests {
     /// connection for a worker at its cap must look again by itself.
     #[tokio::test(flavor = "current_thread")]
     async fn a_close_published_in_the_clock_frees_room_at_the_cap() {
-        let (sup_end, worker_end) = socketpair_cloexec().unwrap();
-        let queue = Arc::new(Queue::new(worker_end.try_clone().unwrap()));
-        let sup = Channel::from_fd(sup_end).unwrap();
-        let worker = Channel::from_fd(worker_end).unwrap();
-        let seat = Arc::new(Seat::new(
-            WorkerId(0),
-            1,
-            queue,
-            sup.sender().unwrap(),
-            Counter::default(),
-            None,
-        ));
-        let clock = LoopClock::create().unwrap();
-        let view = LoopClockView::from_fd(clock.as_fd().try_clone_to_owned().unwrap()).unwrap();
-        seat.clock.set(view).unwrap();
+        let TestSeat {
+            seat,
+            sup: _sup,
+            worker,
+            clock,
+        } = TestSeat::new();
         seat.set_open(true);
         // One connection sent and still open: at a cap of one.
         seat.sent.store(1, Ordering::Relaxed);
