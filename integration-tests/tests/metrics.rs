@@ -1,12 +1,17 @@
 //! The supervisor's Prometheus endpoint, scraped while the demo is under load: the
 //! counters add up to what the load generator sent, per-worker gauges and restart reasons
-//! appear, and `/healthz` reports readiness.
+//! appear, the live-connections gauge follows clients as they come and go, and `/healthz`
+//! reports readiness.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use coreloop_integration_tests::{Server, ServerConfig, get, kill, start_with_metrics};
+
+use coreloop_integration_tests::{
+    Server, ServerConfig, connect, get, kill, read_response, start_with_metrics,
+};
 use rustix::process::Signal;
 
 /// Sums of every sample of each metric name in an OpenMetrics text (labels dropped).
@@ -116,6 +121,50 @@ fn counters_add_up_to_what_the_load_sent() -> Result<()> {
     ensure!(get(metrics_port, "/healthz")? == (200, "ok\n".to_owned()));
     ensure!(get(metrics_port, "/nope")?.0 == 404);
     Ok(())
+}
+
+/// The live-connections gauge counts connections as workers open and close them (each
+/// worker publishes its count in shared memory), not as of its last report, which comes
+/// once per heartbeat interval (1 s here).
+#[test]
+fn the_live_gauge_follows_connections_as_they_open_and_close() -> Result<()> {
+    let (server, metrics_port) = start()?;
+    let live = || -> Result<f64> {
+        let (_, totals) = scrape(metrics_port)?;
+        Ok(totals
+            .get("coreloop_worker_live_connections")
+            .copied()
+            .unwrap_or(0.0))
+    };
+    ensure!(live()? == 0.0, "live connections before any client");
+    // Five keep-alive connections, each answered, so that a worker holds each.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = connect(server.port())?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let response = read_response(&mut stream)?;
+        ensure!(response.status == 200, "status {}", response.status);
+        held.push(stream);
+    }
+    let open = live()?;
+    ensure!(
+        open == 5.0,
+        "the gauge shows {open} live connections, not 5"
+    );
+    // A worker closes its side once it reads the client's end: poll for it.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now_live = live()?;
+        if now_live == 0.0 {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "still {now_live} live connections 10 s after the clients closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! `/dev/null`. That goes through rustix's I/O-safe calls and needs no `unsafe`.
 //!
 //! The `unsafe` blocks of coreloop are here: [`take_systemd_listeners`] adopts the sockets
-//! systemd passed by number, [`LoopClock`] maps four words of memory that a worker and its
+//! systemd passed by number, [`LoopClock`] maps five words of memory that a worker and its
 //! supervisor share, and [`Readiness`] registers an owned descriptor
 //! with tokio's reactor (`AsyncFd::register_with_interest`, unsafe since tokio made raw
 //! registration I/O-safety-aware). The supervisor needs it to wait on listeners whose
@@ -184,23 +184,24 @@ impl AsFd for Readiness {
     }
 }
 
-/// Four words of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
+/// Five words of memory shared by a worker and its supervisor (a `memfd`, mapped by both):
 /// when the worker's event loop last woke up (`CLOCK_MONOTONIC` nanoseconds), or 0 while
 /// it sleeps in the reactor; when the handler poll now running started, or 0 between
-/// handler polls; how many bytes of its channel the worker has read; and how many of the
-/// connections it was sent have closed.
+/// handler polls; how many bytes of its channel the worker has read; how many of its
+/// connections have closed; and how many are open now.
 ///
 /// The worker writes the first from its runtime's park and unpark hooks (two stores per
 /// wake-up, no system call), the second around every poll of a connection's handler (a
-/// vDSO clock read and two stores), the third after every message it receives and the
-/// fourth at every close; the supervisor reads them, through a [`LoopClockView`], when it
-/// picks a worker. A loop that has been awake for a long time has a long batch of work;
-/// one poll that has run for long is a handler that does not yield; bytes sent that the
-/// worker has not read are a queue waiting for it; connections sent and not closed are its
-/// load. The supervisor learns all four before it sends the worker anything and without a
-/// system call (the third replaces a `FIONREAD` per worker per dispatch, the fourth a load
-/// report per burst of closes), which no message could tell it as promptly, since the
-/// worker cannot send while it is busy and each message wakes the supervisor.
+/// vDSO clock read and two stores), the third after every message it receives, the fourth
+/// at every close and the fifth at every open and close; the supervisor reads them,
+/// through a [`LoopClockView`], when it picks a worker or is scraped. A loop that has been
+/// awake for a long time has a long batch of work; one poll that has run for long is a
+/// handler that does not yield; bytes sent that the worker has not read are a queue
+/// waiting for it; connections sent and not closed are its load. The supervisor learns
+/// all of it before it sends the worker anything and without a system call (the third
+/// replaces a `FIONREAD` per worker per dispatch, the fourth and fifth a load report per
+/// burst of closes), which no message could tell it as promptly, since the worker cannot
+/// send while it is busy and each message wakes the supervisor.
 ///
 /// The worker creates the memory and seals its size (`F_SEAL_SHRINK`, `F_SEAL_GROW`,
 /// `F_SEAL_SEAL`) before anyone else sees it: see [`LoopClockView::from_fd`] for why the
@@ -218,9 +219,9 @@ unsafe impl Send for LoopClock {}
 unsafe impl Sync for LoopClock {}
 
 /// Words of the shared memory: loop awake since, handler poll since, channel bytes read,
-/// connections closed.
-const WORDS: usize = 4;
-/// Size of the shared memory: four `u64`s.
+/// connections closed, connections open.
+const WORDS: usize = 5;
+/// Size of the shared memory: five `u64`s.
 const CLOCK_LEN: usize = WORDS * std::mem::size_of::<u64>();
 
 /// The seals a loop clock must carry before the supervisor maps it: its size can never
@@ -231,8 +232,8 @@ fn clock_seals() -> rustix::fs::SealFlags {
 }
 
 impl LoopClock {
-    /// Creates the shared words (a new close-on-exec `memfd` of 32 bytes, its size sealed),
-    /// marked asleep, nothing read, nothing closed.
+    /// Creates the shared words (a new close-on-exec `memfd` of 40 bytes, its size sealed),
+    /// marked asleep, nothing read, nothing closed or open.
     ///
     /// # Errors
     ///
@@ -291,6 +292,11 @@ impl LoopClock {
     pub fn closed_up_to(&self, count: u64) {
         self.words()[3].store(count, Ordering::Release);
     }
+
+    /// The worker has `count` connections open now.
+    pub fn live_now(&self, count: u64) {
+        self.words()[4].store(count, Ordering::Release);
+    }
 }
 
 impl Drop for LoopClock {
@@ -322,14 +328,14 @@ impl LoopClockView {
     /// mapped page whose file no longer backs it raises `SIGBUS` in every process that
     /// reads it, the supervisor included. So the descriptor is mapped only if it is a
     /// `memfd` whose size is sealed (`F_SEAL_SHRINK`, `F_SEAL_GROW`, `F_SEAL_SEAL`: seals
-    /// can be added, never removed) and is at least 32 bytes, checked in that order, so
+    /// can be added, never removed) and is at least 40 bytes, checked in that order, so
     /// that the size read is final. What the worker can still do is write any value into
-    /// the four words; they only steer connections toward or away from that worker.
+    /// the five words; they only steer connections toward or away from that worker.
     ///
     /// # Errors
     ///
     /// `InvalidInput` when the descriptor is not a memfd with those seals, or is shorter
-    /// than 32 bytes; the `mmap` error.
+    /// than 40 bytes; the `mmap` error.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_owned());
         // Files that cannot be sealed (sockets, pipes, regular files) fail with EINVAL.
@@ -340,7 +346,7 @@ impl LoopClockView {
         }
         let stat = rustix::fs::fstat(&fd)?;
         if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
-            return Err(invalid("the loop clock is not a file of 32 bytes"));
+            return Err(invalid("the loop clock is not a file of 40 bytes"));
         }
         let words = map(&fd, ProtFlags::READ)?;
         Ok(Self { words, _fd: fd })
@@ -374,6 +380,12 @@ impl LoopClockView {
     /// caller bounds it by what it has sent.
     pub fn closed(&self) -> u64 {
         self.words()[3].load(Ordering::Acquire)
+    }
+
+    /// How many connections the worker says it has open: any value it writes, for the
+    /// metrics alone.
+    pub fn live(&self) -> u64 {
+        self.words()[4].load(Ordering::Acquire)
     }
 }
 
@@ -480,7 +492,7 @@ mod tests {
     }
 
     #[test]
-    fn the_close_count_is_shared_and_separate_from_the_read_count() {
+    fn the_close_and_open_counts_are_shared_and_separate_from_the_read_count() {
         let (worker, supervisor) = both_ends();
         assert_eq!(supervisor.closed(), 0);
         worker.read_up_to(4_096);
@@ -489,12 +501,15 @@ mod tests {
         assert_eq!(supervisor.read_bytes(), 4_096);
         worker.read_up_to(8_192);
         assert_eq!(supervisor.closed(), 7);
+        worker.live_now(3);
+        assert_eq!(supervisor.live(), 3);
+        assert_eq!(supervisor.closed(), 7);
     }
 
     #[test]
     fn a_file_too_short_for_every_word_is_refused() {
-        // Three words: what a loop clock held before the close count joined it.
-        let fd = sealable(24);
+        // Four words: what a loop clock held before the open count joined it.
+        let fd = sealable(32);
         rustix::fs::fcntl_add_seals(&fd, clock_seals()).unwrap();
         assert!(LoopClockView::from_fd(fd).is_err());
     }

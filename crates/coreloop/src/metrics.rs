@@ -120,7 +120,7 @@ impl Metrics {
         );
         registry.register(
             "worker_live_connections",
-            "Connections each worker is serving, as it last reported",
+            "Connections each worker is serving, as it counts them at every open and close",
             metrics.live.clone(),
         );
         registry.register(

@@ -34,10 +34,11 @@ impl Shared {
             let labels = WorkerLabels {
                 worker: w.slot.get() as u32,
             };
-            self.metrics
-                .live
-                .get_or_create(&labels)
-                .set(i64::from(w.live));
+            // What the worker publishes at every open and close, or its last report.
+            let live = w.seat.clock.get().map_or(i64::from(w.live), |clock| {
+                i64::try_from(clock.live()).unwrap_or(i64::MAX)
+            });
+            self.metrics.live.get_or_create(&labels).set(live);
             self.metrics
                 .rss
                 .get_or_create(&labels)

@@ -1,6 +1,7 @@
 //! Counting the worker's live connections: an RAII guard per connection, a way to wait
-//! until none is left (the drain), and, at every close, the count of closes published in
-//! the loop clock (the supervisor's load picture) and a signal for the load report. The
+//! until none is left (the drain), the counts of open and closed connections published in
+//! the loop clock at every open and close (the supervisor's load picture and gauges), and
+//! a signal at every close for the load report. The
 //! worker is single-threaded, so plain `Cell`s hold the counts.
 
 use std::cell::Cell;
@@ -27,7 +28,11 @@ pub(super) struct TrackerGuard(Rc<Tracker>);
 impl Tracker {
     /// Counts a new connection; it stays live until the guard drops.
     pub(super) fn enter(self: &Rc<Self>) -> TrackerGuard {
-        self.live.set(self.live.get() + 1);
+        let live = self.live.get() + 1;
+        self.live.set(live);
+        if let Some(clock) = clock::get() {
+            clock.live_now(live as u64);
+        }
         TrackerGuard(Rc::clone(self))
     }
 
@@ -63,6 +68,7 @@ impl Drop for TrackerGuard {
         self.0.closed.set(closed);
         if let Some(clock) = clock::get() {
             clock.closed_up_to(closed);
+            clock.live_now(live as u64);
         }
         self.0.closing.notify_one();
         if live == 0 {
