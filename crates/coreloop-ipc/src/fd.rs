@@ -330,7 +330,8 @@ impl LoopClockView {
     /// `memfd` whose size is sealed (`F_SEAL_SHRINK`, `F_SEAL_GROW`, `F_SEAL_SEAL`: seals
     /// can be added, never removed) and is at least 40 bytes, checked in that order, so
     /// that the size read is final. What the worker can still do is write any value into
-    /// the five words; they only steer connections toward or away from that worker.
+    /// the five words; they only steer connections toward or away from that worker, or
+    /// change its own gauge.
     ///
     /// # Errors
     ///
