@@ -1,8 +1,8 @@
 //! Counting the worker's live connections: an RAII guard per connection, a way to wait
 //! until none is left (the drain), the counts of open and closed connections published in
 //! the loop clock at every open and close (the supervisor's load picture and gauges), and
-//! a signal at every close for the load report. The
-//! worker is single-threaded, so plain `Cell`s hold the counts.
+//! a signal at every close for the load report. The worker is single-threaded, so plain
+//! `Cell`s hold the counts.
 
 use std::cell::Cell;
 use std::rc::Rc;
