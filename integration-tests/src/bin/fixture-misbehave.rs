@@ -17,8 +17,9 @@
 //!   - `stop-reading`: block its event loop for 60 s while a thread forges a `Status`
 //!     every 100 ms (a worker that reports but reads nothing);
 //!   - `forge-reading`: the same, but the thread also claims, in the loop clock, a loop
-//!     asleep, no handler poll and everything read, and its `Status` a huge close count
-//!     (a worker that looks idle and empty to dispatch, and reads nothing);
+//!     asleep, no handler poll, and `u64::MAX` bytes read, connections closed and
+//!     connections open, and its `Status` a huge close count (a worker that looks idle
+//!     and empty to dispatch, and reads nothing);
 //!   - `ignore-drain`: when the worker starts draining, block its event loop for an hour;
 //!   - `fork-and-die`: fork a child that sleeps forever holding every descriptor
 //!     (`child=<pid>`), then exit 3.
@@ -280,11 +281,14 @@ fn loop_clock() -> Option<std::io::Result<std::fs::File>> {
 }
 
 /// For 60 s: every millisecond, writes into the loop clock a loop asleep (0), no handler
-/// poll (0) and every byte of the channel read (`u64::MAX`); every 100 ms, sends `status`.
+/// poll (0), and `u64::MAX` bytes read, connections closed and connections open (the
+/// largest lies, which the supervisor must bound); every 100 ms, sends `status`.
 fn forge_reading(channel: &OwnedFd, clock: &std::fs::File, status: &[u8]) {
     use std::os::unix::fs::FileExt as _;
-    let mut words = [0u8; 24];
-    words[16..].copy_from_slice(&u64::MAX.to_ne_bytes());
+    let mut words = [0u8; 40];
+    for word in words[16..].chunks_mut(8) {
+        word.copy_from_slice(&u64::MAX.to_ne_bytes());
+    }
     for tick in 0..60_000 {
         let _ = clock.write_at(&words, 0);
         if tick % 100 == 0 {
