@@ -176,7 +176,6 @@ async fn serve<H: Handler>(
         Rc::clone(&channel),
         Rc::clone(&tracker),
         config.heartbeat_interval(),
-        clock.is_none(),
     ));
     let spawner = Spawner::new(handler, Rc::clone(&tracker), shutdown.clone(), id);
     let acceptors = accept::spawn_acceptors(own_listeners, &spawner);

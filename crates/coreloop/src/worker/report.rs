@@ -18,10 +18,10 @@ use super::tracker::Tracker;
 const REPORT_COALESCE: Duration = Duration::from_millis(10);
 
 /// Reports at once, then every `interval`. A worker with a loop clock publishes every
-/// close there (`Tracker`), where dispatch reads it without being woken, so its reports are
-/// the heartbeat alone; one without reports shortly after connections close as well
-/// (`coalesce_closes`), so that the supervisor's view of its load stays fresh. Returns
-/// when the channel fails.
+/// close there, where dispatch reads it without being woken, so its reports are the
+/// heartbeat alone (`Tracker::closing` never completes); one without reports shortly after
+/// connections close as well, so that the supervisor's view of its load stays fresh.
+/// Returns when the channel fails.
 ///
 /// Both timers stay registered with the runtime's timer wheel across reports and are only
 /// moved (`reset`). Arming a timer that is due earlier than the runtime's next planned
@@ -29,12 +29,7 @@ const REPORT_COALESCE: Duration = Duration::from_millis(10);
 /// `epoll_wait`), so a timer dropped and created again per report costs that once more
 /// per report; the heartbeat's deadline, in particular, then comes back as a new earliest
 /// timer after every coalesced report.
-pub(super) async fn report(
-    channel: Rc<Channel>,
-    tracker: Rc<Tracker>,
-    interval: Duration,
-    coalesce_closes: bool,
-) {
+pub(super) async fn report(channel: Rc<Channel>, tracker: Rc<Tracker>, interval: Duration) {
     let mut rss_kib = resident_kib();
     let heartbeat = tokio::time::sleep(interval);
     let coalesce = tokio::time::sleep(REPORT_COALESCE);
@@ -54,7 +49,7 @@ pub(super) async fn report(
                 heartbeat.as_mut().reset(tokio::time::Instant::now() + interval);
             }
             () = coalesce.as_mut(), if unreported => {}
-            () = tracker.closing(), if coalesce_closes && !unreported => {
+            () = tracker.closing(), if !unreported => {
                 // A close made during the last coalescing window left its wake-up behind
                 // (`Notify` keeps one), though the report counted it.
                 if tracker.closed() == reported {

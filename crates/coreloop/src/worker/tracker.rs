@@ -1,8 +1,8 @@
 //! Counting the worker's live connections: an RAII guard per connection, a way to wait
-//! until none is left (the drain), the counts of open and closed connections published in
-//! the loop clock at every open and close (the supervisor's load picture and gauges), and
-//! a signal at every close for the load report. The worker is single-threaded, so plain
-//! `Cell`s hold the counts.
+//! until none is left (the drain), and how the supervisor learns of them: the counts of
+//! open and closed connections published in the loop clock at every open and close (its
+//! load picture and gauges), or, for a worker without a loop clock, a signal at every close
+//! for the load report. The worker is single-threaded, so plain `Cell`s hold the counts.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -18,7 +18,8 @@ pub(super) struct Tracker {
     live: Cell<usize>,
     closed: Cell<u64>,
     idle: Notify,
-    /// Signalled when a connection closes, for the load report.
+    /// Signalled when a connection closes, for the load report; only without a loop clock,
+    /// since with one the close is published there and the report is the heartbeat alone.
     closing: Notify,
 }
 
@@ -46,8 +47,9 @@ impl Tracker {
         self.closed.get()
     }
 
-    /// Completes after a connection closes. A close with nobody waiting is remembered for
-    /// the next waiter (`Notify::notify_one`), so none goes unreported.
+    /// Completes after a connection closes, if the worker has no loop clock (never
+    /// otherwise). A close with nobody waiting is remembered for the next waiter
+    /// (`Notify::notify_one`), so none goes unreported.
     pub(super) fn closing(&self) -> Notified<'_> {
         self.closing.notified()
     }
@@ -69,8 +71,9 @@ impl Drop for TrackerGuard {
         if let Some(clock) = clock::get() {
             clock.closed_up_to(closed);
             clock.live_now(live as u64);
+        } else {
+            self.0.closing.notify_one();
         }
-        self.0.closing.notify_one();
         if live == 0 {
             self.0.idle.notify_waiters();
         }
