@@ -327,41 +327,54 @@ pub fn scrape(port: u16) -> Result<String> {
     Ok(body)
 }
 
-/// Waits up to `timeout` until the supervisor whose metrics endpoint is on `metrics_port`
-/// has forwarded at least `n` connections in all to its workers `0..workers`: then each
-/// was accepted and handed to a worker, which no answer on another connection can tell
-/// once several accept loops each have their own queue. Polled: nothing signals a
-/// dispatch to the outside.
+/// Scrapes the metrics endpoint on `metrics_port` until `done` holds for the text, for up
+/// to `timeout`. Polled: the figures change with nothing signalled to the outside.
 ///
 /// # Errors
 ///
-/// A failed scrape, or fewer than `n` forwarded when `timeout` has passed.
+/// A failed scrape, or `done` still false when `timeout` has passed (the error names
+/// `what`, with the last text).
+pub fn wait_for_metrics(
+    metrics_port: u16,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&str) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = scrape(metrics_port)?;
+        if done(&text) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "not {what} after {timeout:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits up to `timeout` until the supervisor whose metrics endpoint is on `metrics_port`
+/// has forwarded at least `n` connections in all to its workers `0..workers`: then each
+/// was accepted and handed to a worker, which no answer on another connection can tell
+/// once several accept loops each have their own queue.
+///
+/// # Errors
+///
+/// As [`wait_for_metrics`].
 pub fn wait_for_forwarded(
     metrics_port: u16,
     workers: usize,
     n: usize,
     timeout: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = scrape(metrics_port)?;
+    let what = format!("{n} connections forwarded");
+    wait_for_metrics(metrics_port, &what, timeout, |text| {
         let forwarded: f64 = (0..workers)
-            .filter_map(|w| {
-                series(
-                    &text,
-                    &format!("coreloop_forwarded_total{{worker=\"{w}\"}}"),
-                )
-            })
+            .filter_map(|w| series(text, &format!("coreloop_forwarded_total{{worker=\"{w}\"}}")))
             .sum();
-        if forwarded >= n as f64 {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{forwarded} of {n} connections forwarded after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        forwarded >= n as f64
+    })
 }
 
 /// The value of one series in an OpenMetrics text, named exactly as it is written there

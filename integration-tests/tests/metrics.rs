@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 
 use coreloop_integration_tests::{
-    Server, ServerConfig, connect, get, kill, read_response, start_with_metrics,
+    Server, ServerConfig, connect, get, kill, read_response, start_with_metrics, wait_for_metrics,
 };
 use rustix::process::Signal;
 
@@ -129,13 +129,14 @@ fn counters_add_up_to_what_the_load_sent() -> Result<()> {
 #[test]
 fn the_live_gauge_follows_connections_as_they_open_and_close() -> Result<()> {
     let (server, metrics_port) = start()?;
-    let live = || -> Result<f64> {
-        let (_, totals) = scrape(metrics_port)?;
-        Ok(totals
+    let live_in = |text: &str| {
+        totals(text)
             .get("coreloop_worker_live_connections")
             .copied()
-            .unwrap_or(0.0))
+            .unwrap_or(0.0)
     };
+    let live =
+        || -> Result<f64> { Ok(live_in(&coreloop_integration_tests::scrape(metrics_port)?)) };
     ensure!(live()? == 0.0, "live connections before any client");
     // Five keep-alive connections, each answered, so that a worker holds each.
     let mut held = Vec::new();
@@ -151,20 +152,14 @@ fn the_live_gauge_follows_connections_as_they_open_and_close() -> Result<()> {
         open == 5.0,
         "the gauge shows {open} live connections, not 5"
     );
-    // A worker closes its side once it reads the client's end: poll for it.
+    // A worker closes its side once it reads the client's end.
     drop(held);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now_live = live()?;
-        if now_live == 0.0 {
-            return Ok(());
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "still {now_live} live connections 10 s after the clients closed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metrics(
+        metrics_port,
+        "0 live connections",
+        Duration::from_secs(10),
+        |text| live_in(text) == 0.0,
+    )
 }
 
 #[test]
