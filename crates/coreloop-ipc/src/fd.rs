@@ -218,9 +218,22 @@ unsafe impl Send for LoopClock {}
 // SAFETY: as above: `&LoopClock` offers atomic loads and stores only.
 unsafe impl Sync for LoopClock {}
 
-/// Words of the shared memory: loop awake since, handler poll since, channel bytes read,
-/// connections closed, connections open.
-const WORDS: usize = 5;
+/// Where each word of the shared memory is: the worker writes and the supervisor reads
+/// by these indices alone.
+mod word {
+    /// When the loop woke up, or 0 while it sleeps.
+    pub(super) const AWAKE: usize = 0;
+    /// When the handler poll now running started, or 0.
+    pub(super) const POLL: usize = 1;
+    /// Bytes of the channel read.
+    pub(super) const READ: usize = 2;
+    /// Connections closed.
+    pub(super) const CLOSED: usize = 3;
+    /// Connections open.
+    pub(super) const LIVE: usize = 4;
+}
+/// Words of the shared memory (see [`word`]).
+const WORDS: usize = word::LIVE + 1;
 /// Size of the shared memory: five `u64`s.
 const CLOCK_LEN: usize = WORDS * std::mem::size_of::<u64>();
 
@@ -265,37 +278,37 @@ impl LoopClock {
 
     /// The worker's loop woke up now.
     pub fn woke(&self) {
-        self.words()[0].store(monotonic_ns(), Ordering::Release);
+        self.words()[word::AWAKE].store(monotonic_ns(), Ordering::Release);
     }
 
     /// The worker's loop is about to sleep.
     pub fn sleeping(&self) {
-        self.words()[0].store(0, Ordering::Release);
+        self.words()[word::AWAKE].store(0, Ordering::Release);
     }
 
     /// The worker starts polling a connection's handler.
     pub fn poll_started(&self) {
-        self.words()[1].store(monotonic_ns(), Ordering::Release);
+        self.words()[word::POLL].store(monotonic_ns(), Ordering::Release);
     }
 
     /// The handler poll has returned.
     pub fn poll_ended(&self) {
-        self.words()[1].store(0, Ordering::Release);
+        self.words()[word::POLL].store(0, Ordering::Release);
     }
 
     /// The worker has read `bytes` of its channel in all ([`Channel::received_bytes`](crate::Channel::received_bytes)).
     pub fn read_up_to(&self, bytes: u64) {
-        self.words()[2].store(bytes, Ordering::Release);
+        self.words()[word::READ].store(bytes, Ordering::Release);
     }
 
     /// The worker has closed `count` connections in all.
     pub fn closed_up_to(&self, count: u64) {
-        self.words()[3].store(count, Ordering::Release);
+        self.words()[word::CLOSED].store(count, Ordering::Release);
     }
 
     /// The worker has `count` connections open now.
     pub fn live_now(&self, count: u64) {
-        self.words()[4].store(count, Ordering::Release);
+        self.words()[word::LIVE].store(count, Ordering::Release);
     }
 }
 
@@ -347,7 +360,9 @@ impl LoopClockView {
         }
         let stat = rustix::fs::fstat(&fd)?;
         if (stat.st_mode & 0o170_000) != 0o100_000 || (stat.st_size as u64) < CLOCK_LEN as u64 {
-            return Err(invalid("the loop clock is not a file of 40 bytes"));
+            return Err(invalid(&format!(
+                "the loop clock is not a file of {CLOCK_LEN} bytes"
+            )));
         }
         let words = map(&fd, ProtFlags::READ)?;
         Ok(Self { words, _fd: fd })
@@ -363,30 +378,30 @@ impl LoopClockView {
 
     /// How long the handler poll now running has run, or `None` between handler polls.
     pub fn poll_running_for(&self) -> Option<std::time::Duration> {
-        since(self.words()[1].load(Ordering::Acquire))
+        since(self.words()[word::POLL].load(Ordering::Acquire))
     }
 
     /// How long the worker's loop has been awake without sleeping, or `None` if it sleeps.
     pub fn awake_for(&self) -> Option<std::time::Duration> {
-        since(self.words()[0].load(Ordering::Acquire))
+        since(self.words()[word::AWAKE].load(Ordering::Acquire))
     }
 
     /// How many bytes of its channel the worker says it has read. Any value a worker
     /// writes: the caller bounds it by what it has sent.
     pub fn read_bytes(&self) -> u64 {
-        self.words()[2].load(Ordering::Acquire)
+        self.words()[word::READ].load(Ordering::Acquire)
     }
 
     /// How many connections the worker says it has closed. Any value a worker writes: the
     /// caller bounds it by what it has sent.
     pub fn closed(&self) -> u64 {
-        self.words()[3].load(Ordering::Acquire)
+        self.words()[word::CLOSED].load(Ordering::Acquire)
     }
 
     /// How many connections the worker says it has open: any value it writes, for the
     /// metrics alone.
     pub fn live(&self) -> u64 {
-        self.words()[4].load(Ordering::Acquire)
+        self.words()[word::LIVE].load(Ordering::Acquire)
     }
 }
 
