@@ -179,6 +179,9 @@ impl Shard {
         loop {
             let mut changed = pin!(board.changed.notified());
             changed.as_mut().enable();
+            // Tried again now that `changed` is enabled: a change since the last try would
+            // otherwise be missed (the fast path above does not enable it, which would take
+            // the `Notify`'s lock at every dispatch).
             self.try_dispatch_all(pending);
             if pending.is_empty() {
                 return;
