@@ -95,65 +95,32 @@ where
     // When the head being received started; the first request's clock starts now.
     let mut head_started = Some(tokio::time::Instant::now());
     loop {
-        // Answer up to `max_pipeline` complete requests already buffered.
-        let mut answered = 0usize;
-        let mut end = None;
-        while answered < limits.max_pipeline.max(1) {
-            let req = match parse_head(&buf[pos..], limits) {
-                Head::Partial => break,
-                Head::Bad(status) => {
-                    error_response(&mut out, status);
-                    end = Some(End::Linger);
-                    break;
-                }
-                Head::Request(req) => req,
-            };
-            pos += req.head_len;
+        let Some(Answered { count, end }) = answer_buffered(
+            io.as_mut(),
+            &mut buf,
+            &mut pos,
+            &mut out,
+            who,
+            limits,
+            shutdown,
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        if pos > 0 {
+            // A head was taken: the next one's clock starts at its first byte.
             head_started = None;
-            if req.expect_continue && req.body != Body::Empty && pos == buf.len() {
-                // The client waits for this before it sends the body; earlier answers go
-                // first.
-                out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-            }
-            let received = match read_body(
-                io.as_mut(),
-                &mut buf,
-                &mut pos,
-                &mut out,
-                req.body,
-                limits,
-            )
-            .await
-            {
-                Ok(received) => received,
-                Err(BodyError::Status(status)) => {
-                    error_response(&mut out, status);
-                    end = Some(End::Linger);
-                    break;
-                }
-                Err(BodyError::Io(err)) => return ended(err, "reading a request body"),
-            };
-            answered += 1;
-            if !answer(&mut out, &req, received, who, limits, shutdown).await {
-                end = Some(End::Close);
-                break;
-            }
         }
-        if !out.is_empty() {
-            if let Err(err) = io.write_all(&out).await {
-                return ended(err, "writing responses");
-            }
-            out.clear();
-            if out.capacity() > SHRINK_ABOVE {
-                out.shrink_to(INITIAL_BUFFER);
-            }
+        if let Err(err) = write_out(io.as_mut(), &mut out).await {
+            return ended(err, "writing responses");
         }
         if let Some(end) = end {
             let linger = end == End::Linger || pos < buf.len();
             close(io.as_mut(), &mut buf, linger).await;
             return Ok(());
         }
-        if answered == limits.max_pipeline.max(1) {
+        if count == limits.max_pipeline.max(1) {
             // More may be buffered: answer it before reading anything else.
             continue;
         }
@@ -163,36 +130,13 @@ where
         buf.drain(..pos);
         pos = 0;
         let idle = buf.is_empty() && head_started.is_none();
-        if idle {
-            if buf.capacity() > SHRINK_ABOVE {
-                buf.shrink_to(INITIAL_BUFFER);
-            }
-            // Between requests: the idle timeout; once the worker drains, only a short
-            // linger for a request already on its way (answered with `Connection: close`),
-            // so that clients under continuous load see no reset.
-            let wait = if shutdown.is_triggered() {
-                limits.drain_linger
-            } else {
-                limits.idle_timeout
-            };
-            io.as_mut().set_read_deadline(None);
-            io.as_mut().set_read_timeout(Some(wait));
-        } else {
-            // Within a head: the header timeout counts from its first byte, whatever
-            // arrives in between (a client trickling bytes cannot extend it).
-            let started = *head_started.get_or_insert_with(tokio::time::Instant::now);
-            io.as_mut().set_read_timeout(None);
-            io.as_mut()
-                .set_read_deadline(Some(started + limits.header_timeout));
+        if idle && buf.capacity() > SHRINK_ABOVE {
+            buf.shrink_to(INITIAL_BUFFER);
         }
-        let result = if idle && !shutdown.is_triggered() {
-            tokio::select! {
-                result = fill(io.as_mut(), &mut buf) => result,
-                // Re-enter the loop: the next read lingers for `drain_linger` only.
-                () = shutdown.triggered() => continue,
-            }
-        } else {
-            fill(io.as_mut(), &mut buf).await
+        arm_read(io.as_mut(), idle, &mut head_started, limits, shutdown);
+        let Some(result) = read_more(io.as_mut(), &mut buf, idle, shutdown).await else {
+            // The worker drains: the next read lingers for `drain_linger` only.
+            continue;
         };
         match result {
             // The client closed (a partial head is dropped with it).
@@ -201,23 +145,155 @@ where
                 head_started.get_or_insert_with(tokio::time::Instant::now);
             }
             Err(err) if err.kind() == io::ErrorKind::TimedOut => {
-                if buf.is_empty() {
-                    // Nothing of a request arrived: an idle connection, or one that never
-                    // sent anything. Close without a word.
-                    debug!("idle connection timed out; closing");
-                    return Ok(());
-                }
-                debug!(buffered = buf.len(), "request head timed out; 408");
-                error_response(&mut out, 408);
-                if let Err(err) = io.write_all(&out).await {
-                    return ended(err, "writing a 408");
-                }
-                close(io.as_mut(), &mut buf, true).await;
-                return Ok(());
+                return timed_out(io.as_mut(), &mut buf, &mut out).await;
             }
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Writes the answers in `out`, if any, and empties it.
+async fn write_out<S: AsyncWrite>(mut io: Io<'_, S>, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    io.write_all(out).await?;
+    out.clear();
+    if out.capacity() > SHRINK_ABOVE {
+        out.shrink_to(INITIAL_BUFFER);
+    }
+    Ok(())
+}
+
+/// Reads more input into `buf` ([`fill`]); `None` if the worker started draining while
+/// the connection was `idle`, so that the read is set up again with the drain's linger.
+async fn read_more<S: AsyncRead>(
+    mut io: Io<'_, S>,
+    buf: &mut Vec<u8>,
+    idle: bool,
+    shutdown: &ShutdownSignal,
+) -> Option<io::Result<usize>> {
+    if idle && !shutdown.is_triggered() {
+        tokio::select! {
+            result = fill(io.as_mut(), buf) => Some(result),
+            () = shutdown.triggered() => None,
+        }
+    } else {
+        Some(fill(io, buf).await)
+    }
+}
+
+/// What answering the buffered requests came to.
+struct Answered {
+    /// Requests answered.
+    count: usize,
+    /// How the connection ends once the answers are written, if it does.
+    end: Option<End>,
+}
+
+/// Answers up to `max_pipeline` complete requests buffered in `buf[*pos..]`, reading their
+/// bodies, into `out`; `*pos` moves past what was taken. `None`: reading a body timed
+/// out, and the connection ends without another word.
+///
+/// # Errors
+///
+/// As [`serve`]: an I/O error reading a body, other than a timeout.
+async fn answer_buffered<S: AsyncRead + AsyncWrite>(
+    mut io: Io<'_, S>,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    out: &mut Vec<u8>,
+    who: &Identity,
+    limits: &Limits,
+    shutdown: &ShutdownSignal,
+) -> io::Result<Option<Answered>> {
+    let mut count = 0usize;
+    while count < limits.max_pipeline.max(1) {
+        let req = match parse_head(&buf[*pos..], limits) {
+            Head::Partial => break,
+            Head::Bad(status) => {
+                error_response(out, status);
+                return Ok(Some(Answered {
+                    count,
+                    end: Some(End::Linger),
+                }));
+            }
+            Head::Request(req) => req,
+        };
+        *pos += req.head_len;
+        if req.expect_continue && req.body != Body::Empty && *pos == buf.len() {
+            // The client waits for this before it sends the body; earlier answers go
+            // first.
+            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let received = match read_body(io.as_mut(), buf, pos, out, req.body, limits).await {
+            Ok(received) => received,
+            Err(BodyError::Status(status)) => {
+                error_response(out, status);
+                return Ok(Some(Answered {
+                    count,
+                    end: Some(End::Linger),
+                }));
+            }
+            Err(BodyError::Io(err)) => return ended(err, "reading a request body").map(|()| None),
+        };
+        count += 1;
+        if !answer(out, &req, received, who, limits, shutdown).await {
+            return Ok(Some(Answered {
+                count,
+                end: Some(End::Close),
+            }));
+        }
+    }
+    Ok(Some(Answered { count, end: None }))
+}
+
+/// Sets the read timeout for the next read: between requests (`idle`), the idle timeout,
+/// or once the worker drains only a short linger for a request already on its way
+/// (answered with `Connection: close`), so that clients under continuous load see no
+/// reset; within a head, the header timeout from its first byte, whatever arrives in
+/// between (a client trickling bytes cannot extend it).
+fn arm_read<S>(
+    mut io: Io<'_, S>,
+    idle: bool,
+    head_started: &mut Option<tokio::time::Instant>,
+    limits: &Limits,
+    shutdown: &ShutdownSignal,
+) {
+    if idle {
+        let wait = if shutdown.is_triggered() {
+            limits.drain_linger
+        } else {
+            limits.idle_timeout
+        };
+        io.as_mut().set_read_deadline(None);
+        io.as_mut().set_read_timeout(Some(wait));
+    } else {
+        let started = *head_started.get_or_insert_with(tokio::time::Instant::now);
+        io.as_mut().set_read_timeout(None);
+        io.as_mut()
+            .set_read_deadline(Some(started + limits.header_timeout));
+    }
+}
+
+/// A read timed out: a connection that sent nothing of a request closes without a word;
+/// one with part of a head gets 408.
+async fn timed_out<S: AsyncRead + AsyncWrite>(
+    mut io: Io<'_, S>,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    if buf.is_empty() {
+        debug!("idle connection timed out; closing");
+        return Ok(());
+    }
+    debug!(buffered = buf.len(), "request head timed out; 408");
+    error_response(out, 408);
+    if let Err(err) = io.write_all(out).await {
+        return ended(err, "writing a 408");
+    }
+    close(io, buf, true).await;
+    Ok(())
 }
 
 /// What to return when the connection failed: a timeout ends it quietly (logged at
